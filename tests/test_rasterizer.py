@@ -1,0 +1,218 @@
+"""The reference rasterizer against an independent float64 all-pairs oracle, finite differences, and sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from raster_oracle import oracle_render, random_scene
+
+import kernels
+from kernels import binning
+from kernels.rasterize import CapacityOverflowError
+
+ORDER = ("means", "quats", "scales", "opacities", "colors", "world_to_cam", "intrinsics")
+
+
+def _args(scene, dtype):
+    return [jnp.asarray(scene[k], dtype) for k in ORDER]
+
+
+@pytest.mark.parametrize(
+    "width,height,num_cams,per_camera,mode",
+    [(37, 29, 2, False, "classic"), (48, 32, 3, True, "classic"), (33, 50, 2, False, "antialiased")],
+)
+def test_matches_float64_oracle(rng, width, height, num_cams, per_camera, mode):
+    scene = random_scene(rng, 90, num_cams, width, height, per_camera_colors=per_camera)
+    background = rng.uniform(0, 1, 3)
+    with jax.enable_x64(True):
+        out = kernels.rasterize(
+            *_args(scene, jnp.float64),
+            width=width,
+            height=height,
+            background=jnp.asarray(background),
+            backend="reference",
+            mode=mode,
+        )
+        rgb, alpha, depth = (np.asarray(x) for x in (out.rgb, out.alpha, out.depth))
+    ref_rgb, ref_alpha, ref_depth = oracle_render(
+        *(scene[k] for k in ORDER), width, height, background, antialiased=mode == "antialiased"
+    )
+    assert rgb.shape == (num_cams, height, width, 3) and rgb.dtype == np.float64
+    assert np.all(np.isfinite(rgb))
+    # The scene is hard enough to exercise every rule: some pixels saturate, many are touched, some are empty.
+    assert ref_alpha.max() > 0.999 and (ref_alpha > 0.05).mean() > 0.1 and (ref_alpha < 0.02).any()
+    np.testing.assert_allclose(rgb, ref_rgb, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(alpha, ref_alpha, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(depth, ref_depth, atol=1e-5 * max(1.0, ref_depth.max()), rtol=0)
+
+
+def test_float32_close_to_oracle(rng):
+    scene = random_scene(rng, 120, 2, 40, 24)
+    out = kernels.rasterize(*_args(scene, jnp.float32), width=40, height=24, backend="reference")
+    ref_rgb, ref_alpha, _ = oracle_render(*(scene[k] for k in ORDER), 40, 24)
+    # float32 can flip a threshold decision on a few pixels; the bulk must agree to float rounding.
+    err = np.abs(np.asarray(out.rgb) - ref_rgb).max(axis=-1)
+    assert np.mean(err < 1e-4) > 0.99
+    assert np.median(np.abs(np.asarray(out.alpha) - ref_alpha)) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["classic", "antialiased"])
+def test_gradients_match_finite_differences(rng, mode):
+    width, height = 24, 20
+    scene = random_scene(rng, 30, 2, width, height, per_camera_colors=True)
+    background = rng.uniform(0, 1, 3)
+    with jax.enable_x64(True):
+        args = _args(scene, jnp.float64)
+        capacity = kernels.capacity_for(*args[:4], *args[5:], width=width, height=height, mode=mode)
+        w_rgb = jnp.asarray(rng.normal(size=(2, height, width, 3)))
+        w_alpha = jnp.asarray(rng.normal(size=(2, height, width)))
+        w_depth = jnp.asarray(rng.normal(size=(2, height, width)))
+
+        def loss(means, quats, scales, opacities, colors):
+            out = kernels.rasterize(
+                means,
+                quats,
+                scales,
+                opacities,
+                colors,
+                *args[5:],
+                width=width,
+                height=height,
+                background=jnp.asarray(background),
+                backend="reference",
+                mode=mode,
+                capacity=capacity,
+            )
+            return jnp.sum(out.rgb * w_rgb) + jnp.sum(out.alpha * w_alpha) + 0.3 * jnp.sum(out.depth * w_depth)
+
+        loss = jax.jit(loss)
+        grads = jax.grad(loss, argnums=range(5))(*args[:5])
+        eps = 1e-7
+        for i, name in enumerate(ORDER[:5]):
+            for _ in range(2):
+                direction = rng.normal(size=args[i].shape)
+                plus = [a + eps * direction if j == i else a for j, a in enumerate(args[:5])]
+                minus = [a - eps * direction if j == i else a for j, a in enumerate(args[:5])]
+                fd = (loss(*plus) - loss(*minus)) / (2 * eps)
+                analytic = jnp.sum(grads[i] * direction)
+                assert abs(analytic - fd) <= 1e-5 * max(1.0, abs(fd)), (name, float(analytic), float(fd))
+        assert all(np.abs(np.asarray(g)).max() > 0 for g in grads)
+
+
+def test_background_gradient(rng):
+    scene = random_scene(rng, 40, 1, 20, 20)
+    args = _args(scene, jnp.float32)
+    cap = kernels.capacity_for(*args[:4], *args[5:], width=20, height=20)
+
+    def loss(bg):
+        out = kernels.rasterize(*args, width=20, height=20, background=bg, backend="reference", capacity=cap)
+        return jnp.sum(out.rgb)
+
+    bg = jnp.asarray(rng.uniform(0, 1, 3), jnp.float32)
+    trans = 1 - kernels.rasterize(*args, width=20, height=20, backend="reference").alpha
+    np.testing.assert_allclose(jax.grad(loss)(bg), np.full(3, float(jnp.sum(trans))), rtol=1e-5)
+
+
+def test_jit_and_sharded_cameras_agree(rng):
+    assert jax.device_count() == 8
+    width, height = 40, 36
+    scene = random_scene(rng, 80, 8, width, height, per_camera_colors=True)
+    args = _args(scene, jnp.float32)
+    capacity = kernels.capacity_for(*args[:4], *args[5:], width=width, height=height)
+    single = kernels.rasterize(*args, width=width, height=height, backend="reference")
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    by_camera = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    placed = [
+        jax.device_put(a, by_camera if name in ("colors", "world_to_cam", "intrinsics") else replicated)
+        for a, name in zip(args, ORDER)
+    ]
+
+    @jax.jit
+    def render(*a):
+        return kernels.rasterize(*a, width=width, height=height, backend="reference", capacity=capacity)
+
+    with jax.set_mesh(mesh):
+        sharded = render(*placed)
+    assert sharded.rgb.sharding.spec[0] == "data" or len(sharded.rgb.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(sharded.rgb), np.asarray(single.rgb), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sharded.alpha), np.asarray(single.alpha), atol=1e-6)
+
+
+def test_overflow_is_never_silent(rng):
+    size = 96
+    scene = random_scene(rng, 600, 2, size, size)
+    scene["scales"] = scene["scales"] * 3
+    args = _args(scene, jnp.float32)
+    needed = int(jnp.max(kernels.rasterize(*args, width=size, height=size).stats.n_pairs))
+    assert needed > 1100
+    with pytest.raises(CapacityOverflowError, match=f"needs {needed} "):
+        kernels.rasterize(*args, width=size, height=size, capacity=needed - 1)
+
+    adaptive = kernels.AdaptiveCapacity(initial=1024)
+    render = jax.jit(
+        lambda *a, capacity: kernels.rasterize(*a, width=size, height=size, capacity=capacity),
+        static_argnames="capacity",
+    )
+    traced = render(*args, capacity=adaptive.value)
+    assert bool(traced.stats.overflow) and np.isnan(np.asarray(traced.rgb)).all()
+    assert adaptive.update(traced.stats) and adaptive.value >= needed
+    again = render(*args, capacity=adaptive.value)
+    assert not bool(again.stats.overflow) and np.isfinite(np.asarray(again.rgb)).all()
+    assert not adaptive.update(again.stats)
+
+
+def test_capacity_under_jit_requires_int(rng):
+    args = _args(random_scene(rng, 20, 1, 16, 16), jnp.float32)
+    with pytest.raises(ValueError, match="static int"):
+        jax.jit(lambda *a: kernels.rasterize(*a, width=16, height=16).rgb)(*args)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("means", np.nan, "means must be finite"),
+        ("scales", 0.0, "scales must be finite and > 0"),
+        ("scales", -1.0, "scales must be finite and > 0"),
+        ("opacities", 1.5, "opacities must be in"),
+        ("quats", np.inf, "quats must be finite"),
+    ],
+)
+def test_bad_values_raise(rng, field, value, message):
+    scene = random_scene(rng, 20, 1, 16, 16)
+    scene[field] = np.array(scene[field])
+    scene[field][3] = value
+    with pytest.raises(ValueError, match=message):
+        kernels.rasterize(*_args(scene, jnp.float32), width=16, height=16)
+
+
+def test_bad_shapes_raise(rng):
+    args = _args(random_scene(rng, 20, 2, 16, 16), jnp.float32)
+    for i, bad in [(1, args[1][:, :3]), (2, args[2][:5]), (4, args[4][:, :2]), (6, args[6][:1])]:
+        broken = list(args)
+        broken[i] = bad
+        with pytest.raises(ValueError, match=ORDER[i]):
+            kernels.rasterize(*broken, width=16, height=16)
+    with pytest.raises(ValueError, match="backend"):
+        kernels.rasterize(*args, width=16, height=16, backend="cuda")
+
+
+def test_two_key_sort_matches_packed_key(rng, monkeypatch):
+    scene = random_scene(rng, 60, 2, 40, 40)
+    args = _args(scene, jnp.float32)
+    packed = kernels.rasterize(*args, width=40, height=40, backend="reference")
+    monkeypatch.setattr(binning, "packed_key_fits", lambda n_tiles, n: False)
+    jax.clear_caches()
+    two_key = kernels.rasterize(*args, width=40, height=40, backend="reference")
+    jax.clear_caches()
+    np.testing.assert_array_equal(np.asarray(packed.rgb), np.asarray(two_key.rgb))
+    assert not binning.packed_key_fits(120 * 68, 1 << 20)  # 1M Gaussians at 1080p needs 33 bits
+
+
+def test_bucket_capacity_is_monotone_and_sufficient():
+    caps = [binning.bucket_capacity(n) for n in range(1, 200_000, 997)]
+    assert all(c >= n for c, n in zip(caps, range(1, 200_000, 997)))
+    assert caps == sorted(caps) and len(set(caps)) < 40 and all(c % 1024 == 0 for c in caps)

@@ -1,0 +1,1 @@
+"""uhap_jax.commands"""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -21,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.rasterize import capacity_for, rasterize
+from kernels import binning
+from kernels.rasterize import build_pairs, capacity_for, rasterize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +128,9 @@ def bench_ours(scene: Scene, arrays: dict, backend: str, repeats: int) -> dict:
     fwd = median_ms(lambda: jax.block_until_ready(forward(*args)), repeats)
     fwd_bwd = median_ms(lambda: jax.block_until_ready(forward_backward(*args)), repeats)
     stats = jax.devices()[0].memory_stats() or {}
+    breakdown = _breakdown(scene, args, capacity, repeats) if backend == "pallas" else {}
     return dict(
+        **breakdown,
         rgb=np.asarray(out.rgb),
         fwd_ms=fwd,
         fwd_bwd_ms=fwd_bwd,
@@ -135,6 +139,73 @@ def bench_ours(scene: Scene, arrays: dict, backend: str, repeats: int) -> dict:
         peak_mib=stats.get("peak_bytes_in_use", 0) / 2**20,
         pairs_per_s=n_pairs / (fwd * 1e-3),
     )
+
+
+def _breakdown(scene: Scene, args: list, capacity: int, repeats: int) -> dict:
+    """Times of the stages: projection + binning + record gather, and each Pallas kernel alone."""
+    from kernels import pallas_composite as pc
+
+    width, height = scene.width, scene.height
+    tiles_x, _ = binning.tile_grid(width, height)
+    pairs = jax.jit(
+        lambda *a: build_pairs(*a, width=width, height=height, backend="pallas", mode="classic", capacity=capacity)
+    )
+    records, bins = pairs(*args)
+    background = jnp.zeros((4,), jnp.float32)
+    fwd = jax.jit(lambda r, s, e: pc._forward(r, s, e, background, tiles_x))
+    out, trans, last = fwd(records, bins.tile_start, bins.tile_end)
+    g_out = jax.random.normal(jax.random.key(2), out.shape)
+    g_trans = jax.random.normal(jax.random.key(3), trans.shape)
+    bwd = jax.jit(lambda *a: pc._backward(*a, tiles_x))
+    bwd_args = (records, bins.tile_start, bins.tile_end, out, trans, last, g_out, g_trans)
+    return dict(
+        pairs_ms=median_ms(lambda: jax.block_until_ready(pairs(*args)), repeats),
+        kernel_fwd_ms=median_ms(lambda: jax.block_until_ready(fwd(records, bins.tile_start, bins.tile_end)), repeats),
+        kernel_bwd_ms=median_ms(lambda: jax.block_until_ready(bwd(*bwd_args)), repeats),
+    )
+
+
+def stage_times(scene: Scene, arrays: dict, repeats: int) -> dict:
+    """Projection, depth ranking, pair expansion and sorting timed cumulatively, for each binning strategy."""
+    from kernels.projection import project
+
+    args = [jnp.asarray(arrays[k]) for k in ORDER]
+    width, height = scene.width, scene.height
+    tiles_x, tiles_y = binning.tile_grid(width, height)
+    capacity = capacity_for(*args[:4], *args[5:], width=width, height=height)
+
+    def proj_of(a):
+        return project(a[0], a[1], a[2], a[3], a[5], a[6], width=width, height=height)
+
+    def upto_rank(*a):
+        p = proj_of(a)
+        rects = binning.tile_rectangles(p, width, height)
+        return binning.rank_by_depth(p.depths, rects[-1]), rects
+
+    def upto_expand(*a, method):
+        order, rects = upto_rank(*a)
+        fn = functools.partial(binning.expand_pairs, capacity=capacity, tiles_x=tiles_x, method=method)
+        return jax.vmap(fn)(order, *rects)
+
+    def time(fn):
+        fn = jax.jit(fn)
+        return median_ms(lambda: jax.block_until_ready(fn(*args)), repeats)
+
+    row = dict(
+        scene=scene.name,
+        capacity=capacity,
+        project_ms=time(lambda *a: proj_of(a).means2d),
+        rank_ms=time(lambda *a: upto_rank(*a)[0]),
+    )
+    for expand in ("cummax", "searchsorted"):
+        row[f"expand_{expand}_ms"] = time(functools.partial(upto_expand, method=expand))
+        for sort in ("auto", "stable_pairs"):
+            row[f"bin_{expand}_{sort}_ms"] = time(
+                lambda *a, e=expand, s=sort: (
+                    binning.bin_pairs(proj_of(a), width, height, capacity, 32, expand=e, sort=s).tile_start
+                )
+            )
+    return row
 
 
 def bench_gsplat(scene: Scene, arrays: dict, repeats: int) -> dict:
@@ -188,7 +259,14 @@ def bench_gsplat(scene: Scene, arrays: dict, repeats: int) -> dict:
     )
 
 
-def run(preset: str, backend: str, repeats: int, with_gsplat: bool, only: list[str] | None = None) -> list[dict]:
+def run(
+    preset: str,
+    backend: str,
+    repeats: int,
+    with_gsplat: bool,
+    only: list[str] | None = None,
+    save_images: str | None = None,
+) -> list[dict]:
     rows = []
     for scene in PRESETS[preset]:
         if only and scene.name not in only:
@@ -212,6 +290,12 @@ def run(preset: str, backend: str, repeats: int, with_gsplat: bool, only: list[s
                 ratio_fwd=ours["fwd_ms"] / theirs["fwd_ms"],
                 ratio_fwd_bwd=ours["fwd_bwd_ms"] / theirs["fwd_bwd_ms"],
             )
+        if save_images:
+            np.savez_compressed(
+                f"{save_images}/{scene.name}.npz",
+                ours=ours["rgb"][0],
+                **({"gsplat": theirs["rgb"][0]} if with_gsplat else {}),
+            )
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
@@ -219,6 +303,8 @@ def run(preset: str, backend: str, repeats: int, with_gsplat: bool, only: list[s
 
 def format_table(rows: list[dict]) -> str:
     cols = ["scene", "fwd_ms", "fwd_bwd_ms", "peak_mib", "pairs_per_s"]
+    if rows and "kernel_fwd_ms" in rows[0]:
+        cols += ["pairs_ms", "kernel_fwd_ms", "kernel_bwd_ms"]
     if rows and "gsplat_fwd_ms" in rows[0]:
         cols += ["gsplat_fwd_ms", "gsplat_fwd_bwd_ms", "ratio_fwd", "ratio_fwd_bwd", "max_abs_diff"]
 
@@ -239,11 +325,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gsplat", action="store_true", help="also time gsplat 1.5.3 (GPU, needs torch + gsplat)")
     parser.add_argument("--scenes", nargs="*", help="only these scene names")
     parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--stages", action="store_true", help="time the binning stages and strategies instead")
+    parser.add_argument("--save-images", help="folder to save the first view of each scene (npz) for inspection")
 
 
 def main_with_args(args: argparse.Namespace) -> int:
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    rows = run(args.preset, args.backend, args.repeats, args.gsplat, args.scenes)
+    if args.stages:
+        for scene in PRESETS[args.preset]:
+            if not args.scenes or scene.name in args.scenes:
+                print(json.dumps(stage_times(scene, make_scene(scene), args.repeats)), flush=True)
+        return 0
+    rows = run(args.preset, args.backend, args.repeats, args.gsplat, args.scenes, args.save_images)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

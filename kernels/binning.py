@@ -25,6 +25,7 @@ PAIR_SENTINEL = np.uint32(0xFFFFFFFF)
 
 class Bins(NamedTuple):
     gaussian_ids: jax.Array  # [C, P] int32 Gaussian index of each pair slot (0 in unused slots)
+    valid: jax.Array  # [C, P] bool: the slot holds a pair
     tile_start: jax.Array  # [C, T] int32 first pair slot of each tile
     tile_end: jax.Array  # [C, T] int32 one past the last pair slot of each tile
     n_pairs: jax.Array  # [C] int32 pairs needed (may exceed capacity)
@@ -73,44 +74,99 @@ def _bits(n: int) -> int:
     return max(1, int(n - 1).bit_length())
 
 
-def bin_pairs(proj: Projected, width: int, height: int, capacity: int) -> Bins:
-    """Build the per-camera sorted pair buffers of static size `capacity`."""
+def bin_pairs(
+    proj: Projected,
+    width: int,
+    height: int,
+    capacity: int,
+    align: int = 1,
+    *,
+    expand: str = "cummax",
+    sort: str = "auto",
+) -> Bins:
+    """Build the per-camera sorted pair buffers of `capacity` pairs (more slots when `align` > 1).
+
+    `expand` and `sort` choose between equivalent strategies (benchmarked in kernels.bench --stages).
+    """
     tiles_x, tiles_y = tile_grid(width, height)
     n_tiles = tiles_x * tiles_y
-    num_cams, num_gauss = proj.depths.shape
-    x0, y0, x1, y1, count = tile_rectangles(proj, width, height)
-
-    # Rank Gaussians by depth per camera; culled ones go last (their count is 0 anyway).
-    depth_key = jnp.where(count > 0, jax.lax.stop_gradient(proj.depths), jnp.inf)
-    order = jnp.argsort(depth_key, axis=-1, stable=True).astype(jnp.int32)  # [C,N] rank -> gaussian id
-
-    def per_camera(order_c, x0_c, y0_c, x1_c, count_c):
-        count_r = count_c[order_c]
-        ends = jnp.cumsum(count_r, dtype=jnp.int32)
-        starts = ends - count_r
-        n_pairs = ends[-1] if num_gauss else jnp.int32(0)
-        # Slot -> rank: mark each non-empty rank's first slot, then carry it forward with a running max.
-        slot_rank = jnp.zeros((capacity,), jnp.int32)
-        first = jnp.where((count_r > 0) & (starts < capacity), starts, capacity)
-        slot_rank = slot_rank.at[first].max(jnp.arange(num_gauss, dtype=jnp.int32), mode="drop")
-        slot_rank = jax.lax.cummax(slot_rank)
-        slot = jnp.arange(capacity, dtype=jnp.int32)
-        used = slot < n_pairs
-        gid = order_c[slot_rank]
-        local = slot - starts[slot_rank]
-        w = jnp.maximum(x1_c[gid] - x0_c[gid], 1)
-        tile = (y0_c[gid] + local // w) * tiles_x + x0_c[gid] + local % w
-        return _sort_pairs(tile, slot_rank, used, n_tiles, num_gauss, order_c), n_pairs
-
-    (tile_sorted, gid_sorted), n_pairs = jax.vmap(per_camera)(order, x0, y0, x1, count)
+    rects = tile_rectangles(proj, width, height)
+    order = rank_by_depth(proj.depths, rects[-1])
+    expand_fn = functools.partial(expand_pairs, capacity=capacity, tiles_x=tiles_x, method=expand)
+    tile, rank, used, n_pairs = jax.vmap(expand_fn)(order, *rects)
+    sort_fn = functools.partial(sort_pairs, n_tiles=n_tiles, num_gauss=proj.depths.shape[1], method=sort)
+    tile_sorted, gid_sorted = jax.vmap(sort_fn)(tile, rank, used, order)
     bounds = jax.vmap(functools.partial(_tile_bounds, n_tiles=n_tiles))(tile_sorted)
+    tile_start, tile_end = bounds[:, :-1], bounds[:, 1:]
+    gid_valid = tile_sorted < n_tiles
+    if align > 1:
+        gid_sorted, gid_valid, tile_start, tile_end = jax.vmap(
+            functools.partial(_align_tiles, align=align, n_tiles=n_tiles)
+        )(gid_sorted, tile_sorted, tile_start, tile_end)
     return Bins(
         gaussian_ids=gid_sorted,
-        tile_start=bounds[:, :-1],
-        tile_end=bounds[:, 1:],
+        valid=gid_valid,
+        tile_start=tile_start,
+        tile_end=tile_end,
         n_pairs=n_pairs,
         overflow=jnp.any(n_pairs > capacity),
     )
+
+
+def rank_by_depth(depths: jax.Array, count: jax.Array) -> jax.Array:
+    """[C, N] rank -> Gaussian id, front to back; ties keep index order (as gsplat's stable radix sort); culled
+    Gaussians (no tiles) go last."""
+    depth_key = jnp.where(count > 0, jax.lax.stop_gradient(depths), jnp.inf)
+    return jnp.argsort(depth_key, axis=-1, stable=True).astype(jnp.int32)
+
+
+def expand_pairs(order, x0, y0, x1, y1, count, *, capacity: int, tiles_x: int, method: str = "cummax"):
+    """One camera: emit the (tile, Gaussian) pairs in depth-rank order into `capacity` slots.
+
+    Returns per slot the tile id, the rank, whether the slot is used, and the number of pairs needed.
+    """
+    del y1
+    num_gauss = order.shape[0]
+    count_r = count[order]
+    ends = jnp.cumsum(count_r, dtype=jnp.int32)
+    starts = ends - count_r
+    n_pairs = ends[-1] if num_gauss else jnp.int32(0)
+    slot = jnp.arange(capacity, dtype=jnp.int32)
+    if method == "cummax":
+        # Mark each non-empty rank's first slot, then carry it forward with a running max.
+        first = jnp.where((count_r > 0) & (starts < capacity), starts, capacity)
+        slot_rank = jnp.zeros((capacity,), jnp.int32).at[first].max(jnp.arange(num_gauss, dtype=jnp.int32), mode="drop")
+        slot_rank = jax.lax.cummax(slot_rank)
+    elif method == "searchsorted":
+        slot_rank = jnp.searchsorted(ends, slot, side="right").astype(jnp.int32)
+        slot_rank = jnp.minimum(slot_rank, num_gauss - 1)
+    else:
+        raise ValueError(f"unknown expand method {method!r}")
+    gid = order[slot_rank]
+    local = slot - starts[slot_rank]
+    w = jnp.maximum(x1[gid] - x0[gid], 1)
+    tile = (y0[gid] + local // w) * tiles_x + x0[gid] + local % w
+    return tile, slot_rank, slot < n_pairs, n_pairs
+
+
+def aligned_size(capacity: int, n_tiles: int, align: int) -> int:
+    """Slots needed when every tile's range starts at a multiple of `align` (plus one chunk of read-ahead)."""
+    return -(-(capacity + n_tiles * (align - 1)) // align) * align
+
+
+def _align_tiles(gid_sorted, tile_sorted, tile_start, tile_end, *, align: int, n_tiles: int):
+    """Move each tile's pairs to a range starting at a multiple of `align`, so that a kernel reading or writing
+    whole chunks of `align` slots never touches another tile's slots."""
+    count = tile_end - tile_start
+    padded = (count + align - 1) // align * align
+    new_start = (jnp.cumsum(padded) - padded).astype(jnp.int32)
+    size = aligned_size(gid_sorted.shape[0], n_tiles, align)
+    slot = jnp.arange(gid_sorted.shape[0], dtype=jnp.int32)
+    tile = jnp.minimum(tile_sorted, n_tiles - 1)
+    target = jnp.where(tile_sorted < n_tiles, new_start[tile] + slot - tile_start[tile], size)
+    gids = jnp.zeros((size,), jnp.int32).at[target].set(gid_sorted, mode="drop")
+    valid = jnp.zeros((size,), bool).at[target].set(True, mode="drop")
+    return gids, valid, new_start, new_start + count
 
 
 def _tile_bounds(sorted_tile: jax.Array, n_tiles: int) -> jax.Array:
@@ -129,19 +185,25 @@ def packed_key_fits(n_tiles: int, num_gauss: int) -> bool:
     return _bits(n_tiles + 1) + _bits(num_gauss) <= 32
 
 
-def _sort_pairs(tile, rank, used, n_tiles: int, num_gauss: int, order_c):
-    """Sort pairs by (tile, rank). Returns (tile id per slot, n_tiles in unused slots; Gaussian id per slot)."""
+def sort_pairs(tile, rank, used, order, *, n_tiles: int, num_gauss: int, method: str = "auto"):
+    """One camera: order pairs by (tile, rank). Returns the tile id per slot (n_tiles in unused slots) and the
+    Gaussian id per slot. Pairs arrive in rank order, so a stable sort on the tile id alone keeps depth order."""
     rank_bits = _bits(num_gauss)
-    if packed_key_fits(n_tiles, num_gauss):
+    if method == "auto" and packed_key_fits(n_tiles, num_gauss):
         # Fast path: one keys-only sort of a packed 32-bit key (radix sort on GPU).
         key = (tile.astype(jnp.uint32) << rank_bits) | rank.astype(jnp.uint32)
         key = jnp.where(used, key, PAIR_SENTINEL)
         key = jax.lax.sort(key)
         sorted_tile = jnp.where(key == PAIR_SENTINEL, n_tiles, (key >> rank_bits).astype(jnp.int32))
         sorted_rank = (key & np.uint32((1 << rank_bits) - 1)).astype(jnp.int32)
-    else:
-        # Too many bits for 32: sort (tile, rank) lexicographically as two int32 keys, without x64.
+    elif method in ("auto", "stable_pairs"):
+        # Too many bits for 32 (e.g. 1M Gaussians at 1080p): a stable key-value sort on the tile id, without x64.
+        tile = jnp.where(used, tile, n_tiles).astype(jnp.int32)
+        sorted_tile, sorted_rank = jax.lax.sort((tile, rank.astype(jnp.int32)), num_keys=1, is_stable=True)
+    elif method == "two_keys":
         tile = jnp.where(used, tile, n_tiles).astype(jnp.int32)
         sorted_tile, sorted_rank = jax.lax.sort((tile, rank.astype(jnp.int32)), num_keys=2)
+    else:
+        raise ValueError(f"unknown sort method {method!r}")
     sorted_rank = jnp.where(sorted_tile < n_tiles, sorted_rank, 0)
-    return sorted_tile.astype(jnp.int32), order_c[sorted_rank]
+    return sorted_tile.astype(jnp.int32), order[sorted_rank]

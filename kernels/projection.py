@@ -16,6 +16,8 @@ NEAR_PLANE = 0.01
 FAR_PLANE = 1e10
 MAX_EXTEND = 3.33
 FRUSTUM_MARGIN = 0.3  # the Jacobian clamps x/z, y/z to the view frustum plus 30%
+# Full float32 in the small matrix products: the GPU default (TF32) moves Gaussians by a fraction of a pixel.
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Projected(NamedTuple):
@@ -41,7 +43,7 @@ def quat_to_rotmat(quats: jax.Array) -> jax.Array:
 def covariance_3d(quats: jax.Array, scales: jax.Array) -> jax.Array:
     """Sigma = R S S^T R^T for [N,4] quats and [N,3] linear scales -> [N,3,3]."""
     m = quat_to_rotmat(quats) * scales[..., None, :]
-    return m @ jnp.swapaxes(m, -1, -2)
+    return jnp.matmul(m, jnp.swapaxes(m, -1, -2), precision=HIGHEST)
 
 
 def project(
@@ -59,8 +61,8 @@ def project(
     """Project N Gaussians into C cameras exactly as gsplat's fused EWA projection (pinhole) does."""
     rot = world_to_cam[:, :3, :3]  # [C,3,3]
     trans = world_to_cam[:, :3, 3]  # [C,3]
-    mean_c = jnp.einsum("cij,nj->cni", rot, means) + trans[:, None, :]  # [C,N,3]
-    cov_c = jnp.einsum("cij,njk,clk->cnil", rot, covariance_3d(quats, scales), rot)  # [C,N,3,3]
+    mean_c = jnp.einsum("cij,nj->cni", rot, means, precision=HIGHEST) + trans[:, None, :]  # [C,N,3]
+    cov_c = jnp.einsum("cij,njk,clk->cnil", rot, covariance_3d(quats, scales), rot, precision=HIGHEST)
 
     fx, fy = intrinsics[:, 0, 0][:, None], intrinsics[:, 1, 1][:, None]
     cx, cy = intrinsics[:, 0, 2][:, None], intrinsics[:, 1, 2][:, None]
@@ -86,7 +88,7 @@ def project(
         ],
         axis=-2,
     )  # [C,N,2,3]
-    cov2d = jac @ cov_c @ jnp.swapaxes(jac, -1, -2)  # [C,N,2,2]
+    cov2d = jnp.matmul(jnp.matmul(jac, cov_c, precision=HIGHEST), jnp.swapaxes(jac, -1, -2), precision=HIGHEST)
     means2d = jnp.stack([fx * x * rz + cx, fy * y * rz + cy], axis=-1)
 
     a, b, c = cov2d[..., 0, 0], cov2d[..., 0, 1], cov2d[..., 1, 1]

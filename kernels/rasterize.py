@@ -173,6 +173,42 @@ def _count_pairs(means, quats, scales, opacities, world_to_cam, intrinsics, *, w
     return binning.count_pairs(proj, width, height)
 
 
+def _compositor(backend: str):
+    if backend == "pallas":
+        from kernels import pallas_composite
+
+        return pallas_composite
+    return reference
+
+
+def build_pairs(
+    means, quats, scales, opacities, colors, world_to_cam, intrinsics, *, width, height, backend, mode, capacity
+) -> tuple[jax.Array, binning.Bins]:
+    """Steps 1-2: project, bin and sort, then gather each pair's record field-major: records [C, 10, P]."""
+    num_cams = world_to_cam.shape[0]
+    proj = project(
+        means,
+        quats,
+        scales,
+        opacities,
+        world_to_cam,
+        intrinsics,
+        width=width,
+        height=height,
+        antialiased=mode == "antialiased",
+    )
+    bins = binning.bin_pairs(proj, width, height, capacity, align=_compositor(backend).ALIGN)
+    if colors.ndim == 2:
+        colors = jnp.broadcast_to(colors[None], (num_cams, *colors.shape))
+    per_gaussian = jnp.concatenate(
+        [proj.means2d, proj.conics, proj.opacities[..., None], colors, proj.depths[..., None]], axis=-1
+    )  # [C, N, K=10]
+    # One plain gather per camera (a batched take_along_axis makes XLA build a huge index tensor).
+    records = jax.vmap(lambda x, ids: jnp.take(x, ids, axis=1))(jnp.swapaxes(per_gaussian, 1, 2), bins.gaussian_ids)
+    records = jnp.where(bins.valid[:, None, :], records, 0.0)  # empty slots have opacity 0
+    return records, bins
+
+
 @functools.partial(jax.jit, static_argnames=("width", "height", "backend", "mode", "capacity"))
 def _rasterize(
     means,
@@ -190,33 +226,23 @@ def _rasterize(
     mode,
     capacity,
 ) -> Rendered:
-    num_cams = world_to_cam.shape[0]
-    proj = project(
+    records, bins = build_pairs(
         means,
         quats,
         scales,
         opacities,
+        colors,
         world_to_cam,
         intrinsics,
         width=width,
         height=height,
-        antialiased=mode == "antialiased",
+        backend=backend,
+        mode=mode,
+        capacity=capacity,
     )
-    bins = binning.bin_pairs(proj, width, height, capacity)
-    if colors.ndim == 2:
-        colors = jnp.broadcast_to(colors[None], (num_cams, *colors.shape))
-    per_gaussian = jnp.concatenate(
-        [proj.means2d, proj.conics, proj.opacities[..., None], colors, proj.depths[..., None]], axis=-1
-    )  # [C, N, 10]
-    records = jnp.take_along_axis(per_gaussian, bins.gaussian_ids[..., None], axis=1)  # [C, P, 10]
-    background4 = jnp.concatenate([background.astype(records.dtype), jnp.zeros((1,), records.dtype)])
     tiles_x, tiles_y = binning.tile_grid(width, height)
-    if backend == "pallas":
-        from kernels import pallas_composite
-
-        out, trans = pallas_composite.composite_tiles(records, bins.tile_start, bins.tile_end, background4, tiles_x)
-    else:
-        out, trans = reference.composite_tiles(records, bins.tile_start, bins.tile_end, background4, tiles_x)
+    background4 = jnp.concatenate([background.astype(records.dtype), jnp.zeros((1,), records.dtype)])
+    out, trans = _compositor(backend).composite_tiles(records, bins.tile_start, bins.tile_end, background4, tiles_x)
     image = _untile(out, tiles_x, tiles_y, width, height)
     trans = _untile(trans[..., None], tiles_x, tiles_y, width, height)[..., 0]
     image = jnp.where(bins.overflow, jnp.nan, image)

@@ -4,7 +4,8 @@ This is the algorithm the Pallas kernels implement, vectorised over all tiles at
 tile, so it runs on any backend and serves as their reference. The backward recomputes transmittance front to
 back and gets the colour behind pair i as (out - prefix_i): no reverse pass and no stored per-pair state.
 
-Pair records are packed as [C, P, 6 + F]: mean2d (2), conic (3), opacity (1), features (F: colour, then depth).
+Pair records are packed field-major as [C, 6 + F, P]: mean2d (2), conic (3), opacity (1), features (F: colour,
+then depth), so that a kernel reads each field of a chunk of pairs contiguously.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.999
 T_EPSILON = 1e-4
 CHUNK = 16
+ALIGN = 1  # reads past a tile's range are masked, so tiles need no alignment
 
 # Record layout.
 MX, MY, CA, CB, CC, OPACITY, FEATURES = range(7)
@@ -52,15 +54,15 @@ def _gather_chunk(records, tile_start, tile_end, chunk):
     valid = idx < tile_end[..., None]
     safe = jnp.where(valid, idx, 0)
     num_cams, n_tiles = tile_start.shape
-    rec = jnp.take_along_axis(records, safe.reshape(num_cams, n_tiles * CHUNK, 1), axis=1)
-    return rec.reshape(num_cams, n_tiles, CHUNK, -1), idx, valid
+    rec = jnp.take_along_axis(records, safe.reshape(num_cams, 1, n_tiles * CHUNK), axis=2)
+    return jnp.moveaxis(rec.reshape(num_cams, -1, n_tiles, CHUNK), 1, -1), idx, valid
 
 
 def _forward(records, tile_start, tile_end, background, tiles_x):
     """Composite every tile. Returns out [C,T,256,F] (background included), T_final [C,T,256], last slot [C,T,256]."""
     num_cams, n_tiles = tile_start.shape
     dtype = records.dtype
-    num_feat = records.shape[-1] - FEATURES
+    num_feat = records.shape[1] - FEATURES
     px, py = pixel_centres(tiles_x, n_tiles, dtype)
     count = tile_end - tile_start
     n_chunks = (jnp.max(count, initial=0) + CHUNK - 1) // CHUNK
@@ -100,7 +102,7 @@ def _forward(records, tile_start, tile_end, background, tiles_x):
 
 
 def _backward(records, tile_start, tile_end, background, tiles_x, out, trans_final, last, g_out, g_trans):
-    """Gradients w.r.t. records [C,P,K] and background [F], recomputing the forward front to back."""
+    """Gradients w.r.t. records [C,K,P] and background [F], recomputing the forward front to back."""
     num_cams, n_tiles = tile_start.shape
     dtype = records.dtype
     px, py = pixel_centres(tiles_x, n_tiles, dtype)
@@ -141,8 +143,8 @@ def _backward(records, tile_start, tile_end, background, tiles_x, out, trans_fin
             g_pair.append(jnp.sum(per_pixel, axis=2))  # reduce over the tile's pixels: [C,T,K]
             trans = jnp.where(take, trans * (1.0 - a), trans)
         g_pair = jnp.stack(g_pair, axis=2)  # [C,T,B,K]
-        slots = jnp.where(valid, idx, records.shape[1])  # invalid slots are dropped
-        g_records = jax.vmap(lambda g, s, v: g.at[s.reshape(-1)].add(v.reshape(-1, v.shape[-1]), mode="drop"))(
+        slots = jnp.where(valid, idx, records.shape[2]).reshape(num_cams, -1)  # invalid slots are dropped
+        g_records = jax.vmap(lambda g, s, v: g.at[:, s].add(v.reshape(-1, v.shape[-1]).T, mode="drop"))(
             g_records, slots, g_pair
         )
         return trans, prefix, g_records

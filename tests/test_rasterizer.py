@@ -204,7 +204,7 @@ def test_two_key_sort_matches_packed_key(rng, monkeypatch):
     scene = random_scene(rng, 60, 2, 40, 40)
     args = _args(scene, jnp.float32)
     packed = kernels.rasterize(*args, width=40, height=40, backend="reference")
-    monkeypatch.setattr(binning, "packed_key_fits", lambda n_tiles, n: False)
+    monkeypatch.setattr(binning, "packed_key_fits", lambda n_tiles, n: False)  # forces the stable pairs sort
     jax.clear_caches()
     two_key = kernels.rasterize(*args, width=40, height=40, backend="reference")
     jax.clear_caches()

@@ -9,6 +9,7 @@ import sys
 # Modules under uhap_jax.commands; each defines `register(subparsers)` that adds its parser with `func=run`.
 COMMAND_MODULES = [
     "bench",
+    "data",
 ]
 
 

@@ -1,0 +1,459 @@
+"""Synthetic talking-head captures: seeded identities speak eSpeak sentences in front of a multi-view rig.
+
+For each identity: a seeded shape (smooth deformation of the template) and albedo, whose neutral mesh is its
+neutral scan; sentences spoken with a per-identity voice; phonemes drive the rig (`rig.py`); a small rigid head
+pose per frame; one Gaussian per UV texel on the posed surface, rendered with `kernels.rasterize` into every
+camera, with alpha masks, 16 kHz audio, the ground-truth meshes and the per-frame expression controls. One more
+sequence per identity is monocular, seen by a single camera at a pose outside the rig. The split (held-out
+identities, sentences and cameras) goes into `dataset.json`. Everything is written through `layout.staged_dir`,
+so an interrupted run leaves no half-written dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+import kernels
+from data_pipelines import layout, rig, speech
+from uhap_jax.geometry import cameras as camera_lib
+from uhap_jax.geometry import rotations
+from uhap_jax.geometry import template as template_lib
+
+SENTENCES = (
+    "Bob bought a big map of Paris.",
+    "Mom made warm apple pie.",
+    "Five brave foxes jumped over the fence.",
+    "Please open the window, it is very warm.",
+    "We will move the boat by the pier.",
+    "Father often plays the violin at home.",
+    "A happy puppy ran across the park.",
+    "My favourite food is fresh bread.",
+    "Put the blue box above the bed.",
+    "Oh wow, what a wonderful morning!",
+    "The mouse ate a piece of cheese.",
+    "Maybe Bobby will arrive before five.",
+)
+VOICES = ("en-us", "en-us+f3", "en-us+m3", "en+f2", "en-029", "en-gb-x-rp", "en-us+f4", "en-us+m1")
+MONO_SERIAL = "mono"
+
+
+def synth_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    """Generator presets: tiny (CPU, seconds), base (one GPU, 512^2)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.num_identities = 6
+    config.num_held_out_identities = 2
+    config.sentences_per_identity = 2
+    config.num_held_out_sentences = 2  # the last sentences of SENTENCES, spoken only in held-out sequences
+    config.max_seconds = 2.0  # sentences are cut to this length (0: keep whole)
+    config.fps = 25.0
+    config.num_cameras = 8
+    config.held_out_cameras = (2, 5)  # indices into the rig
+    config.image_size = 64
+    config.fov_deg = 20.0
+    config.camera_distance = 0.9
+    config.monocular = True
+    config.template_resolution = 48  # skin grid rows of the procedural head
+    config.gaussian_uv_resolution = 64  # one Gaussian per texel of this UV map
+    config.frames_per_batch = 16  # frames rendered per jitted call (all cameras at once)
+    if preset == "tiny":
+        pass
+    elif preset == "base":
+        config.num_identities = 16
+        config.num_held_out_identities = 3
+        config.sentences_per_identity = 6
+        config.max_seconds = 0.0
+        config.num_cameras = 12
+        config.held_out_cameras = (3, 8)
+        config.image_size = 512
+        config.template_resolution = 96
+        config.gaussian_uv_resolution = 384
+        config.frames_per_batch = 4
+    else:
+        raise ValueError(f"synth preset must be 'tiny' or 'base', got {preset!r}")
+    return config
+
+
+# --------------------------------------------------------------------------------------------- identities
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    name: str
+    template: template_lib.Template  # the template deformed into this identity's neutral shape
+    albedo: np.ndarray  # [V, 3] per-vertex colours in [0, 1]
+    voice: speech.Voice
+    style: rig.Style
+
+
+_HAIR = np.array([[0.05, 0.04, 0.03], [0.25, 0.15, 0.08], [0.55, 0.4, 0.2], [0.5, 0.2, 0.08], [0.55, 0.55, 0.55]])
+_IRIS = np.array([[0.2, 0.35, 0.6], [0.25, 0.45, 0.25], [0.3, 0.18, 0.08], [0.4, 0.3, 0.15]])
+_FIXED_COLOURS = {
+    "mouth_interior": (0.35, 0.07, 0.08),
+    "teeth": (0.93, 0.9, 0.82),
+    "tongue": (0.78, 0.38, 0.4),
+    "eyeball": (0.92, 0.9, 0.88),
+}
+
+
+def make_identity(template: template_lib.Template, index: int, rng: np.random.Generator) -> Identity:
+    """A seeded identity: smooth shape field, skin/lip/hair/iris colours, voice and speaking style."""
+    vertices, anchors = _identity_shape(template, rng)
+    shaped = dataclasses.replace(template, vertices=vertices, anchors=anchors)
+    return Identity(
+        name=f"id{index:03d}",
+        template=shaped,
+        albedo=_identity_albedo(template, rng),
+        voice=speech.Voice(
+            name=VOICES[index % len(VOICES)],
+            rate_wpm=int(rng.integers(145, 185)),
+            pitch=int(rng.integers(30, 75)),
+            pitch_range=int(rng.integers(30, 80)),
+        ),
+        style=rig.Style(
+            anticipation=float(rng.uniform(0.7, 1.5)),
+            articulation=float(rng.uniform(0.8, 1.1)),
+            blink_rate_hz=float(rng.uniform(0.2, 0.5)),
+            brow_emphasis=float(rng.uniform(0.3, 1.0)),
+        ),
+    )
+
+
+def _identity_shape(template: template_lib.Template, rng: np.random.Generator):
+    """Per-axis scale plus a few broad Gaussian displacement bumps: a smooth field over all of space.
+
+    Eyeballs move rigidly with the field at their centres, so that they stay spheres that can turn.
+    """
+    scale = 1.0 + rng.normal(0.0, 0.04, 3)
+    centres = template.vertices[rng.choice(len(template.vertices), 6, replace=False)]
+    sigmas = rng.uniform(0.03, 0.06, 6)
+    displacements = rng.normal(0.0, 0.004, (6, 3))
+
+    def field(points: np.ndarray) -> np.ndarray:
+        weights = np.exp(-0.5 * np.sum((points[:, None] - centres) ** 2, -1) / sigmas**2)
+        return points * scale + weights @ displacements
+
+    vertices = field(template.vertices.astype(np.float64))
+    anchors = {name: field(point[None].astype(np.float64))[0] for name, point in template.anchors.items()}
+    for side in ("left", "right"):
+        eyeball = template.weights[f"eyeball_{side}"] > 0.5
+        centre = template.anchors[f"eye_{side}"].astype(np.float64)
+        vertices[eyeball] = template.vertices[eyeball] - centre + anchors[f"eye_{side}"]
+    return vertices.astype(np.float32), {name: a.astype(np.float32) for name, a in anchors.items()}
+
+
+def _identity_albedo(template: template_lib.Template, rng: np.random.Generator) -> np.ndarray:
+    tone = rng.uniform()
+    skin = (1 - tone) * np.array([0.88, 0.7, 0.6]) + tone * np.array([0.38, 0.24, 0.17])
+    skin = np.clip(skin * rng.uniform(0.95, 1.05, 3), 0, 1)
+    hair = np.clip(_HAIR[rng.integers(len(_HAIR))] * rng.uniform(0.8, 1.2), 0, 1)
+    colours = {
+        "face": skin,
+        "lips": np.clip(skin * np.array([0.9, 0.55, 0.58]) * rng.uniform(0.85, 1.05), 0, 1),
+        "brows": hair * 0.8,
+        "scalp": hair,
+        "iris": _IRIS[rng.integers(len(_IRIS))],
+        **{name: np.array(c) for name, c in _FIXED_COLOURS.items()},
+    }
+    albedo = np.stack([colours[template.region_names[r]] for r in template.region_ids])
+    # Rosier cheeks and slight per-vertex mottling, so the skin is not one flat colour.
+    x, y = template.vertices[:, 0], template.vertices[:, 1]
+    cheeks = sum(np.exp(-0.5 * (((x - s * 0.04) / 0.015) ** 2 + ((y + 0.02) / 0.015) ** 2)) for s in (-1, 1))
+    skin_like = np.isin(template.region_ids, [template.region_names.index("face")])
+    albedo[skin_like] *= 1.0 + 0.12 * cheeks[skin_like, None] * np.array([0.5, -0.4, -0.4])
+    albedo *= rng.uniform(0.97, 1.03, (len(albedo), 1))
+    return np.clip(albedo, 0.0, 1.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------- cameras
+
+
+def camera_rig(config: ml_collections.ConfigDict, rng: np.random.Generator) -> list[layout.Camera]:
+    """`num_cameras` cameras on the front hemisphere (azimuth -70..70 deg, elevation -10..25 deg)."""
+    count = config.num_cameras
+    azimuths = np.deg2rad(np.linspace(-70.0, 70.0, count) + rng.normal(0.0, 3.0, count))
+    elevations = np.deg2rad(np.where(np.arange(count) % 2 == 0, 15.0, -5.0) + rng.normal(0.0, 3.0, count))
+    return [
+        _camera(f"{220700 + i}", azimuth, elevation, config.camera_distance, config, rng)
+        for i, (azimuth, elevation) in enumerate(zip(azimuths, elevations))
+    ]
+
+
+def _camera(serial, azimuth, elevation, distance, config, rng, fov_scale: float = 1.0) -> layout.Camera:
+    eye = distance * np.array(
+        [np.sin(azimuth) * np.cos(elevation), np.sin(elevation), -np.cos(azimuth) * np.cos(elevation)]
+    )
+    target = rng.normal(0.0, 0.005, 3)
+    size = config.image_size
+    return layout.Camera(
+        serial=serial,
+        world_to_cam=camera_lib.look_at(eye, target),
+        intrinsics=camera_lib.intrinsics_from_fov(config.fov_deg * fov_scale, size, size),
+        width=size,
+        height=size,
+    )
+
+
+def monocular_camera(config: ml_collections.ConfigDict, rng: np.random.Generator) -> layout.Camera:
+    """A phone-like camera: near-frontal, a little closer and wider than the rig's cameras."""
+    azimuth, elevation = np.deg2rad(rng.uniform(-15, 15)), np.deg2rad(rng.uniform(-5, 10))
+    return _camera(MONO_SERIAL, azimuth, elevation, config.camera_distance * 0.8, config, rng, fov_scale=1.2)
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+
+@dataclasses.dataclass(frozen=True)
+class SurfaceSampler:
+    """One Gaussian per UV texel of the template: its face, barycentrics, and the texel footprint scale.
+
+    `outward` is +-1 per sample where the skin's face normal must flip to point out of the head, and 0 for
+    the parts inside the mouth and the eyeballs; a camera never sees skin from inside the closed head, so
+    back-facing skin is culled per camera, which halves the rasterizer's work.
+    """
+
+    faces: np.ndarray
+    uvs: np.ndarray
+    face_ids: np.ndarray
+    barys: np.ndarray
+    outward: np.ndarray
+    resolution: int
+
+    @classmethod
+    def build(cls, template: template_lib.Template, resolution: int) -> SurfaceSampler:
+        face_ids, barys, _ = template_lib.uv_sample(template, resolution)
+        points = np.asarray(template_lib.surface_points(template.vertices, template.faces, face_ids, barys))
+        normals, _ = template_lib.surface_frames(template.vertices, template.faces, template.uvs, face_ids)
+        sign = np.sign(np.sum(np.asarray(normals) * points, axis=-1))
+        skin = np.isin(template.region_names, ["face", "lips", "brows", "scalp"])
+        outward = np.where(skin[template.region_ids[template.faces[face_ids, 0]]], sign, 0.0)
+        return cls(template.faces, template.uvs, face_ids, barys, outward.astype(np.float32), resolution)
+
+    def colours(self, albedo: np.ndarray) -> jnp.ndarray:
+        return template_lib.surface_points(albedo, self.faces, self.face_ids, self.barys)
+
+    def gaussians(self, vertices: jnp.ndarray):
+        """Flat Gaussians on the surface of one posed mesh [V, 3]: means, quats, scales, opacities."""
+        means = template_lib.surface_points(vertices, self.faces, self.face_ids, self.barys)
+        normal, tangent = template_lib.surface_frames(vertices, self.faces, self.uvs, self.face_ids)
+        frame = jnp.stack([tangent, jnp.cross(normal, tangent), normal], axis=-1)
+        dp_du, dp_dv = template_lib.uv_jacobian(vertices, self.faces, self.uvs, self.face_ids)
+        footprint = jnp.maximum(jnp.linalg.norm(dp_du, axis=-1), jnp.linalg.norm(dp_dv, axis=-1))
+        in_plane = jnp.clip(0.8 * footprint / self.resolution, 2e-4, 4e-3)
+        scales = jnp.stack([in_plane, in_plane, jnp.full_like(in_plane, 1e-4)], axis=-1)
+        return means, rotations.matrix_to_quaternion(frame), scales, normal
+
+    def visible_opacities(self, means, normals, world_to_cam) -> jnp.ndarray:
+        """[C, N] opacity 0.99, or 0 (culled by the rasterizer) for skin facing away from camera c."""
+        centres = -jnp.einsum("cji,cj->ci", world_to_cam[:, :3, :3], world_to_cam[:, :3, 3])
+        facing = jnp.einsum("nd,cnd->cn", normals * self.outward[:, None], centres[:, None] - means)
+        return jnp.where((self.outward == 0) | (facing > 0), 0.99, 0.0).astype(means.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("sampler_statics", "capacity"))
+def _render_batch(vertices, colours, world_to_cam, intrinsics, sampler_arrays, sampler_statics, capacity):
+    resolution, width, height = sampler_statics
+    sampler = SurfaceSampler(*sampler_arrays, resolution)
+
+    def render_camera(means, quats, scales, opacities, view, k):
+        out = kernels.rasterize(
+            means, quats, scales, opacities, colours, view[None], k[None],
+            width=width, height=height, capacity=capacity,
+        )  # fmt: skip
+        return out.rgb[0], out.alpha[0], out.stats.overflow
+
+    def render_frame(frame_vertices):
+        means, quats, scales, normals = sampler.gaussians(frame_vertices)
+        opacities = sampler.visible_opacities(means, normals, world_to_cam)
+        per_camera = jax.vmap(render_camera, in_axes=(None, None, None, 0, 0, 0))
+        rgb, alpha, overflow = per_camera(means, quats, scales, opacities, world_to_cam, intrinsics)
+        return rgb, alpha, jnp.any(overflow)
+
+    return jax.lax.map(render_frame, vertices)
+
+
+class Renderer:
+    """Renders posed meshes [F, V, 3] into all cameras in jitted frame batches, sizing capacity once."""
+
+    def __init__(self, sampler: SurfaceSampler, cameras: list[layout.Camera], frames_per_batch: int):
+        self.sampler = sampler
+        self.world_to_cam = jnp.asarray(np.stack([c.world_to_cam for c in cameras]), jnp.float32)
+        self.intrinsics = jnp.asarray(np.stack([c.intrinsics for c in cameras]), jnp.float32)
+        self.width, self.height = cameras[0].width, cameras[0].height
+        self.frames_per_batch = frames_per_batch
+        self.capacity: int | None = None
+        arrays = (sampler.faces, sampler.uvs, sampler.face_ids, sampler.barys, sampler.outward)
+        self._arrays = tuple(jnp.asarray(a) for a in arrays)
+
+    def __call__(self, vertices: np.ndarray, colours: jnp.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Returns rgb uint8 [F, C, H, W, 3] and alpha uint8 [F, C, H, W]."""
+        if self.capacity is None:
+            # Open-mouthed and posed frames need a few more pairs than the first frame: leave headroom.
+            means, quats, scales, _ = self.sampler.gaussians(jnp.asarray(vertices[0]))
+            opacities = jnp.full(means.shape[:1], 0.99)
+            needed = kernels.capacity_for(means, quats, scales, opacities, self.world_to_cam, self.intrinsics,
+                                          width=self.width, height=self.height)  # fmt: skip
+            self.capacity = int(needed * 1.5)
+        rgbs, alphas = [], []
+        for start in range(0, len(vertices), self.frames_per_batch):
+            batch = np.asarray(vertices[start : start + self.frames_per_batch], np.float32)
+            padded = np.concatenate([batch, np.repeat(batch[-1:], self.frames_per_batch - len(batch), 0)])
+            rgb, alpha, overflow = _render_batch(
+                jnp.asarray(padded), colours, self.world_to_cam, self.intrinsics, self._arrays,
+                (self.sampler.resolution, self.width, self.height), self.capacity,
+            )  # fmt: skip
+            if bool(jnp.any(overflow)):
+                self.capacity *= 2
+                return self(vertices, colours)
+            rgbs.append(np.asarray(rgb[: len(batch)]))
+            alphas.append(np.asarray(alpha[: len(batch)]))
+        rgb, alpha = np.concatenate(rgbs), np.concatenate(alphas)
+        return _to_uint8(rgb), _to_uint8(alpha)
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------- sequences
+
+
+def head_pose_track(num_frames: int, fps: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Small smooth rigid motion: rotation vectors [F, 3] (<~4 degrees) and translations [F, 3] (<~4 mm)."""
+    times = np.arange(num_frames) / fps
+    freqs = rng.uniform(0.15, 0.8, (2, 3, 2))
+    phases = rng.uniform(0, 2 * np.pi, (2, 3, 2))
+    waves = np.sin(2 * np.pi * freqs[None] * times[:, None, None, None] + phases[None]).sum(-1) / 2
+    return (np.deg2rad(3.0) * waves[:, 0]).astype(np.float32), (0.003 * waves[:, 1]).astype(np.float32)
+
+
+def pose_vertices(vertices: np.ndarray, rotation_vectors: np.ndarray, translations: np.ndarray) -> np.ndarray:
+    """Applies the per-frame rigid head pose (about the head centre at the origin) to [F, V, 3]."""
+    rotation = np.asarray(rotations.axis_angle_to_matrix(rotation_vectors))
+    return np.einsum("fij,fvj->fvi", rotation, vertices) + translations[:, None]
+
+
+def _write_sequence(seq_dir: Path, utterance, expressions, vertices, pose, rgb, alpha, serials, meta) -> None:
+    layout.write_audio(seq_dir / layout.AUDIO_FILE, utterance.audio)
+    layout.write_vertices(seq_dir, vertices)
+    np.save(seq_dir / "expressions.npy", expressions)
+    for f in range(len(vertices)):
+        for c, serial in enumerate(serials):
+            layout.write_image(layout.frame_path(seq_dir, serial, f), rgb[f, c])
+            layout.write_image(layout.frame_path(seq_dir, serial, f, kind="masks"), alpha[f, c])
+    layout.write_sequence_meta(
+        seq_dir,
+        fps=meta.pop("fps"),
+        num_frames=len(vertices),
+        audio_rate=speech.AUDIO_RATE,
+        cameras=list(serials),
+        text=utterance.text,
+        phonemes=[[p.symbol, round(p.start, 4)] for p in utterance.phonemes],
+        expression_names=list(rig.EXPRESSION_NAMES),
+        head_pose={"rotation_vector": pose[0].tolist(), "translation": pose[1].tolist()},
+        vertices_space="world (head pose applied)",
+        **meta,
+    )
+
+
+def _clip(utterance: speech.Utterance, max_seconds: float) -> speech.Utterance:
+    if max_seconds <= 0 or utterance.duration <= max_seconds:
+        return utterance
+    keep = int(max_seconds * speech.AUDIO_RATE)
+    phonemes = tuple(p for p in utterance.phonemes if p.start < max_seconds)
+    return speech.Utterance(utterance.text, utterance.audio[:keep], phonemes)
+
+
+def generate(out_dir: Path, config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
+    """Writes a complete synthetic dataset to `out_dir` (replacing it only once everything succeeded)."""
+    if config.num_held_out_identities >= config.num_identities:
+        raise ValueError("synth: num_held_out_identities must leave at least one training identity")
+    if config.num_held_out_sentences >= len(SENTENCES):
+        raise ValueError(f"synth: num_held_out_sentences must be < {len(SENTENCES)}")
+    if any(not 0 <= i < config.num_cameras for i in config.held_out_cameras):
+        raise ValueError(f"synth: held_out_cameras {config.held_out_cameras} must index {config.num_cameras} cameras")
+    rng = np.random.default_rng(config.seed)
+    template = template_lib.procedural_head(config.template_resolution)
+    sampler = SurfaceSampler.build(template, config.gaussian_uv_resolution)
+    rig_cameras = camera_rig(config, rng)
+    mono_camera = monocular_camera(config, rng)
+    held_out_serials = [rig_cameras[i].serial for i in config.held_out_cameras]
+    num_train_sentences = len(SENTENCES) - config.num_held_out_sentences
+    held_out_ids = [f"id{i:03d}" for i in range(config.num_identities - config.num_held_out_identities,
+                                                config.num_identities)]  # fmt: skip
+    renderer = Renderer(sampler, rig_cameras, config.frames_per_batch)
+    mono_renderer = Renderer(sampler, [mono_camera], config.frames_per_batch)
+    sequences_info = {}
+    jobs = config.num_identities * (config.sentences_per_identity + int(config.monocular))
+    bar = tqdm(total=jobs, desc="synth sequences", unit="seq", disable=not progress)
+    with layout.staged_dir(Path(out_dir)) as root:
+        for index in range(config.num_identities):
+            identity = make_identity(template, index, np.random.default_rng([config.seed, index]))
+            identity_rng = np.random.default_rng([config.seed, index, 1])
+            subject = layout.subject_dir(root, identity.name)
+            layout.write_calibration(subject, [*rig_cameras, mono_camera])
+            layout.write_neutral_scan(subject, identity.template.vertices, template.faces, identity.albedo)
+            colours = sampler.colours(identity.albedo)
+            train_choice = identity_rng.choice(num_train_sentences, config.sentences_per_identity, replace=False)
+            sentence_ids = [int(i) for i in train_choice]
+            if config.num_held_out_sentences:
+                sentence_ids[-1] = num_train_sentences + index % config.num_held_out_sentences
+            plans = [(f"sen_{i:02d}", i, renderer, rig_cameras) for i in sentence_ids]
+            if config.monocular:
+                mono_sentence = int(identity_rng.integers(num_train_sentences))
+                plans.append(("mono_00", mono_sentence, mono_renderer, [mono_camera]))
+            for seq_name, sentence, seq_renderer, seq_cameras in plans:
+                utterance = _clip(speech.synthesize(SENTENCES[sentence], identity.voice), config.max_seconds)
+                expressions = rig.expression_track(
+                    utterance.phonemes, utterance.duration, config.fps, identity_rng, identity.style
+                )
+                vertices = np.asarray(rig.deform(identity.template, expressions))
+                pose = head_pose_track(len(vertices), config.fps, identity_rng)
+                vertices = pose_vertices(vertices, *pose).astype(np.float32)
+                rgb, alpha = seq_renderer(vertices, colours)
+                split = _split(identity.name in held_out_ids, sentence >= num_train_sentences, seq_name)
+                meta = {"fps": config.fps, "sentence_index": sentence, "split": split,
+                        "monocular": seq_name.startswith("mono")}  # fmt: skip
+                seq_dir = layout.sequence_dir(root, identity.name, seq_name)
+                serials = [c.serial for c in seq_cameras]
+                _write_sequence(seq_dir, utterance, expressions, vertices, pose, rgb, alpha, serials, meta)
+                sequences_info.setdefault(identity.name, {})[seq_name] = {"sentence_index": sentence, "split": split}
+                bar.update()
+        info = {
+            "generator": "uhap data synth",
+            "config": config.to_dict(),
+            "fps": config.fps,
+            "audio_rate": speech.AUDIO_RATE,
+            "identities": {
+                "train": [f"id{i:03d}" for i in range(config.num_identities) if f"id{i:03d}" not in held_out_ids],
+                "held_out": held_out_ids,
+            },
+            "sentences": list(SENTENCES),
+            "held_out_sentences": list(range(num_train_sentences, len(SENTENCES))),
+            "cameras": [c.serial for c in rig_cameras],
+            "held_out_cameras": held_out_serials,
+            "monocular_sequences": [f"{s}/mono_00" for s in sequences_info if "mono_00" in sequences_info[s]],
+            "sequences": sequences_info,
+            "expression_names": list(rig.EXPRESSION_NAMES),
+            "region_names": list(template.region_names),
+            "num_gaussians": int(len(sampler.face_ids)),
+        }
+        layout.write_dataset_info(root, info)
+    bar.close()
+    return info
+
+
+def _split(held_out_identity: bool, held_out_sentence: bool, seq_name: str) -> str:
+    if held_out_identity:
+        return "held_out_identity"
+    if seq_name.startswith("mono"):
+        return "monocular"
+    return "held_out_sentence" if held_out_sentence else "train"

@@ -1,0 +1,100 @@
+"""Pallas against the reference compositor on fresh random scenes, on whatever device JAX has.
+
+    python -m kernels.check               # prints max image differences and relative gradient errors
+
+Images must agree within 1e-5 and gradients within 1e-4 (relative, by norm); exits non-zero otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import bench
+from kernels.rasterize import capacity_for, rasterize
+
+ORDER = bench.ORDER
+
+
+def compare(scene: bench.Scene, seed: int) -> dict:
+    arrays = bench.make_scene(scene, seed)
+    args = [jnp.asarray(arrays[k]) for k in ORDER]
+    w, h = scene.width, scene.height
+    capacity = capacity_for(*args[:4], *args[5:], width=w, height=h)
+    key = jax.random.key(seed)
+    weights = jax.random.normal(key, (scene.views, h, w, 3))
+    background = jax.random.uniform(jax.random.fold_in(key, 1), (3,))
+    results = {}
+    for backend in ("reference", "pallas"):
+
+        def loss(*params, backend=backend):
+            out = rasterize(
+                *params, *args[5:], width=w, height=h, background=background, backend=backend, capacity=capacity
+            )
+            return jnp.sum(out.rgb * weights) + jnp.sum(out.alpha) + jnp.sum(out.depth), out
+
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True))(*args[:5])
+        results[backend] = (out, grads)
+    (ref, ref_g), (pal, pal_g) = results["reference"], results["pallas"]
+    with jax.default_device(jax.devices("cpu")[0]):  # the shared projection/binning too, against another backend
+        cpu = rasterize(
+            *(jnp.asarray(arrays[k]) for k in ORDER),
+            width=w,
+            height=h,
+            background=background,
+            backend="reference",
+            capacity=capacity,
+        )
+        cpu_rgb = np.asarray(cpu.rgb)
+    row = dict(
+        scene=scene.name,
+        seed=seed,
+        n_pairs=int(jnp.sum(ref.stats.n_pairs)),
+        all_finite=bool(all(np.isfinite(np.asarray(x)).all() for x in (pal.rgb, pal.alpha, pal.depth))),
+    )
+    cpu_diff = np.abs(cpu_rgb - np.asarray(pal.rgb)).max(-1)
+    row["frac_px_vs_cpu_over_1e-4"] = float((cpu_diff > 1e-4).mean())
+    row["median_diff_vs_cpu"] = float(np.median(cpu_diff))
+    for name in ("rgb", "alpha", "depth"):
+        row[f"max_diff_{name}"] = float(jnp.max(jnp.abs(getattr(ref, name) - getattr(pal, name))))
+    for name, a, b in zip(ORDER, ref_g, pal_g):
+        row[f"grad_rel_{name}"] = float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(a), 1e-30))
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, default=2)
+    args = parser.parse_args(argv)
+    scenes = [
+        bench.Scene("head20k_200x136_x2", "head", 20_000, 200, 136, 2),
+        bench.Scene("box50k_256x144", "box", 50_000, 256, 144),
+    ]
+    ok = True
+    print(f"device: {jax.devices()[0].device_kind}")
+    for scene in scenes:
+        for _ in range(args.seeds):
+            row = compare(scene, int.from_bytes(os.urandom(3), "little"))
+            good = (
+                row["all_finite"]
+                and row["frac_px_vs_cpu_over_1e-4"] < 1e-3
+                and row["max_diff_rgb"] <= 1e-5
+                and row["max_diff_alpha"] <= 1e-5
+                and all(v <= 1e-4 for k, v in row.items() if k.startswith("grad_rel"))
+            )
+            ok &= good
+            print(
+                ("PASS " if good else "FAIL ")
+                + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                flush=True,
+            )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Checkpoints: restore onto other meshes, data-iterator state, retention, clear errors on bad files."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+from test_train_loop import host_tree, small_config
+from train_toy_main import ToyData, loss_fn, make_model
+
+from uhap_jax.train.checkpoint import Checkpointer, abstract_like
+from uhap_jax.train.loop import Trainer
+from uhap_jax.train.mesh import make_mesh
+
+
+def test_save_on_eight_devices_restore_on_one_and_on_another_mesh(tmp_path, rng):
+    seed = int(rng.integers(1 << 30))
+    data = ToyData(seed, batch_size=16)
+
+    def trainer_on(mesh):
+        return Trainer(
+            small_config(steps=4),
+            make_model(seed),
+            optax.adam(1e-2),
+            loss_fn,
+            data.iterator(),
+            tmp_path,
+            mesh=mesh,
+        )
+
+    first = trainer_on(make_mesh(data=4, fsdp=2))
+    first.run()
+    first.close()
+    saved = host_tree(first.state)
+    next_batch = data.batch(4)
+
+    next_losses = []
+    for mesh in (make_mesh(devices=jax.devices()[:1]), make_mesh(data=2, fsdp=4)):
+        trainer = trainer_on(mesh)
+        assert trainer.step == 4
+        jax.tree.map(np.testing.assert_array_equal, host_tree(trainer.state), saved)
+        kernel = trainer.state["params"]["hidden"]["kernel"]
+        assert kernel.sharding.mesh.shape == mesh.shape
+        if mesh.shape["fsdp"] == 4:
+            assert kernel.sharding.spec == PartitionSpec(None, "fsdp")
+            assert {shard.data.shape for shard in kernel.addressable_shards} == {(8, 16)}
+        # The data iterator was rewound to the checkpoint: its next batch is batch 4.
+        np.testing.assert_array_equal(next(trainer.data_iter)["index"], next_batch["index"])
+        next_losses.append(float(trainer.train_step(next_batch)["loss"]))
+        trainer.close()
+    np.testing.assert_allclose(next_losses[0], next_losses[1], rtol=2e-6)
+
+
+class CountingIterator:
+    """A real (tiny) checkpointable iterator whose state is bytes or a dict, as grain's iterators give."""
+
+    def __init__(self, as_bytes: bool, start: int = 0):
+        self.position, self.as_bytes = start, as_bytes
+
+    def __next__(self) -> int:
+        self.position += 1
+        return self.position
+
+    def get_state(self):
+        return str(self.position).encode() if self.as_bytes else {"position": self.position}
+
+    def set_state(self, state) -> None:
+        self.position = int(state.decode()) if self.as_bytes else state["position"]
+
+
+@pytest.mark.parametrize("as_bytes", [True, False])
+def test_data_iterator_state_round_trip(tmp_path, rng, as_bytes):
+    params = {"w": rng.normal(size=(4, 3)).astype(np.float32)}
+    state = jax.device_put(params, NamedSharding(make_mesh(), PartitionSpec()))
+    iterator = CountingIterator(as_bytes, start=int(rng.integers(100)))
+    checkpointer = Checkpointer(tmp_path, use_async=False)
+    checkpointer.save(7, state, iterator)
+    expected = next(iterator)  # what the iterator yields right after the checkpoint
+    for _ in range(5):
+        next(iterator)
+    restored = checkpointer.restore(7, abstract_like(state), iterator)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), params["w"])
+    assert next(iterator) == expected
+    # Without an iterator (export, evaluation) only the state is read.
+    np.testing.assert_array_equal(np.asarray(checkpointer.restore(7, abstract_like(state))["w"]), params["w"])
+    assert next(iterator) == expected + 1
+    checkpointer.close()
+
+
+def test_keeps_only_the_last_n(tmp_path, rng):
+    state = {"w": jax.numpy.asarray(rng.normal(size=(3,)), jax.numpy.float32)}
+    checkpointer = Checkpointer(tmp_path, keep=2)
+    for step in range(1, 6):
+        checkpointer.save(step, state, CountingIterator(as_bytes=False))
+    checkpointer.wait()
+    assert checkpointer.all_steps() == [4, 5]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "5"]
+    checkpointer.close()
+
+
+def test_corrupt_iterator_state_names_the_file(tmp_path, rng):
+    state = {"w": jax.numpy.asarray(rng.normal(size=(3,)), jax.numpy.float32)}
+    checkpointer = Checkpointer(tmp_path, use_async=False)
+    checkpointer.save(1, state, CountingIterator(as_bytes=False))
+    state_file = tmp_path / "checkpoints" / "1" / "data" / "process_0-of-1.json"
+    state_file.write_text("{not json")
+    with pytest.raises(ValueError, match=r"process_0-of-1\.json: corrupt data-iterator state"):
+        checkpointer.restore(1, abstract_like(state), CountingIterator(as_bytes=False))
+    state_file.unlink()
+    with pytest.raises(FileNotFoundError, match="different number of processes"):
+        checkpointer.restore(1, abstract_like(state), CountingIterator(as_bytes=False))
+    checkpointer.close()

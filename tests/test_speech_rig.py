@@ -1,0 +1,85 @@
+"""eSpeak NG speech with timed phonemes, and the viseme rig that moves the mouth in sync with it."""
+
+import numpy as np
+import pytest
+
+from data_pipelines import rig, speech
+from uhap_jax.geometry import template as template_lib
+
+SENTENCE = "Bob met a happy puppy on the farm."
+
+
+@pytest.fixture(scope="module")
+def head() -> template_lib.Template:
+    return template_lib.procedural_head(48)
+
+
+def _random_voice(rng: np.random.Generator) -> speech.Voice:
+    return speech.Voice(
+        name=str(rng.choice(["en-us", "en-us+f3", "en-us+m3"])),
+        rate_wpm=int(rng.integers(140, 190)),
+        pitch=int(rng.integers(25, 80)),
+    )
+
+
+def test_espeak_gives_speech_and_monotone_phonemes(rng):
+    utterance = speech.synthesize(SENTENCE, _random_voice(rng))
+    audio = utterance.audio
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert 1.0 < utterance.duration < 4.0
+    assert np.sqrt(np.mean(audio**2)) > 0.02 and np.abs(audio).max() <= 1.0
+    starts = np.array([p.start for p in utterance.phonemes])
+    assert len(starts) >= 20
+    assert np.all(np.diff(starts) >= 0) and starts[0] >= 0 and starts[-1] <= utterance.duration
+    symbols = [p.symbol.lstrip("'") for p in utterance.phonemes]
+    assert symbols.count("p") >= 3 and "f" in symbols
+    # The audio is really at 16 kHz: a voiced vowel's energy sits below 4 kHz, little of it above 6 kHz.
+    spectrum = np.abs(np.fft.rfft(audio)) ** 2
+    freqs = np.fft.rfftfreq(len(audio), 1 / speech.AUDIO_RATE)
+    assert spectrum[freqs < 4000].sum() > 10 * spectrum[freqs > 6000].sum()
+
+
+def test_voices_differ(rng):
+    low = speech.synthesize("Hello there.", speech.Voice(pitch=int(rng.integers(5, 20))))
+    high = speech.synthesize("Hello there.", speech.Voice(pitch=int(rng.integers(80, 99))))
+    assert low.audio.shape != high.audio.shape or not np.allclose(low.audio, high.audio)
+
+
+def test_rig_opens_jaw_on_vowels_and_closes_lips_on_bilabials(head, rng):
+    utterance = speech.synthesize(SENTENCE, _random_voice(rng))
+    fps = 100.0  # fine time steps, to sample each phoneme's centre
+    style = rig.Style(anticipation=float(rng.uniform(0.7, 1.5)))
+    track = rig.expression_track(utterance.phonemes, utterance.duration, fps, rng, style)
+    vertices = np.asarray(rig.deform(head, track))
+    gap = np.asarray(rig.lip_gap(head, vertices))
+    chin_drop = head.vertices[head.landmarks["lower_lip_mid"], 1] - vertices[:, head.landmarks["lower_lip_mid"], 1]
+    phonemes = utterance.phonemes
+    ends = [p.start for p in phonemes[1:]] + [utterance.duration]
+    centres = {"bilabial": [], "open_vowel": []}
+    for phoneme, end in zip(phonemes, ends):
+        kind = rig.viseme_class(phoneme.symbol)
+        if kind in centres:
+            centres[kind].append(min(int(round(0.5 * (phoneme.start + end) * fps)), len(gap) - 1))
+    assert len(centres["bilabial"]) >= 5 and len(centres["open_vowel"]) >= 2
+    assert np.all(np.abs(gap[centres["bilabial"]]) < 1e-3), "lips must meet on p, b, m"
+    assert np.all(gap[centres["open_vowel"]] > 6e-3), "the mouth opens on open vowels"
+    assert np.all(chin_drop[centres["open_vowel"]] > 6e-3), "the jaw rotates the lower lip down"
+    # Over the clip, the opening follows the jaw control.
+    assert np.corrcoef(track[:, 0], gap)[0, 1] > 0.7
+
+
+def test_blink_covers_eyes_and_gaze_turns_irises(head, rng):
+    controls = np.zeros((3, len(rig.EXPRESSION_NAMES)), np.float32)
+    blink, yaw = rig.EXPRESSION_NAMES.index("blink"), rig.EXPRESSION_NAMES.index("gaze_yaw")
+    controls[1, blink] = 1.0
+    controls[2, yaw] = rng.uniform(0.5, 1.0)
+    vertices = np.asarray(rig.deform(head, controls))
+    iris = head.region_mask("iris")
+    lid = head.weights["eyelid_left"] > 0.9
+    eye_front = vertices[0, iris, 2].min()
+    assert vertices[0, lid, 2].mean() > eye_front, "open: the socket is behind the eye's front"
+    assert vertices[1, lid, 2].mean() < eye_front - 1e-3, "closed: the lid is in front of the eye"
+    shift = vertices[2, iris, 0].mean() - vertices[0, iris, 0].mean()
+    assert shift > 2e-3, "positive yaw turns the irises toward +x"
+    np.testing.assert_allclose(vertices[2, ~head.region_mask("iris") & ~head.region_mask("eyeball")],
+                               vertices[0, ~head.region_mask("iris") & ~head.region_mask("eyeball")])  # fmt: skip

@@ -1,0 +1,245 @@
+"""The shared training loop on a small real NNX model: sharding invariance, NaN skips, metrics, restarts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+from tensorboardX.proto import event_pb2
+from train_toy_main import ToyData, image_fn, loss_fn, make_model
+
+from uhap_jax.train.loop import Trainer, default_config
+from uhap_jax.train.mesh import make_mesh
+from uhap_jax.train.metrics import image_grid
+
+TOY_MAIN = Path(__file__).resolve().parent / "train_toy_main.py"
+
+
+def small_config(**overrides):
+    config = default_config()
+    config.steps, config.log_every, config.checkpoint_every = 6, 1, 1000
+    config.sharding.min_shard_size = 256  # shard the toy's 8x64 and 64x2 kernels over fsdp
+    config.update(overrides)
+    return config
+
+
+def host_tree(tree):
+    """Numpy copies (PRNG keys as their key data): the train state is donated on the next step."""
+
+    def fetch(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(fetch, tree)
+
+
+def rows(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_same_steps_on_one_and_eight_devices(tmp_path, rng):
+    seed = int(rng.integers(1 << 30))
+    data = ToyData(seed, batch_size=16)
+    trainers = {
+        "one": Trainer(
+            small_config(),
+            make_model(seed),
+            optax.adam(1e-2),
+            loss_fn,
+            data.iterator(),
+            tmp_path / "one",
+            mesh=make_mesh(devices=jax.devices()[:1]),
+        ),
+        "eight": Trainer(
+            small_config(),
+            make_model(seed),
+            optax.adam(1e-2),
+            loss_fn,
+            data.iterator(),
+            tmp_path / "eight",
+            mesh=make_mesh(data=4, fsdp=2),
+        ),
+    }
+    kernel = trainers["eight"].state["params"]["hidden"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    assert trainers["eight"].state["opt_state"][0].mu["hidden"]["kernel"].sharding.spec == kernel.sharding.spec
+    losses = {name: [] for name in trainers}
+    for k in range(3):
+        for name, trainer in trainers.items():
+            losses[name].append(float(trainer.train_step(data.batch(k))["loss"]))
+    np.testing.assert_allclose(losses["one"], losses["eight"], rtol=2e-6)
+    initial_kernel = np.asarray(make_model(seed).hidden.kernel[...])
+    assert not np.allclose(host_tree(trainers["one"].state["params"])["hidden"]["kernel"], initial_kernel)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        host_tree(trainers["one"].state["params"]),
+        host_tree(trainers["eight"].state["params"]),
+    )
+
+
+def test_nonfinite_step_is_skipped_counted_and_logged(tmp_path, rng, caplog):
+    seed = int(rng.integers(1 << 30))
+    data = ToyData(seed, batch_size=16, nan_batches=(3,))
+    trainer = Trainer(small_config(steps=3), make_model(seed), optax.adam(1e-2), loss_fn, data.iterator(), tmp_path)
+    trainer.run()
+    before = host_tree({k: trainer.state[k] for k in ("params", "opt_state", "rest")})
+    metrics = host_tree(trainer.train_step(data.batch(3)))
+    assert np.isnan(metrics["loss"]) and metrics["nonfinite_steps"] == 1
+    after = host_tree({k: trainer.state[k] for k in ("params", "opt_state", "rest")})
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+
+    # Through run(): the skipped step is logged, the row holds null, and training carries on.
+    workdir = tmp_path / "run"
+    trainer = Trainer(small_config(steps=5), make_model(seed), optax.adam(1e-2), loss_fn, data.iterator(), workdir)
+    with caplog.at_level(logging.WARNING, logger="uhap_jax.train.loop"):
+        result = trainer.run()
+    assert result.nonfinite_steps == 1
+    assert any("step 4: 1 step(s) with a non-finite loss" in m for m in caplog.messages)
+    by_step = {row["step"]: row for row in rows(workdir)}
+    assert by_step[4]["loss"] is None and by_step[4]["nonfinite_steps"] == 1
+    assert by_step[3]["nonfinite_steps"] == 0 and np.isfinite(by_step[5]["loss"])
+    assert all(np.isfinite(v).all() for v in jax.tree.leaves(host_tree(trainer.state["params"])))
+
+
+def test_metrics_rows_progress_events_and_image_grid(tmp_path, rng, caplog):
+    seed = int(rng.integers(1 << 30))
+    data = ToyData(seed, batch_size=8)
+    config = small_config(steps=6, log_every=2, image_every=3)
+    trainer = Trainer(config, make_model(seed), optax.adam(1e-2), loss_fn, data.iterator(), tmp_path, image_fn=image_fn)
+    with caplog.at_level(logging.INFO, logger="uhap_jax.train.loop"):
+        result = trainer.run()
+    trainer.close()
+    table = rows(tmp_path)
+    assert [row["step"] for row in table] == [2, 4, 6]
+    for row, k in zip(table, (1, 3, 5)):
+        assert row["index_sum"] == data.batch(k)["index"].sum()
+        assert set(row) >= {"loss", "grad_norm", "steps_per_sec", "nonfinite_steps", "first_index"}
+    assert result.metrics["loss"] == pytest.approx(table[-1]["loss"])
+    assert any(re.fullmatch(r"step 6/6  loss \S+  \S+ steps/s  ETA \S+", m) for m in caplog.messages)
+    (event_file,) = tmp_path.glob("events.out.tfevents.*")
+    assert scalar_steps(event_file)["loss"] == [2, 4, 6]
+    grids = sorted((tmp_path / "images").glob("*.png"))
+    assert [g.name for g in grids] == ["render_gt_error_00000003.png", "render_gt_error_00000006.png"]
+    assert np.asarray(Image.open(grids[-1])).shape == (8 * 4, 3 * 4, 3)
+
+
+def scalar_steps(event_file: Path) -> dict[str, list[int]]:
+    """Tag -> steps of the scalar summaries in a TensorBoard event file (TFRecord framing, Event protos)."""
+    data, found, offset = event_file.read_bytes(), {}, 0
+    while offset < len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+        offset += 12 + length + 4
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                found.setdefault(value.tag, []).append(event.step)
+    return found
+
+
+def test_image_grid_rows_are_render_truth_error(rng):
+    render, target = rng.uniform(size=(2, 3, 4, 3)), rng.uniform(size=(2, 3, 4, 3))
+    grid = image_grid(render, target).astype(np.float32) / 255.0
+    assert grid.shape == (2 * 3, 3 * 4, 3)
+    np.testing.assert_allclose(grid[3:6, 0:4], render[1], atol=0.5 / 255 + 1e-6)
+    np.testing.assert_allclose(grid[3:6, 4:8], target[1], atol=0.5 / 255 + 1e-6)
+    np.testing.assert_allclose(grid[0:3, 8:12], np.abs(render[0] - target[0]), atol=0.5 / 255 + 1e-6)
+    with pytest.raises(ValueError, match=r"render \(2, 3, 4, 3\) and target \(2, 3, 4\)"):
+        image_grid(render, target[..., 0])
+
+
+def test_loss_fn_must_return_scalars(tmp_path, rng):
+    data = ToyData(int(rng.integers(1 << 30)), batch_size=8)
+
+    def vector_aux(model, batch, step_rng):
+        loss, _ = loss_fn(model, batch, step_rng)
+        return loss, {"per_example": batch["x"][:, 0]}
+
+    trainer = Trainer(small_config(), make_model(), optax.sgd(0.1), vector_aux, data.iterator(), tmp_path)
+    with pytest.raises(ValueError, match="dict of scalars"):
+        trainer.train_step(data.batch(0))
+
+
+# ---- the loop as a process: kill -9 and SIGTERM --------------------------------------------------------
+def _toy_env() -> dict[str, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    return env
+
+
+def _start(workdir: Path, *args: str) -> subprocess.Popen:
+    command = [sys.executable, str(TOY_MAIN), str(workdir), *args]
+    return subprocess.Popen(command, env=_toy_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_until(condition, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"toy run ended early (rc {process.returncode}):\n{process.stdout.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out:\n{process.stdout.read()}")
+        time.sleep(0.05)
+
+
+def _logged_steps(workdir: Path) -> list[int]:
+    path = workdir / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_resume_after_kill_9_continues_the_data_order(tmp_path):
+    args = ("--steps", "40", "--checkpoint_every", "10", "--data_delay", "0.04")
+    process = _start(tmp_path, *args)
+    _wait_until(lambda: (tmp_path / "checkpoints" / "10").is_dir() and max(_logged_steps(tmp_path)) >= 16, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_rows = {row["step"]: row for row in rows(tmp_path)}
+    last_checkpoint = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert last_checkpoint < 40
+
+    rerun = subprocess.run(
+        [sys.executable, str(TOY_MAIN), str(tmp_path), *args],
+        env=_toy_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    resumed = re.search(r"resumed from step (\d+)", rerun.stdout)
+    assert resumed, rerun.stdout
+    resumed_step = int(resumed.group(1))
+    assert resumed_step >= 10 and resumed_step % 10 == 0
+    final_rows = {row["step"]: row for row in rows(tmp_path)}
+    assert sorted(final_rows) == list(range(1, 41))  # rows past the checkpoint were dropped, then redone
+    redone = [s for s in killed_rows if s > resumed_step]
+    assert redone, "the kill came right after the checkpoint; nothing to compare"
+    for step in redone:
+        for key in ("first_index", "index_sum", "loss"):
+            assert final_rows[step][key] == pytest.approx(killed_rows[step][key], rel=1e-6), (step, key)
+
+
+def test_sigterm_saves_then_exits(tmp_path):
+    process = _start(tmp_path, "--steps", "100000", "--checkpoint_every", "100000", "--data_delay", "0.02")
+    _wait_until(lambda: len(_logged_steps(tmp_path)) >= 5, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    saved = re.search(r"SIGTERM: saved checkpoint at step (\d+), exiting", output)
+    assert saved, output
+    step = int(saved.group(1))
+    assert [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == [step]
+    assert max(_logged_steps(tmp_path)) == step

@@ -1,0 +1,118 @@
+"""`uhap data synth|import|prepare`: make, import and prepare datasets in the capture layout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from uhap_jax.config_utils import apply_override
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("data", help="create or import datasets in the capture layout")
+    actions = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    synth = actions.add_parser(
+        "synth",
+        help="render synthetic talking heads (eSpeak speech, rigged template, Gaussian splats)",
+        description="Generator settings can be overridden with --config.<field>=<value>, "
+        "e.g. --config.num_identities=2.",
+    )
+    synth.add_argument("--out", type=Path, required=True, help="dataset root to write (replaced on success)")
+    synth.add_argument("--preset", choices=("tiny", "base"), default="tiny")
+    synth.add_argument("--seed", type=int, default=None, help="overrides the preset's seed")
+    synth.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    synth.set_defaults(func=run_synth)
+    _add_import_parser(actions)
+    _add_prepare_parser(actions)
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from data_pipelines import synth
+
+    config = synth.synth_config(args.preset)
+    for item in args.config_overrides:
+        apply_override(config, item, source=f"synth preset {args.preset!r}")
+    if args.seed is not None:
+        config.seed = args.seed
+    info = synth.generate(args.out, config, progress=not args.no_progress)
+    num_sequences = sum(len(s) for s in info["sequences"].values())
+    print(f"wrote {len(info['sequences'])} subjects, {num_sequences} sequences to {args.out}")
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    """`WxH` → (W, H) for --calib-resolution."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit() or int(width) <= 0 or int(height) <= 0:
+        raise argparse.ArgumentTypeError(f"expected WxH in pixels, e.g. 2200x3208, got {text!r}")
+    return int(width), int(height)
+
+
+def _add_import_parser(commands) -> None:
+    parser = commands.add_parser("import", help="convert NeRSemble v2 or Multiface captures into the layout")
+    parser.add_argument("--format", required=True, choices=["nersemble", "multiface"])
+    parser.add_argument("--src", required=True, type=Path, help="a participant folder, or a folder of them")
+    parser.add_argument("--out", required=True, type=Path, help="layout root; subjects/<id> is written in it")
+    parser.add_argument("--sequences", help="comma-separated sequence (expression) names; default: all")
+    parser.add_argument("--audio", type=Path, help="nersemble: folder of <participant>/<sequence>.wav files")
+    parser.add_argument("--calib-resolution", type=_size, help="nersemble: WxH the intrinsics were calibrated at")
+    parser.add_argument("--no-color-calibration", action="store_true", help="nersemble: leave colours as decoded")
+    parser.add_argument(
+        "--max-audio-overhang", type=float, default=0.5, help="seconds of audio after the last frame cut with a note"
+    )
+    parser.set_defaults(func=run_import)
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from data_pipelines import importers
+    from data_pipelines.layout import LayoutError
+
+    sequences = args.sequences.split(",") if args.sequences else None
+    if args.format == "nersemble":
+        options = importers.nersemble.NersembleOptions(
+            audio_dir=args.audio,
+            calib_resolution=args.calib_resolution,
+            sequences=sequences,
+            color_correction=not args.no_color_calibration,
+            max_audio_overhang_s=args.max_audio_overhang,
+        )
+    else:
+        nersemble_only = [args.audio, args.calib_resolution, args.no_color_calibration or None]
+        if any(option is not None for option in nersemble_only):
+            print("error: --audio, --calib-resolution, --no-color-calibration need --format nersemble", file=sys.stderr)
+            return 2
+        options = importers.multiface.MultifaceOptions(
+            sequences=sequences, max_audio_overhang_s=args.max_audio_overhang
+        )
+    try:
+        notes = importers.import_capture(args.format, args.src, args.out, options)
+    except LayoutError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for subject, subject_notes in notes.items():
+        print(f"imported {subject} into {args.out}")
+        for note in subject_notes:
+            print(f"  note: {note}")
+    return 0
+
+
+def _add_prepare_parser(commands) -> None:
+    parser = commands.add_parser("prepare", help="write per-frame TFDS array_record records from a layout")
+    parser.add_argument("--root", required=True, type=Path, help="layout root (holds subjects/)")
+    parser.add_argument("--data-dir", required=True, type=Path, help="TFDS data dir to write into")
+    parser.add_argument("--audio-window", type=float, default=0.5, help="seconds of audio kept per frame")
+    parser.set_defaults(func=run_prepare)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from data_pipelines import tfds_builder
+    from data_pipelines.layout import LayoutError
+
+    try:
+        dataset_dir = tfds_builder.prepare(args.root, args.data_dir, audio_window_s=args.audio_window)
+    except LayoutError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"prepared {dataset_dir}")
+    return 0

@@ -1,0 +1,121 @@
+"""Checkpoints in `<workdir>/checkpoints/<step>/`: the train state plus each process's data-iterator state.
+
+Built on orbax's asynchronous `CheckpointManager`. Restoring takes abstract targets that carry shardings,
+so a checkpoint written on one mesh loads onto any other (a different device count or mesh shape).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+logger = logging.getLogger(__name__)
+
+
+def _state_file(directory: epath.Path) -> epath.Path:
+    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+    """Saves an iterator's `get_state()` (a JSON-able object or bytes, as grain returns) per process.
+
+    Each process feeds its own shard of the data, so each keeps its own file. The state is taken
+    synchronously inside `save`, at the step being checkpointed, never later in a background thread.
+    """
+
+    def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
+        state = args.iterator.get_state()
+        if isinstance(state, bytes):
+            record = {"encoding": "base64", "state": base64.b64encode(state).decode("ascii")}
+        else:
+            record = {"encoding": "json", "state": state}
+        _state_file(directory).write_text(json.dumps(record))
+
+    def restore(self, directory: epath.Path, args: DataIteratorRestore) -> Any:
+        path = _state_file(directory)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path}: no data-iterator state for this process; the checkpoint was written by a "
+                "different number of processes"
+            )
+        try:
+            record = json.loads(path.read_text())
+            state = record["state"]
+            if record["encoding"] == "base64":
+                state = base64.b64decode(state)
+        except (json.JSONDecodeError, KeyError, ValueError) as err:
+            raise ValueError(f"{path}: corrupt data-iterator state ({err})") from err
+        args.iterator.set_state(state)
+        return args.iterator
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+    iterator: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+    iterator: Any
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs carrying each leaf's sharding: the restore target for `tree`'s layout."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class Checkpointer:
+    """`<workdir>/checkpoints/<step>/{state,data}`, asynchronous, keeping the last `keep` steps."""
+
+    def __init__(self, workdir: str | Path, keep: int = 3, use_async: bool = True):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=use_async,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iterator: Any) -> None:
+        """Start writing `step`; returns once the arrays are copied off the devices."""
+        saved = self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=DataIteratorSave(data_iterator)),
+            force=True,
+        )
+        if not saved:
+            raise RuntimeError(f"orbax declined to save step {step} in {self.directory}")
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
+        """Load `step` onto the shardings in `abstract_state`; rewind `data_iterator`, if given.
+
+        Without an iterator only the state is read (export, evaluation).
+        """
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = DataIteratorRestore(data_iterator)
+        return self._manager.restore(step, args=ocp.args.Composite(**items)).state
+
+    def wait(self) -> None:
+        """Block until every pending asynchronous write is committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,298 @@
+"""The one training loop that every stage (prior, audio, encoder, personalisation) calls.
+
+    trainer = Trainer(config.train, model, optax.adam(1e-3), loss_fn, data_iter, workdir)
+    result = trainer.run()          # resumes from <workdir>/checkpoints if a checkpoint is there
+    trained = trainer.model         # an nnx.Module holding the current parameters
+
+`loss_fn(model, batch, rng) -> (loss, aux)` where `aux` maps names to scalars (all logged). `data_iter`
+yields each process's local batch (a pytree of arrays with a leading batch dimension, or global
+`jax.Array`s) and has grain's `get_state()` / `set_state(state)`, so that a resumed run sees the same
+data order. The model is split with `nnx.split` into pure pytrees, and the step is one `jax.jit` with
+explicit in/out shardings and a donated train state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from uhap_jax.train.checkpoint import Checkpointer, abstract_like
+from uhap_jax.train.mesh import batch_sharding, make_mesh, put_batch, replicated
+from uhap_jax.train.metrics import MetricWriter, Progress, image_grid
+from uhap_jax.train.sharding import place, tree_shardings
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+ImageFn = Callable[[nnx.Module, Any], tuple[jax.Array, jax.Array]]
+_RESERVED_METRICS = ("loss", "grad_norm", "nonfinite_steps", "steps_per_sec")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `train` section that stage configs embed and adjust."""
+    config = ml_collections.ConfigDict()
+    config.steps = 1000
+    config.seed = 0
+    config.log_every = 50
+    config.checkpoint_every = 1000
+    config.keep_checkpoints = 3
+    config.async_checkpoints = True
+    config.image_every = 0  # 0: no image grids
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    # (regex, spec) pairs, see uhap_jax.train.sharding; unmatched leaves are sharded "auto".
+    config.sharding = ml_collections.ConfigDict({"rules": (), "min_shard_size": 2**14})
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """Where `run()` stopped; `metrics` are the last logged values. Commands exit non-zero when preempted."""
+
+    step: int
+    preempted: bool
+    nonfinite_steps: int
+    metrics: dict[str, float]
+
+
+def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
+
+
+def _host_values(tree: Any) -> Any:
+    """Fetch replicated or process-spanning arrays to numpy on every process."""
+
+    def fetch(x: jax.Array) -> np.ndarray:
+        if x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(x)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(fetch, tree)
+
+
+class Trainer:
+    """Owns the sharded train state, the jitted step, checkpoints and metric output of one run."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        model: nnx.Module,
+        optimizer: optax.GradientTransformation,
+        loss_fn: LossFn,
+        data_iter: Iterator[Any],
+        workdir: str | Path,
+        mesh: jax.sharding.Mesh | None = None,
+        image_fn: ImageFn | None = None,
+    ):
+        for method in ("get_state", "set_state"):
+            if not callable(getattr(data_iter, method, None)):
+                raise TypeError(
+                    f"data_iter ({type(data_iter).__name__}) has no {method}(); use a grain iterator or "
+                    "another iterator whose position can be checkpointed"
+                )
+        self.config = config
+        self.workdir = Path(workdir)
+        self.mesh = mesh if mesh is not None else make_mesh(config.mesh.data, config.mesh.fsdp)
+        self.data_iter = data_iter
+        self._loss_fn = loss_fn
+        self._optimizer = optimizer
+        self._image_fn = image_fn
+        self._graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        self._writer = MetricWriter(self.workdir, enabled=jax.process_index() == 0)
+        self._checkpointer = Checkpointer(
+            self.workdir, keep=config.keep_checkpoints, use_async=config.async_checkpoints
+        )
+        self._sigterm_received = False
+        with jax.set_mesh(self.mesh):
+            self.state = self._initial_state(nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
+            self._step_fn = jax.jit(
+                self._train_step,
+                in_shardings=(self._state_shardings, batch_sharding(self.mesh)),
+                out_shardings=(self._state_shardings, replicated(self.mesh)),
+                donate_argnums=0,
+            )
+        self.step = 0
+        self._resume_if_possible()
+
+    # ---- state -------------------------------------------------------------------------------
+    def _initial_state(self, params: dict, rest: dict) -> dict:
+        host_state = {
+            "params": params,
+            "rest": rest,
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key(self.config.seed),
+            "nonfinite_steps": jnp.zeros((), jnp.int32),
+        }
+        abstract = jax.eval_shape(lambda s: {**s, "opt_state": self._optimizer.init(s["params"])}, host_state)
+        self._state_shardings = tree_shardings(
+            abstract, self.mesh, self.config.sharding.rules, self.config.sharding.min_shard_size
+        )
+        # A copy, never an alias: the state is donated each step and must not consume the caller's model.
+        state = place(host_state, {k: self._state_shardings[k] for k in host_state})
+        state["opt_state"] = jax.jit(self._optimizer.init, out_shardings=self._state_shardings["opt_state"])(
+            state["params"]
+        )
+        return state
+
+    def _resume_if_possible(self) -> None:
+        latest = self._checkpointer.latest_step()
+        if latest is None:
+            return
+        self.state = self._checkpointer.restore(latest, abstract_like(self.state), self.data_iter)
+        self.step = int(self.state["step"])
+        if self.step != latest:
+            raise ValueError(f"{self._checkpointer.directory / str(latest)}: holds step {self.step}, not {latest}")
+        self._writer.truncate_after(self.step)
+        logger.info("resumed from step %d (%s)", self.step, self._checkpointer.directory)
+
+    @property
+    def model(self) -> nnx.Module:
+        """A fresh module holding the current state (sharded arrays, shared with the trainer)."""
+        return nnx.merge(self._graphdef, self.state["params"], self.state["rest"])
+
+    # ---- the jitted step ---------------------------------------------------------------------
+    def _train_step(self, state: dict, batch: Any) -> tuple[dict, dict]:
+        rng = jax.random.fold_in(state["rng"], state["step"])
+
+        def loss_of(params: dict) -> tuple[jax.Array, tuple[dict, dict]]:
+            model = nnx.merge(self._graphdef, params, state["rest"])
+            loss, aux = self._loss_fn(model, batch, rng)
+            _, _, new_rest = nnx.split(model, nnx.Param, ...)
+            return loss, (aux, nnx.to_pure_dict(new_rest))
+
+        (loss, (aux, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+        clashes = set(aux) & set(_RESERVED_METRICS)
+        if clashes or jnp.ndim(loss) != 0 or any(jnp.ndim(v) != 0 for v in aux.values()):
+            raise ValueError(
+                f"loss_fn must return a scalar loss and a dict of scalars not named {_RESERVED_METRICS}; "
+                f"got loss shape {jnp.shape(loss)}, aux shapes {jax.tree.map(jnp.shape, aux)}"
+            )
+        updates, new_opt_state = self._optimizer.update(grads, state["opt_state"], state["params"])
+        new_params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.tree.norm(grads)
+        # A NaN or inf anywhere in the gradients reaches their norm.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        nonfinite_steps = state["nonfinite_steps"] + (~finite).astype(jnp.int32)
+        new_state = {
+            "params": _select(finite, new_params, state["params"]),
+            "opt_state": _select(finite, new_opt_state, state["opt_state"]),
+            "rest": _select(finite, new_rest, state["rest"]),
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+            "nonfinite_steps": nonfinite_steps,
+        }
+        metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite_steps": nonfinite_steps, **aux}
+        return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+    def train_step(self, batch: Any) -> dict[str, jax.Array]:
+        """One update on `batch` (host-local or global arrays); returns the step's metrics, unfetched."""
+        with jax.set_mesh(self.mesh):
+            self.state, metrics = self._step_fn(self.state, put_batch(batch, self.mesh))
+        self.step += 1
+        return metrics
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        """Train until `config.steps`, the data ends, or SIGTERM; checkpoint on the way and at the end."""
+        config = self.config
+        progress = Progress(self.step, config.steps)
+        metrics, logged_step, logged = None, self.step, {}
+        nonfinite_seen = int(self.state["nonfinite_steps"])
+        restore_signal_handler = self._install_sigterm_handler()
+        try:
+            while self.step < config.steps:
+                try:
+                    batch = next(self.data_iter)
+                except StopIteration:
+                    logger.info("data exhausted at step %d", self.step)
+                    break
+                metrics = self.train_step(batch)
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    logged, nonfinite_seen = self._log(metrics, progress, nonfinite_seen)
+                    logged_step = self.step
+                if config.image_every and self._image_fn and self.step % config.image_every == 0:
+                    self._write_images(batch)
+                if self._preemption_requested():
+                    self.save()
+                    self._checkpointer.wait()
+                    logger.warning("SIGTERM: saved checkpoint at step %d, exiting", self.step)
+                    return self._result(preempted=True, logged=logged)
+                if self.step % config.checkpoint_every == 0:
+                    self.save()
+            if metrics is not None and logged_step != self.step:
+                logged, _ = self._log(metrics, progress, nonfinite_seen)
+            if self._checkpointer.latest_step() != self.step:
+                self.save()
+            self._checkpointer.wait()
+            return self._result(preempted=False, logged=logged)
+        finally:
+            restore_signal_handler()
+            self._writer.flush()
+
+    def save(self) -> None:
+        """Checkpoint this step (async). Skipped steps left the state as it was: no NaN is saved."""
+        self._checkpointer.save(self.step, self.state, self.data_iter)
+
+    def close(self) -> None:
+        """Finish pending checkpoint writes and close the event files."""
+        self._checkpointer.wait()
+        self._checkpointer.close()
+        self._writer.close()
+
+    def _result(self, preempted: bool, logged: dict[str, float]) -> TrainResult:
+        return TrainResult(self.step, preempted, int(self.state["nonfinite_steps"]), logged)
+
+    def _log(self, metrics: dict, progress: Progress, nonfinite_seen: int) -> tuple[dict[str, float], int]:
+        values = {k: float(v) for k, v in _host_values(metrics).items()}
+        values["steps_per_sec"] = progress.rate(self.step)
+        values["nonfinite_steps"] = nonfinite = int(values["nonfinite_steps"])
+        if nonfinite > nonfinite_seen:
+            logger.warning(
+                "step %d: %d step(s) with a non-finite loss or gradient skipped since last log (total %d)",
+                self.step,
+                nonfinite - nonfinite_seen,
+                nonfinite,
+            )
+        self._writer.write_scalars(self.step, values)
+        if jax.process_index() == 0:
+            logger.info(progress.line(self.step, values["loss"], values["steps_per_sec"]))
+        return values, nonfinite
+
+    def _write_images(self, batch: Any) -> None:
+        with jax.set_mesh(self.mesh):
+            render, target = self._image_fn(self.model, put_batch(batch, self.mesh))
+        render, target = _host_values((render, target))
+        self._writer.write_image(self.step, "render_gt_error", image_grid(render, target))
+
+    # ---- preemption --------------------------------------------------------------------------
+    def _install_sigterm_handler(self) -> Callable[[], None]:
+        """Single process: catch SIGTERM ourselves. Multi-process: JAX's preemption service catches it.
+
+        Returns the function that puts the previous handler back.
+        """
+        if jax.process_count() > 1:
+            return lambda: None
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            logger.warning("SIGTERM received: saving at the end of this step")
+            self._sigterm_received = True
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def _preemption_requested(self) -> bool:
+        if jax.process_count() > 1:
+            # Every process must call this each step; it agrees on one step for all of them to save at.
+            return multihost_utils.reached_preemption_sync_point(self.step)
+        return self._sigterm_received

@@ -5,7 +5,9 @@ OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
 F='^W0000\|^I0000\|^E0000\|slow_operation\|Constant folding\|This isn.t\|XLA has some\|If you.d like\|^ *$\|pad\.'
 nvidia-smi --query-gpu=name --format=csv,noheader
-for cfg in ${CONFIGS:-}; do
+# CONFIGS="chunk warps_fwd warps_bwd;..." sweeps Pallas settings first.
+IFS=";" read -ra cfgs <<< "${CONFIGS:-}"
+for cfg in "${cfgs[@]}"; do
   set -- $cfg
   echo "== chunk=$1 warps_fwd=$2 warps_bwd=$3"
   UHAP_PALLAS_CHUNK=$1 UHAP_PALLAS_WARPS_FWD=$2 UHAP_PALLAS_WARPS_BWD=$3 timeout 120 python3 -m kernels.bench \

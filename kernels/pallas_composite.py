@@ -25,9 +25,9 @@ from kernels.reference import ALPHA_MAX, ALPHA_MIN, FEATURES, T_EPSILON, TILE_PI
 # Tuning knobs (environment, read at import): chunk length, warps per program, and the forward variant
 # ("seq": one pair at a time inside a chunk, the reference's exact operation order; "block": a whole chunk as a
 # [256, CHUNK] block with a prefix sum of log(1 - alpha)).
-CHUNK = int(os.environ.get("UHAP_PALLAS_CHUNK", 8))
+CHUNK = int(os.environ.get("UHAP_PALLAS_CHUNK", 4))
 NUM_WARPS_FWD = int(os.environ.get("UHAP_PALLAS_WARPS_FWD", 4))
-NUM_WARPS_BWD = int(os.environ.get("UHAP_PALLAS_WARPS_BWD", 8))
+NUM_WARPS_BWD = int(os.environ.get("UHAP_PALLAS_WARPS_BWD", 4))
 FORWARD_VARIANT = os.environ.get("UHAP_PALLAS_FWD", "seq")
 ALIGN = CHUNK
 NUM_FIELDS = FEATURES + 4
@@ -181,15 +181,14 @@ def _backward_kernel(
     start, end = start_ref[0], end_ref[0]
     px, py = _pixels(tile, tiles_x)
     last = last_ref[...]
-    trans_final = trans_ref[...]
-    outs = [out_ref[f, :] for f in range(4)]
     g_outs = [g_out_ref[f, :] for f in range(4)]
-    g_trans_final = g_trans_ref[...] * trans_final
+    # Only sum_f g_f * (colour behind)_f is needed: G - Q_i with G = sum_f g_f out_f and Q_i its running prefix.
+    g_total = sum(g * out_ref[f, :] for f, g in enumerate(g_outs)) + g_trans_ref[...] * trans_ref[...]
     n_chunks = (jnp.max(last) - start + CHUNK) // CHUNK  # chunks up to the last contributing slot (0 if none)
     lane = jnp.arange(CHUNK, dtype=jnp.int32)
 
     def body(chunk, carry):
-        trans, p0, p1, p2, p3 = carry
+        trans, prefix = carry
         base = start + chunk * CHUNK
         fields = _load_chunk(rec_ref, base)
         dx, dy, sigma, vis, raw, alpha = _chunk_alpha(fields, px, py)
@@ -197,24 +196,14 @@ def _backward_kernel(
         take = (idx < end)[None, :] & (idx[None, :] <= last[:, None]) & (sigma >= 0) & (alpha >= ALPHA_MIN)
         a = jnp.where(take, alpha, 0.0)
         log_keep = jnp.log1p(-a)
-        cum = jnp.cumsum(log_keep, axis=1)
-        t_before = trans[:, None] * jnp.exp(cum - log_keep)
+        t_before = trans[:, None] * jnp.exp(jnp.cumsum(log_keep, axis=1) - log_keep)
         weight = a * t_before
-        inv = 1.0 / (1.0 - a)
         feats = fields[FEATURES:]
-        g_alpha = -g_trans_final[:, None] * inv
-        g_feats = []
-        prefixes = []
-        for f, prefix in enumerate((p0, p1, p2, p3)):
-            contrib = weight * feats[f][None, :]
-            behind = outs[f][:, None] - (prefix[:, None] + jnp.cumsum(contrib, axis=1))
-            g_alpha = g_alpha + g_outs[f][:, None] * (feats[f][None, :] * t_before - behind * inv)
-            g_feats.append(jnp.sum(weight * g_outs[f][:, None], axis=0))
-            prefixes.append(prefix + jnp.sum(contrib, axis=1))
-        g_alpha = jnp.where(take, g_alpha, 0.0)
-        unclamped = raw <= ALPHA_MAX
-        g_sigma = jnp.where(unclamped, -raw * g_alpha, 0.0)
-        g_opacity = jnp.where(unclamped, vis * g_alpha, 0.0)
+        g_feat = sum(g[:, None] * feats[f][None, :] for f, g in enumerate(g_outs))  # sum_f g_f c_f
+        weighted = weight * g_feat
+        behind = g_total[:, None] - prefix[:, None] - jnp.cumsum(weighted, axis=1)
+        g_alpha = jnp.where(take, t_before * g_feat - behind / (1.0 - a), 0.0)
+        g_sigma = jnp.where(raw <= ALPHA_MAX, -raw * g_alpha, 0.0)
         ca, cb, cc = fields[2][None, :], fields[3][None, :], fields[4][None, :]
         grads = [
             jnp.sum(g_sigma * (ca * dx + cb * dy), axis=0),
@@ -222,16 +211,15 @@ def _backward_kernel(
             jnp.sum(g_sigma * 0.5 * dx * dx, axis=0),
             jnp.sum(g_sigma * dx * dy, axis=0),
             jnp.sum(g_sigma * 0.5 * dy * dy, axis=0),
-            jnp.sum(g_opacity, axis=0),
-            *g_feats,
+            jnp.sum(jnp.where(raw <= ALPHA_MAX, vis * g_alpha, 0.0), axis=0),
+            *(jnp.sum(weight * g[:, None], axis=0) for g in g_outs),
         ]
         for f, g in enumerate(grads):
             g_rec_ref[f, pl.ds(base, CHUNK)] = g
-        trans = trans * jnp.exp(jnp.sum(log_keep, axis=1))
-        return (trans, *prefixes)
+        return trans * jnp.exp(jnp.sum(log_keep, axis=1)), prefix + jnp.sum(weighted, axis=1)
 
     zeros = jnp.zeros((TILE_PIXELS,), jnp.float32)
-    jax.lax.fori_loop(0, n_chunks, body, (zeros + 1.0, zeros, zeros, zeros, zeros))
+    jax.lax.fori_loop(0, n_chunks, body, (zeros + 1.0, zeros))
 
 
 def _pixel_spec(*lead):

@@ -109,6 +109,8 @@ def _backward(records, tile_start, tile_end, background, tiles_x, out, trans_fin
     # Every pixel's stopping slot is `last`: pairs after it are ignored, as in the forward pass.
     n_chunks = (jnp.max(jnp.where(last >= 0, last - tile_start[..., None] + 1, 0), initial=0) + CHUNK - 1) // CHUNK
     g_background = jnp.sum(g_out * trans_final[..., None], axis=(0, 1, 2))
+    # Only sum_f g_f * (colour behind)_f is needed: g_total - prefix, with g_total = sum_f g_f out_f (+ the T term).
+    g_total = jnp.sum(g_out * out, axis=-1) + g_trans * trans_final
 
     def body(chunk, state):
         trans, prefix, g_records = state
@@ -119,13 +121,10 @@ def _backward(records, tile_start, tile_end, background, tiles_x, out, trans_fin
             a = alpha[..., b]
             take = valid[..., b, None] & (idx[..., b, None] <= last) & (sigma[..., b] >= 0) & (a >= ALPHA_MIN)
             weight = jnp.where(take, a * trans, 0.0)
-            feat = rec[..., b, None, FEATURES:]
-            prefix = prefix + weight[..., None] * feat
-            behind = out - prefix  # everything composited behind this pair, background included
-            inv = 1.0 / (1.0 - a)
-            g_alpha = jnp.sum(g_out * (feat * trans[..., None] - behind * inv[..., None]), axis=-1)
-            g_alpha = g_alpha - g_trans * trans_final * inv
-            g_alpha = jnp.where(take, g_alpha, 0.0)
+            g_feat = jnp.sum(g_out * rec[..., b, None, FEATURES:], axis=-1)
+            prefix = prefix + weight * g_feat
+            behind = g_total - prefix  # everything composited behind this pair, background included
+            g_alpha = jnp.where(take, g_feat * trans - behind / (1.0 - a), 0.0)
             unclamped = raw[..., b] <= ALPHA_MAX
             g_sigma = jnp.where(unclamped, -raw[..., b] * g_alpha, 0.0)
             g_opacity = jnp.where(unclamped, vis[..., b] * g_alpha, 0.0)
@@ -150,7 +149,7 @@ def _backward(records, tile_start, tile_end, background, tiles_x, out, trans_fin
         return trans, prefix, g_records
 
     shape = (num_cams, n_tiles, TILE_PIXELS)
-    init = (jnp.ones(shape, dtype), jnp.zeros((*shape, out.shape[-1]), dtype), jnp.zeros_like(records))
+    init = (jnp.ones(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros_like(records))
     _, _, g_records = jax.lax.fori_loop(0, n_chunks, body, init)
     return g_records, g_background
 

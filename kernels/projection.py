@@ -16,8 +16,6 @@ NEAR_PLANE = 0.01
 FAR_PLANE = 1e10
 MAX_EXTEND = 3.33
 FRUSTUM_MARGIN = 0.3  # the Jacobian clamps x/z, y/z to the view frustum plus 30%
-# Full float32 in the small matrix products: the GPU default (TF32) moves Gaussians by a fraction of a pixel.
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Projected(NamedTuple):
@@ -40,10 +38,16 @@ def quat_to_rotmat(quats: jax.Array) -> jax.Array:
     return jnp.stack([jnp.stack(r, axis=-1) for r in rows], axis=-2)
 
 
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Batched products of tiny matrices as broadcast multiply-adds: one fused elementwise kernel, and full float32
+    (a dot would take the GPU's TF32 default, which moves Gaussians by a fraction of a pixel)."""
+    return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
+
+
 def covariance_3d(quats: jax.Array, scales: jax.Array) -> jax.Array:
     """Sigma = R S S^T R^T for [N,4] quats and [N,3] linear scales -> [N,3,3]."""
     m = quat_to_rotmat(quats) * scales[..., None, :]
-    return jnp.matmul(m, jnp.swapaxes(m, -1, -2), precision=HIGHEST)
+    return _matmul(m, jnp.swapaxes(m, -1, -2))
 
 
 def project(
@@ -61,8 +65,9 @@ def project(
     """Project N Gaussians into C cameras exactly as gsplat's fused EWA projection (pinhole) does."""
     rot = world_to_cam[:, :3, :3]  # [C,3,3]
     trans = world_to_cam[:, :3, 3]  # [C,3]
-    mean_c = jnp.einsum("cij,nj->cni", rot, means, precision=HIGHEST) + trans[:, None, :]  # [C,N,3]
-    cov_c = jnp.einsum("cij,njk,clk->cnil", rot, covariance_3d(quats, scales), rot, precision=HIGHEST)
+    mean_c = jnp.sum(rot[:, None, :, :] * means[None, :, None, :], axis=-1) + trans[:, None, :]  # [C,N,3]
+    rot_n = rot[:, None]  # [C,1,3,3]
+    cov_c = _matmul(_matmul(rot_n, covariance_3d(quats, scales)[None]), jnp.swapaxes(rot_n, -1, -2))  # [C,N,3,3]
 
     fx, fy = intrinsics[:, 0, 0][:, None], intrinsics[:, 1, 1][:, None]
     cx, cy = intrinsics[:, 0, 2][:, None], intrinsics[:, 1, 2][:, None]
@@ -88,7 +93,7 @@ def project(
         ],
         axis=-2,
     )  # [C,N,2,3]
-    cov2d = jnp.matmul(jnp.matmul(jac, cov_c, precision=HIGHEST), jnp.swapaxes(jac, -1, -2), precision=HIGHEST)
+    cov2d = _matmul(_matmul(jac, cov_c), jnp.swapaxes(jac, -1, -2))  # [C,N,2,2]
     means2d = jnp.stack([fx * x * rz + cx, fy * y * rz + cy], axis=-1)
 
     a, b, c = cov2d[..., 0, 0], cov2d[..., 0, 1], cov2d[..., 1, 1]

@@ -1,8 +1,10 @@
-"""Step 3-4 in plain jnp: the per-tile front-to-back compositor and its hand-written backward.
+"""Steps 3-4 in plain jnp: the front-to-back compositor and its hand-written backward, pair-major.
 
-This is the algorithm the Pallas kernels implement, vectorised over all tiles at once instead of one program per
-tile, so it runs on any backend and serves as their reference. The backward recomputes transmittance front to
-back and gets the colour behind pair i as (out - prefix_i): no reverse pass and no stored per-pair state.
+Every (tile, Gaussian) pair is evaluated against the 256 pixels of its tile at once ([C, P, 256] arrays), and the
+transmittance in front of each pair is a segmented prefix sum of log(1 - alpha) within the pair's tile. Work is
+proportional to the number of pairs (no padding to the busiest tile), there are no sequential loops, and it runs on
+any backend: it is the CPU/TPU path and the reference for the Pallas kernels. The backward recomputes the forward
+and gets the colour behind pair i as (out - prefix_i): no reverse pass and no stored per-pair state.
 
 Pair records are packed field-major as [C, 6 + F, P]: mean2d (2), conic (3), opacity (1), features (F: colour,
 then depth), so that a kernel reads each field of a chunk of pairs contiguously.
@@ -21,8 +23,7 @@ TILE_PIXELS = TILE * TILE
 ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.999
 T_EPSILON = 1e-4
-CHUNK = 16
-ALIGN = 1  # reads past a tile's range are masked, so tiles need no alignment
+ALIGN = 1  # pair-major evaluation needs no alignment of tile ranges
 
 # Record layout.
 MX, MY, CA, CB, CC, OPACITY, FEATURES = range(7)
@@ -37,141 +38,118 @@ def pixel_centres(tiles_x: int, n_tiles: int, dtype) -> tuple[jax.Array, jax.Arr
     return px.astype(dtype), py.astype(dtype)
 
 
-def _alpha(rec, px, py):
-    """rec [..., B, K] against pixels [..., 256] -> sigma, exp(-sigma), unclamped and clamped alpha [..., 256, B]."""
-    dx = rec[..., None, :, MX] - px[..., :, None]
-    dy = rec[..., None, :, MY] - py[..., :, None]
-    ca, cb, cc = rec[..., None, :, CA], rec[..., None, :, CB], rec[..., None, :, CC]
-    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+def _slot_tiles(tile_start, tile_end, slots: int):
+    """Per slot [C, P]: its tile id, whether it holds a pair, and whether it is its tile's first pair."""
+    n_tiles = tile_start.shape[1]
+
+    def one(start, end):
+        marks = jnp.zeros((slots,), jnp.int32).at[jnp.where(end > start, start, slots)].max(
+            jnp.arange(n_tiles, dtype=jnp.int32), mode="drop"
+        )
+        tile = jax.lax.cummax(marks)
+        slot = jnp.arange(slots, dtype=jnp.int32)
+        return tile, (slot >= start[tile]) & (slot < end[tile]), slot == start[tile]
+
+    return jax.vmap(one)(tile_start, tile_end)
+
+
+def _segment_cumsum(x, first):
+    """Inclusive prefix sum along axis 1 that restarts where `first` [C, P] is set (a segmented scan)."""
+
+    def combine(left, right):
+        left_flag, left_sum = left
+        right_flag, right_sum = right
+        return left_flag | right_flag, jnp.where(right_flag, right_sum, left_sum + right_sum)
+
+    flags = jnp.broadcast_to(first[..., None], x.shape)
+    return jax.lax.associative_scan(combine, (flags, x), axis=1)[1]
+
+
+def _segment_sum(x, tile, n_tiles: int):
+    """Sum the [C, P, ...] values of each tile into [C, T, ...]."""
+    return jax.vmap(lambda v, t: jax.ops.segment_sum(v, t, num_segments=n_tiles))(x, tile)
+
+
+def _pairs(records, tile_start, tile_end, tiles_x):
+    """Everything the forward and backward share, per pair and pixel of its tile ([C, P, 256])."""
+    n_tiles = tile_start.shape[1]
+    tile, valid, first = _slot_tiles(tile_start, tile_end, records.shape[2])
+    px, py = pixel_centres(tiles_x, n_tiles, records.dtype)
+    px, py = px[tile], py[tile]
+    field = [records[:, f, :, None] for f in range(records.shape[1])]
+    dx, dy = field[MX] - px, field[MY] - py
+    sigma = 0.5 * (field[CA] * dx * dx + field[CC] * dy * dy) + field[CB] * dx * dy
     vis = jnp.exp(-sigma)
-    raw = rec[..., None, :, OPACITY] * vis
-    return dx, dy, sigma, vis, raw, jnp.minimum(ALPHA_MAX, raw)
-
-
-def _gather_chunk(records, tile_start, tile_end, chunk):
-    """Records of pairs start + chunk*CHUNK + [0, CHUNK) for every tile: [C, T, B, K], their slots and validity."""
-    idx = tile_start[..., None] + chunk * CHUNK + jnp.arange(CHUNK, dtype=jnp.int32)  # [C,T,B]
-    valid = idx < tile_end[..., None]
-    safe = jnp.where(valid, idx, 0)
-    num_cams, n_tiles = tile_start.shape
-    rec = jnp.take_along_axis(records, safe.reshape(num_cams, 1, n_tiles * CHUNK), axis=2)
-    return jnp.moveaxis(rec.reshape(num_cams, -1, n_tiles, CHUNK), 1, -1), idx, valid
+    raw = field[OPACITY] * vis
+    alpha = jnp.minimum(raw, ALPHA_MAX)
+    live = valid[..., None] & (sigma >= 0) & (alpha >= ALPHA_MIN)
+    a = jnp.where(live, alpha, 0.0)
+    log_keep = jnp.log1p(-a)
+    cum = _segment_cumsum(log_keep, first)
+    # Transmittance only falls, so once T would drop to T_EPSILON every later pair of the pixel is out too.
+    take = live & (jnp.exp(cum) > T_EPSILON)
+    t_before = jnp.exp(cum - log_keep)
+    weight = jnp.where(take, a * t_before, 0.0)
+    return dict(tile=tile, valid=valid, first=first, field=field, dx=dx, dy=dy, vis=vis, raw=raw, a=a,
+                log_keep=log_keep, take=take, t_before=t_before, weight=weight)
 
 
 def _forward(records, tile_start, tile_end, background, tiles_x):
-    """Composite every tile. Returns out [C,T,256,F] (background included), T_final [C,T,256], last slot [C,T,256]."""
-    num_cams, n_tiles = tile_start.shape
-    dtype = records.dtype
-    num_feat = records.shape[1] - FEATURES
-    px, py = pixel_centres(tiles_x, n_tiles, dtype)
-    count = tile_end - tile_start
-    n_chunks = (jnp.max(count, initial=0) + CHUNK - 1) // CHUNK
-
-    def cond(state):
-        chunk, trans, _, _, done = state
-        return (chunk < n_chunks) & ~jnp.all(done)
-
-    def body(state):
-        chunk, trans, acc, last, done = state
-        rec, idx, valid = _gather_chunk(records, tile_start, tile_end, chunk)
-        _, _, sigma, _, _, alpha = _alpha(rec, px, py)  # [C,T,256,B]
-        for b in range(CHUNK):
-            a = alpha[..., b]
-            live = valid[..., b, None] & ~done & (sigma[..., b] >= 0) & (a >= ALPHA_MIN)
-            next_t = trans * (1.0 - a)
-            stop = live & (next_t <= T_EPSILON)
-            done = done | stop
-            take = live & ~stop
-            weight = jnp.where(take, a * trans, 0.0)
-            acc = acc + weight[..., None] * rec[..., b, None, FEATURES:]
-            trans = jnp.where(take, next_t, trans)
-            last = jnp.where(take, idx[..., b, None], last)
-        return chunk + 1, trans, acc, last, done
-
-    shape = (num_cams, n_tiles, TILE_PIXELS)
-    init = (
-        jnp.int32(0),
-        jnp.ones(shape, dtype),
-        jnp.zeros((*shape, num_feat), dtype),
-        jnp.full(shape, -1, jnp.int32),
-        jnp.zeros(shape, bool),
-    )
-    _, trans, acc, last, _ = jax.lax.while_loop(cond, body, init)
-    out = acc + trans[..., None] * background
-    return out, trans, last
+    """Returns out [C,T,256,F] (background included) and the final transmittance T [C,T,256]."""
+    n_tiles = tile_start.shape[1]
+    p = _pairs(records, tile_start, tile_end, tiles_x)
+    feats = records[:, FEATURES:, :]  # [C,F,P]
+    acc = _segment_sum(p["weight"][..., None] * jnp.swapaxes(feats, 1, 2)[:, :, None, :], p["tile"], n_tiles)
+    trans = jnp.exp(_segment_sum(jnp.where(p["take"], p["log_keep"], 0.0), p["tile"], n_tiles))
+    return acc + trans[..., None] * background, trans
 
 
-def _backward(records, tile_start, tile_end, background, tiles_x, out, trans_final, last, g_out, g_trans):
-    """Gradients w.r.t. records [C,K,P] and background [F], recomputing the forward front to back."""
-    num_cams, n_tiles = tile_start.shape
-    dtype = records.dtype
-    px, py = pixel_centres(tiles_x, n_tiles, dtype)
-    # Every pixel's stopping slot is `last`: pairs after it are ignored, as in the forward pass.
-    n_chunks = (jnp.max(jnp.where(last >= 0, last - tile_start[..., None] + 1, 0), initial=0) + CHUNK - 1) // CHUNK
-    g_background = jnp.sum(g_out * trans_final[..., None], axis=(0, 1, 2))
+def _backward(records, tile_start, tile_end, background, tiles_x, out, trans_final, g_out, g_trans):
+    """Gradients w.r.t. records [C,K,P] and background [F]."""
+    del background
+    p = _pairs(records, tile_start, tile_end, tiles_x)
+    tile, field = p["tile"], p["field"]
+    gather = jax.vmap(lambda x, t: x[t])
+    g_out_pair = gather(g_out, tile)  # [C,P,256,F]
     # Only sum_f g_f * (colour behind)_f is needed: g_total - prefix, with g_total = sum_f g_f out_f (+ the T term).
-    g_total = jnp.sum(g_out * out, axis=-1) + g_trans * trans_final
-
-    def body(chunk, state):
-        trans, prefix, g_records = state
-        rec, idx, valid = _gather_chunk(records, tile_start, tile_end, chunk)
-        dx, dy, sigma, vis, raw, alpha = _alpha(rec, px, py)
-        g_pair = []
-        for b in range(CHUNK):
-            a = alpha[..., b]
-            take = valid[..., b, None] & (idx[..., b, None] <= last) & (sigma[..., b] >= 0) & (a >= ALPHA_MIN)
-            weight = jnp.where(take, a * trans, 0.0)
-            g_feat = jnp.sum(g_out * rec[..., b, None, FEATURES:], axis=-1)
-            prefix = prefix + weight * g_feat
-            behind = g_total - prefix  # everything composited behind this pair, background included
-            g_alpha = jnp.where(take, g_feat * trans - behind / (1.0 - a), 0.0)
-            unclamped = raw[..., b] <= ALPHA_MAX
-            g_sigma = jnp.where(unclamped, -raw[..., b] * g_alpha, 0.0)
-            g_opacity = jnp.where(unclamped, vis[..., b] * g_alpha, 0.0)
-            ddx, ddy = dx[..., b], dy[..., b]
-            ca, cb, cc = rec[..., b, None, CA], rec[..., b, None, CB], rec[..., b, None, CC]
-            grads = [
-                g_sigma * (ca * ddx + cb * ddy),
-                g_sigma * (cb * ddx + cc * ddy),
-                g_sigma * 0.5 * ddx * ddx,
-                g_sigma * ddx * ddy,
-                g_sigma * 0.5 * ddy * ddy,
-                g_opacity,
-            ]
-            per_pixel = jnp.concatenate([jnp.stack(grads, axis=-1), weight[..., None] * g_out], axis=-1)
-            g_pair.append(jnp.sum(per_pixel, axis=2))  # reduce over the tile's pixels: [C,T,K]
-            trans = jnp.where(take, trans * (1.0 - a), trans)
-        g_pair = jnp.stack(g_pair, axis=2)  # [C,T,B,K]
-        slots = jnp.where(valid, idx, records.shape[2]).reshape(num_cams, -1)  # invalid slots are dropped
-        g_records = jax.vmap(lambda g, s, v: g.at[:, s].add(v.reshape(-1, v.shape[-1]).T, mode="drop"))(
-            g_records, slots, g_pair
-        )
-        return trans, prefix, g_records
-
-    shape = (num_cams, n_tiles, TILE_PIXELS)
-    init = (jnp.ones(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros_like(records))
-    _, _, g_records = jax.lax.fori_loop(0, n_chunks, body, init)
+    g_total = gather(jnp.sum(g_out * out, axis=-1) + g_trans * trans_final, tile)
+    g_feat = sum(g_out_pair[..., f] * field[FEATURES + f] for f in range(g_out.shape[-1]))
+    weighted = p["weight"] * g_feat
+    behind = g_total - _segment_cumsum(weighted, p["first"])
+    g_alpha = jnp.where(p["take"], p["t_before"] * g_feat - behind / (1.0 - p["a"]), 0.0)
+    unclamped = p["raw"] <= ALPHA_MAX
+    g_sigma = jnp.where(unclamped, -p["raw"] * g_alpha, 0.0)
+    dx, dy = p["dx"], p["dy"]
+    grads = [
+        g_sigma * (field[CA] * dx + field[CB] * dy),
+        g_sigma * (field[CB] * dx + field[CC] * dy),
+        g_sigma * 0.5 * dx * dx,
+        g_sigma * dx * dy,
+        g_sigma * 0.5 * dy * dy,
+        jnp.where(unclamped, p["vis"] * g_alpha, 0.0),
+        *(p["weight"] * g_out_pair[..., f] for f in range(g_out.shape[-1])),
+    ]
+    g_records = jnp.stack([jnp.sum(g, axis=-1) for g in grads], axis=1)  # reduce over each tile's pixels
+    g_records = jnp.where(p["valid"][:, None, :], g_records, 0.0)
+    g_background = jnp.sum(g_out * trans_final[..., None], axis=(0, 1, 2))
     return g_records, g_background
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def composite_tiles(records, tile_start, tile_end, background, tiles_x):
     """Composite sorted pair records per tile. Returns out [C,T,256,F] and T_final [C,T,256]."""
-    out, trans, _ = _forward(records, tile_start, tile_end, background, tiles_x)
-    return out, trans
+    return _forward(records, tile_start, tile_end, background, tiles_x)
 
 
 def _composite_fwd(records, tile_start, tile_end, background, tiles_x):
-    out, trans, last = _forward(records, tile_start, tile_end, background, tiles_x)
-    return (out, trans), (records, tile_start, tile_end, background, out, trans, last)
+    out, trans = _forward(records, tile_start, tile_end, background, tiles_x)
+    return (out, trans), (records, tile_start, tile_end, background, out, trans)
 
 
 def _composite_bwd(tiles_x, residuals, cotangents):
-    records, tile_start, tile_end, background, out, trans, last = residuals
+    records, tile_start, tile_end, background, out, trans = residuals
     g_out, g_trans = cotangents
-    g_records, g_background = _backward(
-        records, tile_start, tile_end, background, tiles_x, out, trans, last, g_out, g_trans
-    )
+    g_records, g_background = _backward(records, tile_start, tile_end, background, tiles_x, out, trans, g_out, g_trans)
     return g_records, None, None, g_background
 
 

@@ -138,8 +138,9 @@ def test_jit_and_sharded_cameras_agree(rng):
     with jax.set_mesh(mesh):
         sharded = render(*placed)
     assert sharded.rgb.sharding.spec[0] == "data" or len(sharded.rgb.sharding.device_set) == 8
-    np.testing.assert_allclose(np.asarray(sharded.rgb), np.asarray(single.rgb), atol=1e-6)
-    np.testing.assert_allclose(np.asarray(sharded.alpha), np.asarray(single.alpha), atol=1e-6)
+    # Same result to float32 rounding (the partitioned program may sum in another order).
+    np.testing.assert_allclose(np.asarray(sharded.rgb), np.asarray(single.rgb), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(sharded.alpha), np.asarray(single.alpha), atol=1e-5)
 
 
 def test_overflow_is_never_silent(rng):

@@ -1,0 +1,132 @@
+"""`uhap train prior`: the universal prior (UHAP) on multi-view frames with neutral scans.
+
+Presets: tiny (CPU/CI: UV 32^2 on the synthetic tiny dataset, minutes), base (one GPU: UV 256^2),
+large (a cluster: UV 512^2, FSDP over the `fsdp` mesh axis).
+"""
+
+import ml_collections
+
+from uhap_jax.train.loop import default_config
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    if preset not in ("tiny", "base", "large"):
+        raise ValueError(f"configs/prior.py: preset must be tiny, base or large, got {preset!r}")
+    config = ml_collections.ConfigDict()
+    config.preset = preset
+
+    # An empty root makes (once) and caches the synthetic dataset of `synth_preset` under cache_dir
+    # (default ~/.cache/uhap); records go to <cache_dir>/records/<hash of the root>.
+    config.data = ml_collections.ConfigDict()
+    config.data.root = ""
+    config.data.synth_preset = "tiny"
+    config.data.cache_dir = ""
+    config.data.batch_size = 2  # frames per global batch
+    config.data.num_views = 4  # held-in views per frame: the expression encoder sees them, the loss renders them
+    config.data.num_threads = 2
+    config.data.prefetch = 4
+
+    config.model = ml_collections.ConfigDict()
+    config.model.template_resolution = 48  # procedural template head: must be the scans' topology
+    config.model.uv_resolution = 32
+    config.model.z_dim = 128
+    config.model.decoder_base_resolution = 4
+    config.model.decoder_channels = (64, 32, 16)  # one UpBlock each: base * 2**len = uv_resolution
+    config.model.expression_channels = (16, 32, 64, 64)
+    config.model.expression_hidden = 256
+    config.model.color_features = 8
+    config.model.color_hidden = 32
+    config.model.offset_scale = 0.01  # metres per unit of decoded offset and of the scan-offset input
+    config.model.max_scale_ratio = 4.0  # scales stay within [1/r, r] x the texel's base scale
+    config.model.thickness = 0.3  # normal-axis scale relative to the in-plane scale
+    config.model.opacity_init_logit = 3.0
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.l1 = 1.0
+    config.loss.ssim = 0.2
+    config.loss.silhouette = 0.3  # L1 of rendered alpha against the mask
+    config.loss.background_weight = 0.5  # L1 weight of background pixels relative to foreground ones
+    config.loss.lpips = 0.0
+    config.loss.lpips_weights = ""  # a local LPIPS-VGG state dict (.safetensors/.npz); never downloaded
+    config.loss.kl = 1e-4
+    config.loss.scan = 1e4  # x metres^2 (Chamfer) or metres^2 (point_to_plane)
+    config.loss.scan_metric = "chamfer"  # or "point_to_plane"
+    config.loss.albedo = 0.1
+    config.loss.scan_points = 2048  # points sampled on each scan
+    config.loss.scan_gaussians = 4096  # Gaussians compared per step (all when fewer)
+    config.loss.offset = 1e3  # x metres^2
+    config.loss.scale = 1e2  # x metres beyond max_scale
+    config.loss.max_scale = 0.01
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 2e-3
+    config.optimizer.warmup_steps = 50
+    config.optimizer.grad_clip = 1.0
+
+    config.render = ml_collections.ConfigDict()
+    config.render.capacity_headroom = 1.5  # x the pairs of the widest scene possible (max_scale_ratio)
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every = 100  # steps; held-out-view PSNR/SSIM and the neutral-scan Chamfer into metrics.jsonl
+    config.eval.num_frames = 8
+    config.eval.batch_size = 4
+
+    config.train = default_config()
+    config.train.steps = 500
+    config.train.log_every = 25
+    config.train.checkpoint_every = 100
+    config.train.image_every = 0
+    config.train.mesh.fsdp = 1
+    # The template constants are gathered by texel every step: keep them whole on every device. Parameters
+    # (and their Adam moments) fall to "auto": FSDP shards the large ones (large preset) over `fsdp`.
+    config.train.sharding.rules = ((r"^rest/", "replicate"),)
+
+    if preset == "base":
+        config.data.synth_preset = "base"
+        config.data.batch_size = 8
+        config.data.num_views = 4
+        config.data.num_threads = 8
+        config.data.prefetch = 16
+        config.model.template_resolution = 96
+        config.model.uv_resolution = 256
+        config.model.decoder_base_resolution = 8
+        config.model.decoder_channels = (256, 128, 64, 32, 16)
+        config.model.expression_channels = (32, 64, 128, 128, 256, 256)
+        config.model.expression_hidden = 512
+        config.model.color_features = 16
+        config.model.color_hidden = 64
+        config.loss.lpips = 0.1
+        config.optimizer.learning_rate = 1e-3
+        config.optimizer.warmup_steps = 500
+        config.eval.every = 2000
+        config.eval.num_frames = 32
+        config.train.steps = 100_000
+        config.train.log_every = 100
+        config.train.checkpoint_every = 2000
+        config.train.image_every = 2000
+    elif preset == "large":
+        config.data.synth_preset = "base"
+        config.data.batch_size = 64
+        config.data.num_views = 6
+        config.data.num_threads = 16
+        config.data.prefetch = 32
+        config.model.template_resolution = 96
+        config.model.uv_resolution = 512
+        config.model.decoder_base_resolution = 8
+        config.model.decoder_channels = (512, 256, 128, 64, 32, 16)
+        config.model.expression_channels = (32, 64, 128, 256, 256, 512)
+        config.model.expression_hidden = 1024
+        config.model.color_features = 16
+        config.model.color_hidden = 64
+        config.loss.lpips = 0.1
+        config.optimizer.learning_rate = 5e-4
+        config.optimizer.warmup_steps = 2000
+        config.eval.every = 5000
+        config.eval.num_frames = 64
+        config.train.steps = 400_000
+        config.train.log_every = 100
+        config.train.checkpoint_every = 5000
+        config.train.image_every = 5000
+        config.train.mesh.fsdp = 8
+        config.train.sharding.min_shard_size = 2**16
+    return config

@@ -1,0 +1,270 @@
+"""The UHAP prior model, its losses and the image metrics, on small random inputs."""
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import save_file
+
+from uhap_jax.eval import image_metrics
+from uhap_jax.geometry import cameras, rotations
+from uhap_jax.geometry import template as template_lib
+from uhap_jax.models import losses
+from uhap_jax.models.prior import UHAP, scan_uv_maps
+
+
+def small_model_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.uv_resolution = 16
+    config.z_dim = 8
+    config.decoder_base_resolution = 4
+    config.decoder_channels = (8, 8)
+    config.expression_channels = (4, 8)
+    config.expression_hidden = 16
+    config.color_features = 4
+    config.color_hidden = 8
+    config.offset_scale = 0.01
+    config.max_scale_ratio = 4.0
+    config.thickness = 0.3
+    config.opacity_init_logit = 3.0
+    return config
+
+
+@pytest.fixture(scope="module")
+def head() -> template_lib.Template:
+    return template_lib.procedural_head(24)
+
+
+def random_cameras(rng, count: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cameras 0.9 m away on the front hemisphere, looking at the head."""
+    views = []
+    for azimuth in rng.uniform(-1.0, 1.0, count):
+        eye = 0.9 * np.array([np.sin(azimuth), rng.uniform(-0.2, 0.2), -np.cos(azimuth)])
+        views.append(cameras.look_at(eye, np.zeros(3)))
+    intrinsics = np.stack([cameras.intrinsics_from_fov(20.0, size, size)] * count)
+    return np.stack(views).astype(np.float32), intrinsics.astype(np.float32)
+
+
+def randomise(module: nnx.Module, rng, scale: float = 0.3) -> None:
+    """Overwrite a layer's zero-initialised kernel with random values, so that its output matters."""
+    module.kernel[...] = jnp.asarray(rng.normal(0.0, scale, module.kernel.shape), jnp.float32)
+
+
+def test_untrained_gaussians_sit_on_the_surface_and_follow_the_head_pose(head, rng):
+    model = UHAP(head, small_model_config(), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    face_ids, barys, _ = template_lib.uv_sample(head, 16)
+    num = len(face_ids)
+    assert model.layout.num_gaussians == num
+    scan_vertices = head.vertices + rng.normal(0.0, 0.003, head.vertices.shape).astype(np.float32)
+    albedo = rng.uniform(0.0, 1.0, head.vertices.shape).astype(np.float32)
+    maps = scan_uv_maps(model.layout, head, scan_vertices, albedo, "test scan")
+    batch = 3
+    rotation_vectors = rng.normal(0.0, 0.2, (batch, 3)).astype(np.float32)
+    translations = rng.normal(0.0, 0.01, (batch, 3)).astype(np.float32)
+    z = rng.normal(size=(batch, 8)).astype(np.float32)
+    out = model.decode(z, np.stack([maps] * batch), rotation_vectors, translations)
+
+    assert out.means.shape == (batch, num, 3) and out.quats.shape == (batch, num, 4)
+    assert out.scales.shape == (batch, num, 3) and out.opacities.shape == (batch, num)
+    scan_points = template_lib.surface_points(scan_vertices, head.faces, face_ids, barys)
+    rotation = np.asarray(rotations.axis_angle_to_matrix(rotation_vectors))
+    expected = np.einsum("bij,nj->bni", rotation, scan_points) + translations[:, None]
+    np.testing.assert_allclose(out.means, expected, atol=1e-6)
+    np.testing.assert_allclose(out.head_means, np.broadcast_to(scan_points, out.head_means.shape), atol=1e-6)
+    np.testing.assert_allclose(out.offsets, 0.0)
+    normal, tangent = template_lib.surface_frames(head.vertices, head.faces, head.uvs, face_ids)
+    frames = np.stack([tangent, np.cross(normal, tangent), normal], axis=-1)
+    np.testing.assert_allclose(
+        rotations.quaternion_to_matrix(out.quats), np.einsum("bij,njk->bnik", rotation, frames), atol=1e-5
+    )
+    assert np.all(out.scales[..., 2] < out.scales[..., 0]) and np.all(out.scales > 0)
+    np.testing.assert_allclose(out.opacities, 1 / (1 + np.exp(-3.0)), rtol=1e-6)
+    np.testing.assert_allclose(out.albedo[0], template_lib.surface_points(albedo, head.faces, face_ids, barys),
+                               atol=1e-6)  # fmt: skip
+
+    # Once the decoder's output layer is trained, z moves the Gaussians off the surface, and differently per z.
+    randomise(model.decoder.out, rng)
+    moved = model.decode(z, np.stack([maps] * batch), rotation_vectors, translations)
+    assert np.abs(moved.offsets).max() > 1e-4
+    assert not np.allclose(moved.offsets[0], moved.offsets[1])
+
+
+def test_scan_in_another_topology_is_refused(head, rng):
+    model = UHAP(head, small_model_config(), rngs=nnx.Rngs(0))
+    vertices = rng.normal(size=(10, 3))
+    with pytest.raises(ValueError, match=r"subjects/x/neutral_scan: neutral scan has 10 vertices"):
+        scan_uv_maps(model.layout, head, vertices, vertices, "subjects/x/neutral_scan")
+
+
+def test_render_shapes_and_view_dependent_colour(head, rng):
+    model = UHAP(head, small_model_config(), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    albedo = rng.uniform(0.2, 0.8, head.vertices.shape).astype(np.float32)
+    maps = np.stack([scan_uv_maps(model.layout, head, head.vertices, albedo, "scan")] * 2)
+    views, intrinsics = random_cameras(rng, 3, 32)
+    views, intrinsics = np.stack([views] * 2), np.stack([intrinsics] * 2)
+    gaussians = model.decode(rng.normal(size=(2, 8)).astype(np.float32), maps, np.zeros((2, 3)), np.zeros((2, 3)))
+    colours = model.colours(gaussians, views)
+    assert colours.shape == (2, 3, model.layout.num_gaussians, 3)
+    np.testing.assert_allclose(colours, np.broadcast_to(gaussians.albedo[:, None], colours.shape), atol=1e-6)
+    capacity = model.capacity_for(gaussians, views, intrinsics, width=32, height=32)
+    out = model.render(gaussians, views, intrinsics, width=32, height=32, capacity=capacity)
+    assert out.rgb.shape == (2, 3, 32, 32, 3) and out.alpha.shape == (2, 3, 32, 32)
+    assert 0.05 < float(jnp.mean(out.alpha)) < 0.9  # the head covers part of each image
+    randomise(model.color_out, rng)
+    randomise(model.decoder.out, rng)
+    gaussians = model.decode(rng.normal(size=(2, 8)).astype(np.float32), maps, np.zeros((2, 3)), np.zeros((2, 3)))
+    colours = np.asarray(model.colours(gaussians, views))
+    assert np.abs(colours[:, 0] - colours[:, 1]).mean() > 1e-3  # the view direction changes the colour
+
+
+def test_expression_posterior_shapes_and_view_order_invariance(head, rng):
+    model = UHAP(head, small_model_config(), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    images = rng.uniform(0.0, 1.0, (2, 3, 32, 32, 3)).astype(np.float32)
+    mean, log_var = model.encode_expression(images)
+    assert mean.shape == log_var.shape == (2, 8)
+    shuffled_mean, _ = model.encode_expression(images[:, ::-1])
+    np.testing.assert_allclose(mean, shuffled_mean, rtol=1e-5, atol=1e-6)
+    other_mean, _ = model.encode_expression(images[::-1])
+    assert not np.allclose(mean[0], other_mean[0])
+
+
+# ------------------------------------------------------------------------------------- losses and metrics
+
+
+def test_kl_divergence_known_values(rng):
+    mean = rng.normal(size=(4, 16))
+    log_var = rng.normal(0.0, 0.5, size=(4, 16))
+    sigma = np.exp(0.5 * log_var)
+    # KL(N(m, s^2) || N(0, 1)) = log(1/s) + (s^2 + m^2)/2 - 1/2 per dimension.
+    expected = np.mean(np.sum(-np.log(sigma) + (sigma**2 + mean**2) / 2 - 0.5, axis=-1))
+    np.testing.assert_allclose(losses.kl_divergence(jnp.asarray(mean), jnp.asarray(log_var)), expected, rtol=1e-5)
+    assert float(losses.kl_divergence(jnp.zeros((2, 5)), jnp.zeros((2, 5)))) == 0.0
+
+
+def ssim_float64(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM of two [H, W, C] images by explicit 11x11 windows in float64 (Wang et al. 2004)."""
+    g = np.exp(-0.5 * ((np.arange(11) - 5) / 1.5) ** 2)
+    window = np.outer(g, g) / np.outer(g, g).sum()
+    values = []
+    for c in range(x.shape[-1]):
+        px = np.lib.stride_tricks.sliding_window_view(x[..., c], (11, 11))
+        py = np.lib.stride_tricks.sliding_window_view(y[..., c], (11, 11))
+        mx, my = np.sum(px * window, (-2, -1)), np.sum(py * window, (-2, -1))
+        vx = np.sum(px**2 * window, (-2, -1)) - mx**2
+        vy = np.sum(py**2 * window, (-2, -1)) - my**2
+        cov = np.sum(px * py * window, (-2, -1)) - mx * my
+        c1, c2 = 0.01**2, 0.03**2
+        values.append(((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(values))
+
+
+def test_ssim_against_float64_numpy_and_psnr_known_values(rng):
+    clean = rng.uniform(0.0, 1.0, (2, 24, 20, 3))
+    noisy = np.clip(clean + rng.normal(0.0, 0.1, clean.shape), 0.0, 1.0)
+    ours = image_metrics.ssim(jnp.asarray(noisy, jnp.float32), jnp.asarray(clean, jnp.float32))
+    assert ours.shape == (2,)
+    np.testing.assert_allclose(ours, [ssim_float64(noisy[i], clean[i]) for i in range(2)], atol=2e-5)
+    np.testing.assert_allclose(image_metrics.ssim(clean, clean), 1.0, atol=1e-6)
+    np.testing.assert_allclose(losses.ssim_loss(jnp.asarray(noisy), jnp.asarray(clean)), 1 - np.mean(ours), atol=1e-5)
+    delta = rng.uniform(0.01, 0.2)
+    np.testing.assert_allclose(image_metrics.psnr(clean, clean + delta), 10 * np.log10(1 / delta**2), rtol=1e-4)
+    with pytest.raises(ValueError, match="at least 11x11"):
+        image_metrics.ssim(clean[:, :8, :8], clean[:, :8, :8])
+
+
+def test_masked_l1_chamfer_point_to_plane_and_albedo_known_values(rng):
+    pred, target = rng.uniform(size=(2, 5, 6, 3)), rng.uniform(size=(2, 5, 6, 3))
+    weight = (rng.uniform(size=(2, 5, 6)) > 0.5).astype(np.float64)
+    expected = np.sum(np.abs(pred - target) * weight[..., None]) / (3 * weight.sum())
+    np.testing.assert_allclose(losses.masked_l1(pred, target, weight), expected, rtol=1e-5)
+
+    points, targets = rng.normal(size=(2, 7, 3)), rng.normal(size=(2, 9, 3))
+    squared = np.sum((points[:, :, None] - targets[:, None]) ** 2, -1)
+    expected = squared.min(2).mean(1) + squared.min(1).mean(1)
+    np.testing.assert_allclose(losses.chamfer(jnp.asarray(points), jnp.asarray(targets)), expected, rtol=1e-5)
+    expected = np.sqrt(squared.min(2)).mean(1) + np.sqrt(squared.min(1)).mean(1)
+    np.testing.assert_allclose(losses.chamfer(points, targets, squared=False), expected, rtol=1e-5)
+
+    normals = rng.normal(size=(2, 9, 3))
+    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+    heights = rng.uniform(-1e-3, 1e-3, (2, 9))
+    lifted = targets + heights[..., None] * normals  # each point just above its own target, along the normal
+    np.testing.assert_allclose(losses.point_to_plane(lifted, targets, normals), np.mean(heights**2, -1), rtol=1e-4)
+    colours, target_colours = rng.uniform(size=(2, 9, 3)), rng.uniform(size=(2, 9, 3))
+    np.testing.assert_allclose(
+        losses.albedo_l1(lifted, colours, targets, target_colours), np.abs(colours - target_colours).mean((1, 2)),
+        rtol=1e-5,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- LPIPS
+
+
+def random_lpips_weights(rng) -> dict[str, np.ndarray]:
+    weights = {}
+    for key, shape in losses.lpips_weight_shapes().items():
+        fan_in = int(np.prod(shape[1:])) or 1
+        values = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+        weights[key] = np.abs(values) if key.startswith("lin") else values  # LPIPS heads are non-negative
+    return {k: v.astype(np.float32) for k, v in weights.items()}
+
+
+def lpips_torch(weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """LPIPS-VGG in torch, written from the paper, as an independent check of layouts and padding."""
+    import torch
+    import torch.nn.functional as F
+
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+
+    def features(images):
+        h = (torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1 - shift) / scale
+        outs = []
+        for level, indices in enumerate(losses.VGG_SLICES):
+            if level:
+                h = F.max_pool2d(h, 2, 2)
+            for index in indices:
+                w = torch.from_numpy(weights[f"net.slice{level + 1}.{index}.weight"])
+                b = torch.from_numpy(weights[f"net.slice{level + 1}.{index}.bias"])
+                h = F.relu(F.conv2d(h, w, b, padding=1))
+            outs.append(h)
+        return outs
+
+    total = 0
+    for level, (a, b) in enumerate(zip(features(x), features(y))):
+        a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        total = total + F.conv2d((a - b) ** 2, torch.from_numpy(weights[f"lin{level}.model.1.weight"])).mean((1, 2, 3))
+    return total.numpy()
+
+
+def test_lpips_loads_a_local_file_and_matches_torch(tmp_path, rng):
+    weights = random_lpips_weights(rng)
+    path = tmp_path / "lpips_vgg.safetensors"
+    save_file(weights, str(path))
+    model = losses.load_lpips(path)
+    np.testing.assert_array_equal(model.convs[1].kernel[...], weights["net.slice1.2.weight"].transpose(2, 3, 1, 0))
+    x = rng.uniform(0.0, 1.0, (2, 32, 32, 3)).astype(np.float32)
+    y = np.clip(x + rng.normal(0.0, 0.2, x.shape), 0.0, 1.0).astype(np.float32)
+    ours = np.asarray(model(jnp.asarray(x), jnp.asarray(y)))
+    np.testing.assert_allclose(ours, lpips_torch(weights, x, y), rtol=1e-4)
+    assert np.all(ours > 0) and np.allclose(model(jnp.asarray(x), jnp.asarray(x)), 0.0)
+    npz = tmp_path / "lpips_vgg.npz"
+    np.savez(npz, **weights)
+    np.testing.assert_allclose(losses.load_lpips(npz)(x, y), ours, rtol=1e-6)
+
+
+def test_lpips_missing_or_mismatched_weights_are_clear_errors(tmp_path, rng):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.safetensors: LPIPS weights file does not exist"):
+        losses.load_lpips(tmp_path / "nowhere.safetensors")
+    weights = random_lpips_weights(rng)
+    missing = dict(weights)
+    del missing["lin3.model.1.weight"]
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match=r"missing\.safetensors: LPIPS weights lack 1 keys, e\.g\. \['lin3"):
+        losses.load_lpips(tmp_path / "missing.safetensors")
+    wrong = dict(weights, **{"net.slice2.5.weight": weights["net.slice2.5.weight"][:, :32]})
+    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(ValueError, match=r"wrong\.safetensors: net\.slice2\.5\.weight has shape \[128, 32, 3, 3\]"):
+        losses.load_lpips(tmp_path / "wrong.safetensors")

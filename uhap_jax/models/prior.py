@@ -1,0 +1,362 @@
+"""The UHAP prior: a universal Gaussian head avatar decoded on the template's UV texels.
+
+Every texel inside the template's UV layout is one Gaussian, attached to the surface through (face,
+barycentric). An `IdentityEncoder` turns a person's neutral-scan UV maps (geometry offset and albedo) into bias
+maps at every decoder scale; an `ExpressionEncoder` turns a few views of a frame into a VAE posterior over z, a
+space shared by all identities; the `GaussianDecoder` (Codec-Avatar style: x2-upsampling conv blocks on UV
+maps, each with the identity bias added) turns z into UV maps of position offset (in the local surface
+frame), rotation, scale, opacity and colour features. A small per-Gaussian MLP makes the colour depend on the
+view direction. Mouth interior, teeth, tongue and eyes are texels like any other and are decoded alike.
+
+A Gaussian's centre is template point + identity offset (from the scan) + decoded offset; the per-frame rigid
+head pose is applied last. Colour is the scan's albedo plus the decoded, view-dependent residual. The output
+layers start at zero, so an untrained model puts every Gaussian on the identity's neutral surface, coloured
+with the scan's albedo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+import kernels
+from uhap_jax.geometry import rotations
+from uhap_jax.geometry import template as template_lib
+
+SCAN_CHANNELS = 6  # identity geometry offset (3, metres, world axes) and albedo (3, in [0, 1])
+
+
+def _leaky(x: jax.Array) -> jax.Array:
+    return nnx.leaky_relu(x, 0.2)
+
+
+def _zeros_init(key, shape, dtype=jnp.float32):
+    return jnp.zeros(shape, dtype)
+
+
+class TemplateConstant(nnx.Variable):
+    """Fixed per-Gaussian template data (surface points, frames, base scales): state, but never trained."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TexelLayout:
+    """Which texels of an R x R UV map carry a Gaussian, and where each sits on the template mesh."""
+
+    resolution: int
+    face_ids: np.ndarray  # [N] int32
+    barys: np.ndarray  # [N, 3] float32
+    texel_yx: np.ndarray  # [N, 2] int32 (row, column)
+    num_vertices: int  # of the template, to check that a scan is in its topology
+
+    @classmethod
+    def build(cls, template: template_lib.Template, resolution: int) -> TexelLayout:
+        face_ids, barys, texel_yx = template_lib.uv_sample(template, resolution)
+        if len(face_ids) == 0:
+            raise ValueError(f"the template's UV layout covers no texel centre at resolution {resolution}")
+        return cls(resolution, face_ids, barys, texel_yx, len(template.vertices))
+
+    @property
+    def num_gaussians(self) -> int:
+        return len(self.face_ids)
+
+    def mask(self) -> np.ndarray:
+        """[R, R] float32: 1 on texels that carry a Gaussian."""
+        mask = np.zeros((self.resolution, self.resolution), np.float32)
+        mask[self.texel_yx[:, 0], self.texel_yx[:, 1]] = 1.0
+        return mask
+
+    def gather(self, maps: jax.Array) -> jax.Array:
+        """UV maps [..., R, R, K] -> per-Gaussian values [..., N, K]."""
+        return maps[..., self.texel_yx[:, 0], self.texel_yx[:, 1], :]
+
+    def scatter(self, values: np.ndarray) -> np.ndarray:
+        """Per-Gaussian values [N, K] -> UV maps [R, R, K], zero on texels without a Gaussian."""
+        values = np.asarray(values, np.float32)
+        maps = np.zeros((self.resolution, self.resolution, values.shape[-1]), np.float32)
+        maps[self.texel_yx[:, 0], self.texel_yx[:, 1]] = values
+        return maps
+
+
+def scan_uv_maps(
+    layout: TexelLayout, template: template_lib.Template, vertices: np.ndarray, colours: np.ndarray, source: str
+) -> np.ndarray:
+    """A neutral scan in the template's topology -> UV maps [R, R, 6]: geometry offset (metres) and albedo.
+
+    `source` names the scan in errors. Scans in another topology must be registered to the template first.
+    """
+    vertices, colours = np.asarray(vertices, np.float32), np.asarray(colours, np.float32)
+    if vertices.shape != (layout.num_vertices, 3) or colours.shape != vertices.shape:
+        raise ValueError(
+            f"{source}: neutral scan has {vertices.shape[0]} vertices (colours {list(colours.shape)}), but the "
+            f"template has {layout.num_vertices}; scans must be registered to the template's topology"
+        )
+    scan_points = template_lib.surface_points(vertices, template.faces, layout.face_ids, layout.barys)
+    template_points = template_lib.surface_points(template.vertices, template.faces, layout.face_ids, layout.barys)
+    albedo = template_lib.surface_points(colours, template.faces, layout.face_ids, layout.barys)
+    return layout.scatter(np.concatenate([np.asarray(scan_points - template_points), np.asarray(albedo)], -1))
+
+
+def decoder_resolutions(config: ml_collections.ConfigDict) -> list[int]:
+    """The UV resolution after each decoder block, coarse to fine; the last is `uv_resolution`."""
+    base, channels, resolution = config.decoder_base_resolution, config.decoder_channels, config.uv_resolution
+    if base * 2 ** len(channels) != resolution:
+        raise ValueError(
+            f"model config: decoder_base_resolution {base} doubled by {len(channels)} blocks "
+            f"(decoder_channels={tuple(channels)}) gives {base * 2 ** len(channels)}, not uv_resolution {resolution}"
+        )
+    return [base * 2 ** (i + 1) for i in range(len(channels))]
+
+
+# ------------------------------------------------------------------------------------- encoders
+
+
+class IdentityEncoder(nnx.Module):
+    """Neutral-scan UV maps [B, R, R, 6] -> one bias map per decoder block, coarse to fine."""
+
+    def __init__(self, channels: tuple[int, ...], offset_scale: float, mask: np.ndarray, *, rngs: nnx.Rngs):
+        self.offset_scale = offset_scale
+        self.mask = TemplateConstant(jnp.asarray(mask)[..., None])
+        self.stem = nnx.Conv(SCAN_CHANNELS + 1, channels[-1], (3, 3), rngs=rngs)
+        self.downs = nnx.List(
+            [nnx.Conv(channels[i + 1], channels[i], (3, 3), strides=2, rngs=rngs) for i in range(len(channels) - 1)]
+        )
+        self.to_bias = nnx.List([nnx.Conv(c, c, (1, 1), rngs=rngs) for c in channels])
+
+    def __call__(self, scan_maps: jax.Array) -> list[jax.Array]:
+        mask = jnp.broadcast_to(self.mask[...], (*scan_maps.shape[:-1], 1))
+        x = jnp.concatenate([scan_maps[..., :3] / self.offset_scale, 2.0 * scan_maps[..., 3:] - 1.0, mask], -1)
+        features = [_leaky(self.stem(x))]
+        for down in reversed(self.downs):
+            features.insert(0, _leaky(down(features[0])))
+        return [to_bias(f) for to_bias, f in zip(self.to_bias, features)]
+
+
+class ExpressionEncoder(nnx.Module):
+    """A few views of one frame [B, V, H, W, 3] in [0, 1] -> posterior mean and log-variance [B, z_dim].
+
+    Each view goes through a strided CNN, is pooled to a fixed 4x4 grid and projected; the views' features
+    are averaged, so any number of views, from any cameras, can go in.
+    """
+
+    POOL = 4
+
+    def __init__(self, channels: tuple[int, ...], hidden: int, z_dim: int, *, rngs: nnx.Rngs):
+        widths = (3, *channels)
+        self.convs = nnx.List([nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
+        self.project = nnx.Linear(channels[-1] * self.POOL**2, hidden, rngs=rngs)
+        self.hidden = nnx.Linear(hidden, hidden, rngs=rngs)
+        self.mean = nnx.Linear(hidden, z_dim, rngs=rngs)
+        self.log_var = nnx.Linear(hidden, z_dim, kernel_init=_zeros_init, rngs=rngs)
+
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        batch, views, height, width, _ = images.shape
+        x = 2.0 * images.reshape(batch * views, height, width, 3) - 1.0
+        for conv in self.convs:
+            x = _leaky(conv(x))
+        x = jax.image.resize(x, (x.shape[0], self.POOL, self.POOL, x.shape[-1]), "linear", antialias=True)
+        per_view = _leaky(self.project(x.reshape(batch, views, -1)))
+        h = _leaky(self.hidden(jnp.mean(per_view, axis=1)))
+        return self.mean(h), self.log_var(h)
+
+
+# ------------------------------------------------------------------------------------- decoder
+
+
+class UpBlock(nnx.Module):
+    """x2 nearest upsampling, conv, + identity bias, conv: one resolution step of the UV decoder."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), rngs=rngs)
+        self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), rngs=rngs)
+
+    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        x = _leaky(self.conv1(x) + bias)
+        return _leaky(self.conv2(x))
+
+
+class GaussianDecoder(nnx.Module):
+    """z [B, z_dim] and identity bias maps -> UV maps [B, R, R, 10 + F] of per-texel Gaussian parameters.
+
+    Channels: position offset (3, local frame, in units of `offset_scale`), rotation (3, axis-angle-like),
+    log-scale (3), opacity logit (1), colour features (F). The output layer starts at zero.
+    """
+
+    GEOMETRY_CHANNELS = 10
+
+    def __init__(self, z_dim: int, base_resolution: int, channels: tuple[int, ...], color_features: int, *,
+                 rngs: nnx.Rngs):  # fmt: skip
+        self.base_resolution = base_resolution
+        self.project = nnx.Linear(z_dim, base_resolution**2 * channels[0], rngs=rngs)
+        widths = (channels[0], *channels)
+        self.blocks = nnx.List([UpBlock(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
+        self.out = nnx.Conv(
+            channels[-1], self.GEOMETRY_CHANNELS + color_features, (1, 1),
+            kernel_init=_zeros_init, rngs=rngs,
+        )  # fmt: skip
+
+    def __call__(self, z: jax.Array, biases: list[jax.Array]) -> jax.Array:
+        x = _leaky(self.project(z)).reshape(z.shape[0], self.base_resolution, self.base_resolution, -1)
+        for block, bias in zip(self.blocks, biases):
+            x = block(x, bias)
+        return self.out(x)
+
+
+# ------------------------------------------------------------------------------------- the avatar
+
+
+class Gaussians(NamedTuple):
+    """A batch of decoded avatars, posed: every field has leading [B]; N Gaussians each."""
+
+    means: jax.Array  # [B, N, 3] world (head pose applied)
+    quats: jax.Array  # [B, N, 4] wxyz, world
+    scales: jax.Array  # [B, N, 3] metres
+    opacities: jax.Array  # [B, N]
+    head_means: jax.Array  # [B, N, 3] before the head pose
+    albedo: jax.Array  # [B, N, 3] the scan's albedo at each texel
+    color_features: jax.Array  # [B, N, F]
+    offsets: jax.Array  # [B, N, 3] decoded offsets in metres (local frame), for the regulariser
+    head_rotation: jax.Array  # [B, 3, 3]
+    head_translation: jax.Array  # [B, 3]
+
+
+def _quat_multiply(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Hamilton product of wxyz quaternions (a then b applied in b's frame: rotation a @ b)."""
+    aw, ax, ay, az = jnp.moveaxis(a, -1, 0)
+    bw, bx, by, bz = jnp.moveaxis(b, -1, 0)
+    return jnp.stack(
+        [
+            aw * bw - ax * bx - ay * by - az * bz,
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+        ],
+        -1,
+    )
+
+
+def _base_scales(template: template_lib.Template, layout: TexelLayout) -> np.ndarray:
+    """[N] in-plane size of each texel on the surface (metres), clipped to a sane band around the median."""
+    dp_du, dp_dv = template_lib.uv_jacobian(template.vertices, template.faces, template.uvs, layout.face_ids)
+    footprint = np.maximum(np.linalg.norm(dp_du, axis=-1), np.linalg.norm(dp_dv, axis=-1)) / layout.resolution
+    median = float(np.median(footprint[footprint > 0]))
+    return 0.5 * np.clip(footprint, 0.25 * median, 4.0 * median).astype(np.float32)
+
+
+class UHAP(nnx.Module):
+    """The universal prior: encoders, UV decoder, view-dependent colour, and rendering with `kernels`."""
+
+    def __init__(self, template: template_lib.Template, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        decoder_resolutions(config)
+        self.layout = TexelLayout.build(template, config.uv_resolution)
+        self.z_dim = int(config.z_dim)
+        self.offset_scale = float(config.offset_scale)
+        self.max_scale_ratio = float(config.max_scale_ratio)
+        self.max_log_scale = math.log(self.max_scale_ratio)
+        self.thickness = float(config.thickness)
+        self.opacity_init = float(config.opacity_init_logit)
+        channels = tuple(config.decoder_channels)
+        layout = self.layout
+        points = template_lib.surface_points(template.vertices, template.faces, layout.face_ids, layout.barys)
+        normal, tangent = template_lib.surface_frames(template.vertices, template.faces, template.uvs, layout.face_ids)
+        frame = jnp.stack([tangent, jnp.cross(normal, tangent), normal], axis=-1)  # columns: local axes
+        self.template_points = TemplateConstant(jnp.asarray(points, jnp.float32))
+        self.frames = TemplateConstant(frame.astype(jnp.float32))
+        self.frame_quats = TemplateConstant(rotations.matrix_to_quaternion(frame).astype(jnp.float32))
+        self.base_scales = TemplateConstant(jnp.asarray(_base_scales(template, layout)))
+        self.identity_encoder = IdentityEncoder(channels, self.offset_scale, layout.mask(), rngs=rngs)
+        self.expression_encoder = ExpressionEncoder(
+            tuple(config.expression_channels), config.expression_hidden, config.z_dim, rngs=rngs
+        )
+        self.decoder = GaussianDecoder(
+            config.z_dim, config.decoder_base_resolution, channels, config.color_features, rngs=rngs
+        )
+        self.color_hidden = nnx.Linear(config.color_features + 3, config.color_hidden, rngs=rngs)
+        self.color_out = nnx.Linear(config.color_hidden, 3, kernel_init=_zeros_init, rngs=rngs)
+
+    def encode_expression(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Views [B, V, H, W, 3] in [0, 1] -> posterior mean and log-variance of z."""
+        return self.expression_encoder(images)
+
+    def decode(
+        self, z: jax.Array, scan_maps: jax.Array, head_rotation: jax.Array, head_translation: jax.Array
+    ) -> Gaussians:
+        """z [B, z_dim], scan UV maps [B, R, R, 6], head pose (rotation vector [B, 3], translation [B, 3])."""
+        maps = self.decoder(z, self.identity_encoder(scan_maps))
+        texels = self.layout.gather(maps)  # [B, N, 10 + F]
+        scan = self.layout.gather(scan_maps)
+        offsets = self.offset_scale * texels[..., 0:3]
+        head_means = self.template_points[...] + scan[..., :3] + jnp.einsum("nij,bnj->bni", self.frames[...], offsets)
+        delta = jnp.concatenate([jnp.ones_like(texels[..., :1]), 0.5 * texels[..., 3:6]], -1)
+        local_quats = _quat_multiply(self.frame_quats[...], delta / jnp.linalg.norm(delta, axis=-1, keepdims=True))
+        log_ratio = self.max_log_scale * jnp.tanh(texels[..., 6:9] / self.max_log_scale)
+        base = self.base_scales[...][:, None] * jnp.array([1.0, 1.0, self.thickness])
+        rotation = rotations.axis_angle_to_matrix(head_rotation)  # [B, 3, 3]
+        head_quat = rotations.matrix_to_quaternion(rotation)[:, None]
+        return Gaussians(
+            means=jnp.einsum("bij,bnj->bni", rotation, head_means) + head_translation[:, None],
+            quats=_quat_multiply(head_quat, local_quats),
+            scales=base * jnp.exp(log_ratio),
+            opacities=jax.nn.sigmoid(self.opacity_init + texels[..., 9]),
+            head_means=head_means,
+            albedo=scan[..., 3:6],
+            color_features=texels[..., 10:],
+            offsets=offsets,
+            head_rotation=rotation,
+            head_translation=head_translation,
+        )
+
+    def colours(self, gaussians: Gaussians, world_to_cam: jax.Array) -> jax.Array:
+        """Per-camera colours [B, C, N, 3]: albedo plus an MLP of colour features and the head-space view ray."""
+        rot, trans = world_to_cam[..., :3, :3], world_to_cam[..., :3, 3]
+        centres = -jnp.einsum("bcji,bcj->bci", rot, trans)  # camera centres, world
+        centres = jnp.einsum("bji,bcj->bci", gaussians.head_rotation, centres - gaussians.head_translation[:, None])
+        rays = gaussians.head_means[:, None] - centres[:, :, None]  # [B, C, N, 3]
+        rays = rays / jnp.linalg.norm(rays, axis=-1, keepdims=True)
+        features = jnp.broadcast_to(
+            gaussians.color_features[:, None], (*rays.shape[:-1], gaussians.color_features.shape[-1])
+        )
+        hidden = _leaky(self.color_hidden(jnp.concatenate([features, rays], -1)))
+        return gaussians.albedo[:, None] + self.color_out(hidden)
+
+    def capacity_for(self, gaussians: Gaussians, world_to_cam: jax.Array, intrinsics: jax.Array, *, width: int,
+                     height: int) -> int:  # fmt: skip
+        """The pair capacity that the worst avatar of this (concrete) batch needs, for a jitted `render`."""
+        return max(
+            kernels.capacity_for(g.means, g.quats, g.scales, g.opacities, views, ks, width=width, height=height)
+            for g, views, ks in zip(_unbatch(gaussians), world_to_cam, intrinsics)
+        )
+
+    def render(
+        self,
+        gaussians: Gaussians,
+        world_to_cam: jax.Array,
+        intrinsics: jax.Array,
+        *,
+        width: int,
+        height: int,
+        capacity: int,
+    ) -> kernels.Rendered:
+        """Render each avatar of the batch into its own cameras [B, C, 4, 4] / [B, C, 3, 3] -> [B, C, H, W, ...].
+
+        `capacity` is the static pair capacity per camera (`capacity_for`); overflow gives NaN images.
+        """
+        colours = self.colours(gaussians, world_to_cam)
+
+        def one(means, quats, scales, opacities, colors, views, ks):
+            return kernels.rasterize(means, quats, scales, opacities, colors, views, ks, width=width, height=height,
+                                     capacity=capacity)  # fmt: skip
+
+        return jax.vmap(one)(gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities, colours,
+                             world_to_cam, intrinsics)  # fmt: skip
+
+
+def _unbatch(gaussians: Gaussians) -> list[Gaussians]:
+    return [Gaussians(*(field[b] for field in gaussians)) for b in range(gaussians.means.shape[0])]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 from pathlib import Path
 
 import ml_collections
@@ -61,3 +62,27 @@ def apply_override(config: ml_collections.ConfigDict, item: str, source: str = "
     if isinstance(old, tuple) and isinstance(value, list):
         value = tuple(value)
     node[leaf] = value
+
+
+def save_config(config: ml_collections.ConfigDict, path: str | Path) -> None:
+    """Write a config as JSON (tuples become lists; `read_config` turns them back)."""
+    Path(path).write_text(config.to_json_best_effort(indent=1, sort_keys=True))
+
+
+def read_config(path: str | Path) -> ml_collections.ConfigDict:
+    """A config saved by `save_config` (e.g. `<workdir>/config.json`), lists read back as tuples."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no saved config (was this written by `uhap train`?)")
+
+    def tuples(value):
+        if isinstance(value, dict):
+            return {k: tuples(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return tuple(tuples(v) for v in value)
+        return value
+
+    try:
+        return ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error

@@ -35,8 +35,12 @@ def maybe_initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    timeout_s: int = 300,
 ) -> bool:
     """Call `jax.distributed.initialize` when flags are given or the environment asks; return whether it ran.
+
+    `timeout_s` bounds both the wait for every process to join and the heartbeat: a missing or dead process
+    makes the others fail with JAX's error instead of hanging.
 
     Must run before anything touches JAX devices. Missing values are auto-detected by JAX from the
     cluster environment. CPU cross-process collectives use gloo, which is set first (it only affects
@@ -55,10 +59,14 @@ def maybe_initialize_distributed(
         )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=timeout_s,
+        heartbeat_timeout_seconds=timeout_s,
     )
     logger.info(
-        "jax.distributed initialised: process %d of %d, %d local / %d global devices",
+        "running as process %d of %d processes (%d local / %d global devices)",
         jax.process_index(),
         jax.process_count(),
         jax.local_device_count(),
@@ -73,8 +81,16 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--coordinator_address", default=None, help="host:port of process 0's coordinator")
     group.add_argument("--num_processes", type=int, default=None, help="total number of processes")
     group.add_argument("--process_id", type=int, default=None, help="this process's index, 0-based")
+    group.add_argument(
+        "--distributed_timeout",
+        type=int,
+        default=300,
+        help="seconds to wait for every process to join, and heartbeat timeout",
+    )
 
 
 def initialize_from_args(args: argparse.Namespace) -> bool:
     """`maybe_initialize_distributed` with the flags that `add_distributed_args` added."""
-    return maybe_initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    return maybe_initialize_distributed(
+        args.coordinator_address, args.num_processes, args.process_id, timeout_s=args.distributed_timeout
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -43,6 +44,7 @@ SENTENCES = (
 )
 VOICES = ("en-us", "en-us+f3", "en-us+m3", "en+f2", "en-029", "en-gb-x-rp", "en-us+f4", "en-us+m1")
 MONO_SERIAL = "mono"
+_FRAME_BUCKET = 32  # clips are padded to a multiple of this many frames before the (jitted) rig
 
 
 def synth_config(preset: str = "tiny") -> ml_collections.ConfigDict:
@@ -63,7 +65,10 @@ def synth_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.monocular = True
     config.template_resolution = 48  # skin grid rows of the procedural head
     config.gaussian_uv_resolution = 64  # one Gaussian per texel of this UV map
-    config.frames_per_batch = 16  # frames rendered per jitted call (all cameras at once)
+    config.images_per_batch = 16  # (frame, camera) images rendered per jitted call
+    # "pallas": each 16x16 tile stops once its pixels are opaque. On CPU it runs interpreted and renders these
+    # scenes ~1.7x faster than "reference" (images agree within one 8-bit level).
+    config.render_backend = "pallas"
     if preset == "tiny":
         pass
     elif preset == "base":
@@ -76,7 +81,6 @@ def synth_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         config.image_size = 512
         config.template_resolution = 96
         config.gaussian_uv_resolution = 384
-        config.frames_per_batch = 4
     else:
         raise ValueError(f"synth preset must be 'tiny' or 'base', got {preset!r}")
     return config
@@ -230,9 +234,8 @@ class SurfaceSampler:
     @classmethod
     def build(cls, template: template_lib.Template, resolution: int) -> SurfaceSampler:
         face_ids, barys, _ = template_lib.uv_sample(template, resolution)
-        points = np.asarray(template_lib.surface_points(template.vertices, template.faces, face_ids, barys))
-        normals, _ = template_lib.surface_frames(template.vertices, template.faces, template.uvs, face_ids)
-        sign = np.sign(np.sum(np.asarray(normals) * points, axis=-1))
+        points, normals = _points_and_normals(template.vertices, template.faces, template.uvs, face_ids, barys)
+        sign = np.sign(np.sum(np.asarray(normals) * np.asarray(points), axis=-1))
         skin = np.isin(template.region_names, ["face", "lips", "brows", "scalp"])
         outward = np.where(skin[template.region_ids[template.faces[face_ids, 0]]], sign, 0.0)
         return cls(template.faces, template.uvs, face_ids, barys, outward.astype(np.float32), resolution)
@@ -258,69 +261,107 @@ class SurfaceSampler:
         return jnp.where((self.outward == 0) | (facing > 0), 0.99, 0.0).astype(means.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("sampler_statics", "capacity"))
-def _render_batch(vertices, colours, world_to_cam, intrinsics, sampler_arrays, sampler_statics, capacity):
-    resolution, width, height = sampler_statics
+@jax.jit
+def _points_and_normals(vertices, faces, uvs, face_ids, barys):
+    """Samples' rest positions and face normals (jitted: one compilation instead of one per eager op)."""
+    normals, _ = template_lib.surface_frames(vertices, faces, uvs, face_ids)
+    return template_lib.surface_points(vertices, faces, face_ids, barys), normals
+
+
+@functools.partial(jax.jit, static_argnames=("resolution",))
+def _visible_gaussians(vertices, world_to_cam, sampler_arrays, resolution):
+    """The Gaussians of one mesh, with opacities [C, N] culled per camera as when rendering."""
+    sampler = SurfaceSampler(*sampler_arrays, resolution)
+    means, quats, scales, normals = sampler.gaussians(vertices)
+    return means, quats, scales, sampler.visible_opacities(means, normals, world_to_cam)
+
+
+@functools.partial(jax.jit, static_argnames=("statics",))
+def _render_images(vertices, world_to_cam, intrinsics, colours, sampler_arrays, statics):
+    """Image i shows posed mesh vertices[i] [V, 3] from camera i, one image after another (`lax.map`).
+
+    One image per step keeps every shape independent of the camera count, so the rig's and the monocular
+    camera's sequences share one compiled program.
+    """
+    resolution, width, height, capacity, backend = statics
     sampler = SurfaceSampler(*sampler_arrays, resolution)
 
-    def render_camera(means, quats, scales, opacities, view, k):
+    def render_image(image):
+        frame_vertices, view, k = image
+        means, quats, scales, normals = sampler.gaussians(frame_vertices)
+        opacities = sampler.visible_opacities(means, normals, view[None])[0]
         out = kernels.rasterize(
             means, quats, scales, opacities, colours, view[None], k[None],
-            width=width, height=height, capacity=capacity,
+            width=width, height=height, capacity=capacity, backend=backend,
         )  # fmt: skip
-        return out.rgb[0], out.alpha[0], out.stats.overflow
+        return _to_uint8(out.rgb[0]), _to_uint8(out.alpha[0]), out.stats.overflow
 
-    def render_frame(frame_vertices):
-        means, quats, scales, normals = sampler.gaussians(frame_vertices)
-        opacities = sampler.visible_opacities(means, normals, world_to_cam)
-        per_camera = jax.vmap(render_camera, in_axes=(None, None, None, 0, 0, 0))
-        rgb, alpha, overflow = per_camera(means, quats, scales, opacities, world_to_cam, intrinsics)
-        return rgb, alpha, jnp.any(overflow)
-
-    return jax.lax.map(render_frame, vertices)
+    return jax.lax.map(render_image, (vertices, world_to_cam, intrinsics))
 
 
 class Renderer:
-    """Renders posed meshes [F, V, 3] into all cameras in jitted frame batches, sizing capacity once."""
+    """Renders posed meshes [F, V, 3] into cameras in jitted batches of `images_per_batch` (frame, camera) images.
 
-    def __init__(self, sampler: SurfaceSampler, cameras: list[layout.Camera], frames_per_batch: int):
+    The pair capacity is sized once, from the first frame in every camera, so that all sequences run one
+    compiled program; an overflow (never silent) doubles it and renders the sequence again.
+    """
+
+    def __init__(self, sampler: SurfaceSampler, images_per_batch: int, backend: str):
         self.sampler = sampler
-        self.world_to_cam = jnp.asarray(np.stack([c.world_to_cam for c in cameras]), jnp.float32)
-        self.intrinsics = jnp.asarray(np.stack([c.intrinsics for c in cameras]), jnp.float32)
-        self.width, self.height = cameras[0].width, cameras[0].height
-        self.frames_per_batch = frames_per_batch
+        self.images_per_batch = images_per_batch
+        self.backend = backend
         self.capacity: int | None = None
         arrays = (sampler.faces, sampler.uvs, sampler.face_ids, sampler.barys, sampler.outward)
         self._arrays = tuple(jnp.asarray(a) for a in arrays)
 
-    def __call__(self, vertices: np.ndarray, colours: jnp.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def size_capacity(self, vertices: np.ndarray, cameras: list[layout.Camera]) -> None:
+        """Pairs the mesh `vertices` [V, 3] needs in the busiest camera, back-facing skin culled as when rendering,
+        plus headroom: over whole clips the busiest image needed at most 12% more pairs than the first frame.
+
+        Binning and the interpreted CPU kernel do work in proportion to the capacity: tight saves ~5% here.
+        """
+        world_to_cam, intrinsics = _camera_arrays(cameras)
+        resolution = self.sampler.resolution
+        means, quats, scales, opacities = _visible_gaussians(vertices, world_to_cam, self._arrays, resolution)
+        size = {"width": cameras[0].width, "height": cameras[0].height}
+        needed = max(
+            kernels.capacity_for(means, quats, scales, opacities[c], world_to_cam[c, None], intrinsics[c, None], **size)
+            for c in range(len(cameras))
+        )
+        self.capacity = int(needed * 1.25)
+
+    def __call__(
+        self, vertices: np.ndarray, cameras: list[layout.Camera], colours: jnp.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Returns rgb uint8 [F, C, H, W, 3] and alpha uint8 [F, C, H, W]."""
         if self.capacity is None:
-            # Open-mouthed and posed frames need a few more pairs than the first frame: leave headroom.
-            means, quats, scales, _ = self.sampler.gaussians(jnp.asarray(vertices[0]))
-            opacities = jnp.full(means.shape[:1], 0.99)
-            needed = kernels.capacity_for(means, quats, scales, opacities, self.world_to_cam, self.intrinsics,
-                                          width=self.width, height=self.height)  # fmt: skip
-            self.capacity = int(needed * 1.5)
-        rgbs, alphas = [], []
-        for start in range(0, len(vertices), self.frames_per_batch):
-            batch = np.asarray(vertices[start : start + self.frames_per_batch], np.float32)
-            padded = np.concatenate([batch, np.repeat(batch[-1:], self.frames_per_batch - len(batch), 0)])
-            rgb, alpha, overflow = _render_batch(
-                jnp.asarray(padded), colours, self.world_to_cam, self.intrinsics, self._arrays,
-                (self.sampler.resolution, self.width, self.height), self.capacity,
-            )  # fmt: skip
-            if bool(jnp.any(overflow)):
-                self.capacity *= 2
-                return self(vertices, colours)
-            rgbs.append(np.asarray(rgb[: len(batch)]))
-            alphas.append(np.asarray(alpha[: len(batch)]))
-        rgb, alpha = np.concatenate(rgbs), np.concatenate(alphas)
-        return _to_uint8(rgb), _to_uint8(alpha)
+            self.size_capacity(vertices[0], cameras)
+        num_frames, num_cameras = len(vertices), len(cameras)
+        world_to_cam, intrinsics = _camera_arrays(cameras)
+        # Image i is frame i // C in camera i % C; the last batch repeats its last image.
+        frame_of = np.arange(num_frames * num_cameras) // num_cameras
+        camera_of = np.arange(num_frames * num_cameras) % num_cameras
+        statics = (self.sampler.resolution, cameras[0].width, cameras[0].height, self.capacity, self.backend)
+        batches = []
+        for start in range(0, len(frame_of), self.images_per_batch):
+            ids = np.arange(start, start + self.images_per_batch).clip(max=len(frame_of) - 1)
+            batch = (vertices[frame_of[ids]], world_to_cam[camera_of[ids]], intrinsics[camera_of[ids]])
+            batches.append(_render_images(*batch, colours, self._arrays, statics))  # dispatched asynchronously
+        rgb, alpha, overflow = (np.concatenate(parts)[: len(frame_of)] for parts in zip(*jax.device_get(batches)))
+        if overflow.any():
+            self.capacity *= 2
+            return self(vertices, cameras, colours)
+        shape = (num_frames, num_cameras, *alpha.shape[1:])
+        return rgb.reshape(*shape, 3), alpha.reshape(shape)
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+def _camera_arrays(cameras: list[layout.Camera]) -> tuple[np.ndarray, np.ndarray]:
+    world_to_cam = np.stack([c.world_to_cam for c in cameras]).astype(np.float32)
+    return world_to_cam, np.stack([c.intrinsics for c in cameras]).astype(np.float32)
+
+
+def _to_uint8(x: jnp.ndarray) -> jnp.ndarray:
+    return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
 
 # --------------------------------------------------------------------------------------------- sequences
@@ -335,20 +376,33 @@ def head_pose_track(num_frames: int, fps: float, rng: np.random.Generator) -> tu
     return (np.deg2rad(3.0) * waves[:, 0]).astype(np.float32), (0.003 * waves[:, 1]).astype(np.float32)
 
 
-def pose_vertices(vertices: np.ndarray, rotation_vectors: np.ndarray, translations: np.ndarray) -> np.ndarray:
+def pose_vertices(vertices: jnp.ndarray, rotation_vectors: jnp.ndarray, translations: jnp.ndarray) -> jnp.ndarray:
     """Applies the per-frame rigid head pose (about the head centre at the origin) to [F, V, 3]."""
-    rotation = np.asarray(rotations.axis_angle_to_matrix(rotation_vectors))
-    return np.einsum("fij,fvj->fvi", rotation, vertices) + translations[:, None]
+    rotation = rotations.axis_angle_to_matrix(rotation_vectors)
+    return jnp.einsum("fij,fvj->fvi", rotation, vertices) + translations[:, None]
 
 
-def _write_sequence(seq_dir: Path, utterance, expressions, vertices, pose, rgb, alpha, serials, meta) -> None:
+def posed_meshes(template: template_lib.Template, vertices, anchors, expressions, rotation_vectors, translations):
+    """World-space meshes [F, V, 3]: `template`'s rig on an identity's rest `vertices` and `anchors`, driven by
+    per-frame `expressions`, then the rigid head pose (jit-able; the identity's shape is an argument, so one
+    compiled program serves every identity)."""
+    shaped = dataclasses.replace(template, vertices=vertices, anchors=anchors)
+    return pose_vertices(rig.deform(shaped, expressions), rotation_vectors, translations)
+
+
+def _pad_frames(track: np.ndarray) -> np.ndarray:
+    """Repeats the last frame up to a multiple of _FRAME_BUCKET frames, so that clip lengths share compilations."""
+    padding = -len(track) % _FRAME_BUCKET
+    return np.concatenate([track, np.repeat(track[-1:], padding, axis=0)])
+
+
+def _write_sequence(
+    writers: ThreadPoolExecutor, seq_dir: Path, utterance, expressions, vertices, pose, rgb, alpha, serials, meta
+) -> list[Future]:
+    """Writes one sequence; its PNGs are encoded by `writers` (one task per camera) while the next one renders."""
     layout.write_audio(seq_dir / layout.AUDIO_FILE, utterance.audio)
     layout.write_vertices(seq_dir, vertices)
     np.save(seq_dir / "expressions.npy", expressions)
-    for f in range(len(vertices)):
-        for c, serial in enumerate(serials):
-            layout.write_image(layout.frame_path(seq_dir, serial, f), rgb[f, c])
-            layout.write_image(layout.frame_path(seq_dir, serial, f, kind="masks"), alpha[f, c])
     layout.write_sequence_meta(
         seq_dir,
         fps=meta.pop("fps"),
@@ -362,6 +416,14 @@ def _write_sequence(seq_dir: Path, utterance, expressions, vertices, pose, rgb, 
         vertices_space="world (head pose applied)",
         **meta,
     )
+    write = functools.partial(writers.submit, _write_camera_images, seq_dir)
+    return [write(serial, rgb[:, c], alpha[:, c]) for c, serial in enumerate(serials)]
+
+
+def _write_camera_images(seq_dir: Path, serial: str, rgb: np.ndarray, alpha: np.ndarray) -> None:
+    for frame, (image, mask) in enumerate(zip(rgb, alpha)):
+        layout.write_image(layout.frame_path(seq_dir, serial, frame), image)
+        layout.write_image(layout.frame_path(seq_dir, serial, frame, kind="masks"), mask)
 
 
 def _clip(utterance: speech.Utterance, max_seconds: float) -> speech.Utterance:
@@ -389,12 +451,12 @@ def generate(out_dir: Path, config: ml_collections.ConfigDict, *, progress: bool
     num_train_sentences = len(SENTENCES) - config.num_held_out_sentences
     held_out_ids = [f"id{i:03d}" for i in range(config.num_identities - config.num_held_out_identities,
                                                 config.num_identities)]  # fmt: skip
-    renderer = Renderer(sampler, rig_cameras, config.frames_per_batch)
-    mono_renderer = Renderer(sampler, [mono_camera], config.frames_per_batch)
-    sequences_info = {}
+    renderer = Renderer(sampler, config.images_per_batch, config.render_backend)
+    animate = jax.jit(functools.partial(posed_meshes, template))
+    sequences_info, pending_writes = {}, []
     jobs = config.num_identities * (config.sentences_per_identity + int(config.monocular))
     bar = tqdm(total=jobs, desc="synth sequences", unit="seq", disable=not progress)
-    with layout.staged_dir(Path(out_dir)) as root:
+    with layout.staged_dir(Path(out_dir)) as root, ThreadPoolExecutor(max_workers=2) as writers:
         for index in range(config.num_identities):
             identity = make_identity(template, index, np.random.default_rng([config.seed, index]))
             identity_rng = np.random.default_rng([config.seed, index, 1])
@@ -406,27 +468,34 @@ def generate(out_dir: Path, config: ml_collections.ConfigDict, *, progress: bool
             sentence_ids = [int(i) for i in train_choice]
             if config.num_held_out_sentences:
                 sentence_ids[-1] = num_train_sentences + index % config.num_held_out_sentences
-            plans = [(f"sen_{i:02d}", i, renderer, rig_cameras) for i in sentence_ids]
+            plans = [(f"sen_{i:02d}", i, rig_cameras) for i in sentence_ids]
             if config.monocular:
                 mono_sentence = int(identity_rng.integers(num_train_sentences))
-                plans.append(("mono_00", mono_sentence, mono_renderer, [mono_camera]))
-            for seq_name, sentence, seq_renderer, seq_cameras in plans:
+                plans.append(("mono_00", mono_sentence, [mono_camera]))
+            for seq_name, sentence, seq_cameras in plans:
                 utterance = _clip(speech.synthesize(SENTENCES[sentence], identity.voice), config.max_seconds)
                 expressions = rig.expression_track(
                     utterance.phonemes, utterance.duration, config.fps, identity_rng, identity.style
                 )
-                vertices = np.asarray(rig.deform(identity.template, expressions))
-                pose = head_pose_track(len(vertices), config.fps, identity_rng)
-                vertices = pose_vertices(vertices, *pose).astype(np.float32)
-                rgb, alpha = seq_renderer(vertices, colours)
+                pose = head_pose_track(len(expressions), config.fps, identity_rng)
+                tracks = (_pad_frames(track) for track in (expressions, *pose))
+                vertices = animate(identity.template.vertices, identity.template.anchors, *tracks)
+                vertices = np.asarray(vertices)[: len(expressions)]
+                if renderer.capacity is None:
+                    renderer.size_capacity(vertices[0], [*rig_cameras, mono_camera])
+                rgb, alpha = renderer(vertices, seq_cameras, colours)
                 split = _split(identity.name in held_out_ids, sentence >= num_train_sentences, seq_name)
                 meta = {"fps": config.fps, "sentence_index": sentence, "split": split,
                         "monocular": seq_name.startswith("mono")}  # fmt: skip
                 seq_dir = layout.sequence_dir(root, identity.name, seq_name)
                 serials = [c.serial for c in seq_cameras]
-                _write_sequence(seq_dir, utterance, expressions, vertices, pose, rgb, alpha, serials, meta)
+                pending_writes += _write_sequence(
+                    writers, seq_dir, utterance, expressions, vertices, pose, rgb, alpha, serials, meta
+                )
                 sequences_info.setdefault(identity.name, {})[seq_name] = {"sentence_index": sentence, "split": split}
                 bar.update()
+        for write in pending_writes:
+            write.result()  # raises what a writer raised
         info = {
             "generator": "uhap data synth",
             "config": config.to_dict(),

@@ -1,10 +1,14 @@
 """The synthetic generator writes a complete, valid capture layout whose images follow the speech."""
 
+import functools
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kernels
 from data_pipelines import layout, synth
 from uhap_jax.commands import data as data_command
 from uhap_jax.geometry import template as template_lib
@@ -18,14 +22,63 @@ def dataset(tmp_path_factory):
     # A fixed seed: the lip-sync test below is statistical (a correlation threshold), so it must not flake.
     config.update(
         seed=0, num_identities=2, num_held_out_identities=1, sentences_per_identity=1, max_seconds=1.6,
-        num_cameras=4, held_out_cameras=(1,), frames_per_batch=8,
+        num_cameras=4, held_out_cameras=(1,), images_per_batch=8,
     )  # fmt: skip
+    synth._render_images.clear_cache()
     info = synth.generate(root, config, progress=False)
-    return root, config, info
+    return root, config, info, synth._render_images._cache_size()
+
+
+def test_all_sequences_share_one_render_program(dataset):
+    """Rig and monocular sequences of any length run one compiled renderer (recompiles made synth slow)."""
+    *_, render_programs = dataset
+    assert render_programs == 1
+
+
+@functools.partial(jax.jit, static_argnums=(7, 8))
+def _rasterize(means, quats, scales, opacities, colours, view, intrinsics, size, capacity):
+    return kernels.rasterize(
+        means, quats, scales, opacities, colours, view, intrinsics,
+        width=size, height=size, capacity=capacity, backend="pallas",
+    )  # fmt: skip
+
+
+def test_renderer_batches_images_and_grows_capacity(rng):
+    """(frame, camera) images batched across frames, with a padded last batch, equal one rasterize call each;
+    a pair capacity too small for the scene grows and renders again instead of truncating."""
+    size, num_frames = 32, 3
+    config = synth.synth_config("tiny")
+    config.update(image_size=size, num_cameras=2)
+    cameras = synth.camera_rig(config, rng)
+    template = template_lib.procedural_head(24)
+    sampler = synth.SurfaceSampler.build(template, 32)
+    vertices = template.vertices + rng.normal(0.0, 1e-3, (num_frames, *template.vertices.shape)).astype(np.float32)
+    colours = jnp.asarray(rng.uniform(0.1, 0.9, (len(sampler.face_ids), 3)), jnp.float32)
+    expected_rgb, expected_alpha, most_pairs = [], [], 0
+    for frame in range(num_frames):
+        means, quats, scales, normals = sampler.gaussians(jnp.asarray(vertices[frame]))
+        for camera in cameras:
+            view = jnp.asarray(camera.world_to_cam[None], jnp.float32)
+            intrinsics = jnp.asarray(camera.intrinsics[None], jnp.float32)
+            opacities = sampler.visible_opacities(means, normals, view)[0]
+            capacity = kernels.capacity_for(means, quats, scales, opacities, view, intrinsics, width=size, height=size)
+            # Jitted, as in the generator: eager calls reject the zero opacity that culls back-facing skin.
+            out = _rasterize(means, quats, scales, opacities, colours, view, intrinsics, size, capacity)
+            expected_rgb.append(synth._to_uint8(out.rgb[0]))
+            expected_alpha.append(synth._to_uint8(out.alpha[0]))
+            most_pairs = max(most_pairs, int(out.stats.n_pairs[0]))
+    renderer = synth.Renderer(sampler, images_per_batch=4, backend="pallas")
+    renderer.capacity = most_pairs // 2 + 1  # the busiest image overflows once
+    rgb, alpha = renderer(vertices, cameras, colours)
+    assert renderer.capacity >= most_pairs
+    assert rgb.shape == (num_frames, 2, size, size, 3) and alpha.shape == (num_frames, 2, size, size)
+    np.testing.assert_array_equal(rgb.reshape(-1, size, size, 3), np.stack(expected_rgb))
+    np.testing.assert_array_equal(alpha.reshape(-1, size, size), np.stack(expected_alpha))
+    assert 0.05 < np.mean(alpha > 128) < 0.9
 
 
 def test_layout_is_complete_and_valid(dataset):
-    root, config, info = dataset
+    root, config, info, _ = dataset
     on_disk = layout.read_dataset_info(root)
     assert on_disk == json.loads(json.dumps(info))
     assert on_disk["identities"] == {"train": ["id000"], "held_out": ["id001"]}
@@ -73,7 +126,7 @@ def _multiview_sequence(root, subject):
 
 
 def test_alpha_covers_the_head(dataset):
-    root, config, _ = dataset
+    root, config, *_ = dataset
     template = template_lib.procedural_head(config.template_resolution)
     serial, cams = _frontal_serial(root, "id000")
     seq_dir = _multiview_sequence(root, "id000")
@@ -99,7 +152,7 @@ def _lagged_correlation(a: np.ndarray, b: np.ndarray, lag: int) -> float:
 
 def test_mouth_pixels_follow_audio_energy(dataset):
     """Mouth-window change from the closed mouth tracks the jaw, and (within a frame) the audio energy."""
-    root, config, _ = dataset
+    root, config, *_ = dataset
     template = template_lib.procedural_head(config.template_resolution)
     lip_ids = [template.landmarks["upper_lip_mid"], template.landmarks["lower_lip_mid"]]
     changes, energies = [], []

@@ -142,7 +142,7 @@ def test_two_cpu_processes_train_and_checkpoint_together(tmp_path):
     outputs = [p.communicate(timeout=150)[0] for p in processes]
     for p, output in zip(processes, outputs):
         assert p.returncode == 0, output
-    assert "process 1 of 2, 4 local / 8 global devices" in outputs[1]
+    assert "running as process 1 of 2 processes (4 local / 8 global devices)" in outputs[1]
     assert "step 4/4" in outputs[0] and "step 4/4" not in outputs[1]  # progress lines: process 0 only
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3, 4]

@@ -200,9 +200,6 @@ def sort_pairs(tile, rank, used, order, *, n_tiles: int, num_gauss: int, method:
         # Too many bits for 32 (e.g. 1M Gaussians at 1080p): a stable key-value sort on the tile id, without x64.
         tile = jnp.where(used, tile, n_tiles).astype(jnp.int32)
         sorted_tile, sorted_rank = jax.lax.sort((tile, rank.astype(jnp.int32)), num_keys=1, is_stable=True)
-    elif method == "two_keys":
-        tile = jnp.where(used, tile, n_tiles).astype(jnp.int32)
-        sorted_tile, sorted_rank = jax.lax.sort((tile, rank.astype(jnp.int32)), num_keys=2)
     else:
         raise ValueError(f"unknown sort method {method!r}")
     sorted_rank = jnp.where(sorted_tile < n_tiles, sorted_rank, 0)

@@ -1,11 +1,12 @@
 """Steps 3-4 as Pallas kernels: one program per (camera, tile), chunks of CHUNK pairs, front to back.
 
-Each chunk is evaluated as a [256 pixels, CHUNK pairs] block: transmittance before each pair comes from a prefix sum
-of log(1 - alpha) along the chunk, so no per-pair loop or cross-pixel reduction is needed inside a chunk. A tile
-stops as soon as every pixel is saturated. The forward keeps per pixel only the output, the final T and the last
-contributing slot. The backward recomputes front to back; the colour behind pair i is (out - prefix_i), so there is
-no reverse pass, and each pair's gradient is reduced over the tile's pixels and written to the pair's own slot
-(tiles start at multiples of CHUNK, so whole-chunk writes never touch another tile's slots; no atomics).
+The forward composites one pair at a time for all 256 pixels of the tile (the reference's exact arithmetic) and
+checks once per chunk whether every pixel is saturated, to stop the tile early; per pixel it keeps only the output,
+the final T and the last contributing slot. The backward evaluates a chunk as a [256 pixels, CHUNK pairs] block:
+the transmittance before each pair is a prefix sum of log(1 - alpha) along the chunk, the colour behind pair i is
+(out - prefix_i), so there is no reverse pass, and each pair's gradient is reduced over the tile's pixels and written
+to the pair's own slot (tiles start at multiples of CHUNK, so whole-chunk writes never touch another tile's slots;
+no atomics).
 
 The bodies use only loads/stores of contiguous slices, elementwise math, `cumsum` and reductions, so they lower
 through Triton today and stay portable to Mosaic GPU. On CPU they run with `interpret=True`.
@@ -22,13 +23,10 @@ from jax.experimental import pallas as pl
 
 from kernels.reference import ALPHA_MAX, ALPHA_MIN, FEATURES, T_EPSILON, TILE_PIXELS
 
-# Tuning knobs (environment, read at import): chunk length, warps per program, and the forward variant
-# ("seq": one pair at a time inside a chunk, the reference's exact operation order; "block": a whole chunk as a
-# [256, CHUNK] block with a prefix sum of log(1 - alpha)).
+# Tuning knobs (environment, read at import): chunk length and warps per program of each kernel.
 CHUNK = int(os.environ.get("UHAP_PALLAS_CHUNK", 4))
 NUM_WARPS_FWD = int(os.environ.get("UHAP_PALLAS_WARPS_FWD", 4))
 NUM_WARPS_BWD = int(os.environ.get("UHAP_PALLAS_WARPS_BWD", 4))
-FORWARD_VARIANT = os.environ.get("UHAP_PALLAS_FWD", "seq")
 ALIGN = CHUNK
 NUM_FIELDS = FEATURES + 4
 
@@ -67,57 +65,6 @@ def _chunk_alpha(fields, px, py):
 
 
 def _forward_kernel(start_ref, end_ref, bg_ref, rec_ref, out_ref, trans_ref, last_ref, *, tiles_x):
-    tile = pl.program_id(1)
-    start, end = start_ref[0], end_ref[0]
-    px, py = _pixels(tile, tiles_x)
-    n_chunks = (end - start + CHUNK - 1) // CHUNK
-    lane = jnp.arange(CHUNK, dtype=jnp.int32)
-
-    def cond(carry):
-        chunk, _, _, _, _, _, _, done = carry
-        return (chunk < n_chunks) & (jnp.min(done) == 0)
-
-    def body(carry):
-        chunk, trans, acc0, acc1, acc2, acc3, last, done = carry
-        base = start + chunk * CHUNK
-        fields = _load_chunk(rec_ref, base)
-        _, _, sigma, _, _, alpha = _chunk_alpha(fields, px, py)
-        idx = base + lane
-        live = (idx < end)[None, :] & (done == 0)[:, None] & (sigma >= 0) & (alpha >= ALPHA_MIN)
-        a = jnp.where(live, alpha, 0.0)
-        log_keep = jnp.log1p(-a)
-        cum = jnp.cumsum(log_keep, axis=1)
-        take = live & (trans[:, None] * jnp.exp(cum) > T_EPSILON)
-        weight = jnp.where(take, a * trans[:, None] * jnp.exp(cum - log_keep), 0.0)
-        feats = fields[FEATURES:]
-        acc0 = acc0 + jnp.sum(weight * feats[0][None, :], axis=1)
-        acc1 = acc1 + jnp.sum(weight * feats[1][None, :], axis=1)
-        acc2 = acc2 + jnp.sum(weight * feats[2][None, :], axis=1)
-        acc3 = acc3 + jnp.sum(weight * feats[3][None, :], axis=1)
-        stopped = jnp.max(jnp.where(live & ~take, 1, 0), axis=1)
-        trans = trans * jnp.exp(jnp.sum(jnp.where(take, log_keep, 0.0), axis=1))
-        last = jnp.maximum(last, jnp.max(jnp.where(take, idx[None, :], -1), axis=1))
-        return chunk + 1, trans, acc0, acc1, acc2, acc3, last, jnp.maximum(done, stopped)
-
-    zeros = jnp.zeros((TILE_PIXELS,), jnp.float32)
-    init = (
-        jnp.int32(0),
-        zeros + 1.0,
-        zeros,
-        zeros,
-        zeros,
-        zeros,
-        jnp.full((TILE_PIXELS,), -1, jnp.int32),
-        jnp.zeros((TILE_PIXELS,), jnp.int32),
-    )
-    _, trans, acc0, acc1, acc2, acc3, last, _ = jax.lax.while_loop(cond, body, init)
-    for f, acc in enumerate((acc0, acc1, acc2, acc3)):
-        out_ref[f, :] = acc + trans * bg_ref[f]
-    trans_ref[...] = trans
-    last_ref[...] = last
-
-
-def _forward_kernel_seq(start_ref, end_ref, bg_ref, rec_ref, out_ref, trans_ref, last_ref, *, tiles_x):
     """One pair at a time (per pixel exactly the reference's arithmetic); early exit checked once per chunk."""
     tile = pl.program_id(1)
     start, end = start_ref[0], end_ref[0]
@@ -232,7 +179,7 @@ def _forward(records, tile_start, tile_end, background, tiles_x):
     tile_scalar = pl.BlockSpec((None, 1), lambda c, t: (c * n_tiles + t, 0))
     rec_spec = pl.BlockSpec((None, num_fields, slots), lambda c, t: (c, 0, 0))
     out, trans, last = pl.pallas_call(
-        functools.partial(_forward_kernel_seq if FORWARD_VARIANT == "seq" else _forward_kernel, tiles_x=tiles_x),
+        functools.partial(_forward_kernel, tiles_x=tiles_x),
         grid=(num_cams, n_tiles),
         in_specs=[tile_scalar, tile_scalar, pl.BlockSpec((4,), lambda c, t: (0,)), rec_spec],
         out_specs=[_pixel_spec(4), _pixel_spec(), _pixel_spec()],

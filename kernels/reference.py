@@ -43,8 +43,10 @@ def _slot_tiles(tile_start, tile_end, slots: int):
     n_tiles = tile_start.shape[1]
 
     def one(start, end):
-        marks = jnp.zeros((slots,), jnp.int32).at[jnp.where(end > start, start, slots)].max(
-            jnp.arange(n_tiles, dtype=jnp.int32), mode="drop"
+        marks = (
+            jnp.zeros((slots,), jnp.int32)
+            .at[jnp.where(end > start, start, slots)]
+            .max(jnp.arange(n_tiles, dtype=jnp.int32), mode="drop")
         )
         tile = jax.lax.cummax(marks)
         slot = jnp.arange(slots, dtype=jnp.int32)
@@ -90,8 +92,21 @@ def _pairs(records, tile_start, tile_end, tiles_x):
     take = live & (jnp.exp(cum) > T_EPSILON)
     t_before = jnp.exp(cum - log_keep)
     weight = jnp.where(take, a * t_before, 0.0)
-    return dict(tile=tile, valid=valid, first=first, field=field, dx=dx, dy=dy, vis=vis, raw=raw, a=a,
-                log_keep=log_keep, take=take, t_before=t_before, weight=weight)
+    return dict(
+        tile=tile,
+        valid=valid,
+        first=first,
+        field=field,
+        dx=dx,
+        dy=dy,
+        vis=vis,
+        raw=raw,
+        a=a,
+        log_keep=log_keep,
+        take=take,
+        t_before=t_before,
+        weight=weight,
+    )
 
 
 def _forward(records, tile_start, tile_end, background, tiles_x):

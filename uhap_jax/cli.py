@@ -8,6 +8,7 @@ import sys
 
 # Modules under uhap_jax.commands; each defines `register(subparsers)` that adds its parser with `func=run`.
 COMMAND_MODULES = [
+    "animate",
     "bench",
     "data",
     "export",

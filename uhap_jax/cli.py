@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "bench",
     "data",
     "export",
+    "sweep",
     "train",
 ]
 

@@ -1,0 +1,134 @@
+"""`uhap sweep` over a tiny prior's workdir and its bundle: the CSV, plots and HTML, identical metrics for the
+two, the jobs split over two JAX processes and merged by process 0, and a clear error for a missing checkpoint."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_scale_out import _env, _free_port
+from test_train_prior import TINY_MODEL, write_layout
+
+from uhap_jax import cli
+from uhap_jax.config_utils import load_config
+from uhap_jax.eval import sweep
+from uhap_jax.export import export_bundle
+from uhap_jax.train import prior_stage
+
+SCALES = (1.0, 0.5)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A tiny prior trained for 2 steps through the CLI on a written layout, and its float32 bundle."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"[trained prior] seed={seed}")
+    tmp = tmp_path_factory.mktemp("sweep")
+    root, workdir = tmp / "layout", tmp / "prior"
+    write_layout(root, np.random.default_rng(seed))
+    assert cli.main([
+        "train", "prior", "--config", "configs/prior.py:tiny", "--workdir", str(workdir),
+        f"--config.data.root={root}", f"--config.data.cache_dir={tmp / 'cache'}",
+        "--config.data.batch_size=8", "--config.data.num_views=2", "--config.data.num_threads=0",
+        "--config.eval.every=2", "--config.eval.num_frames=4", "--config.eval.batch_size=4",
+        "--config.train.checkpoint_every=2", "--config.train.steps=2", *TINY_MODEL,
+    ]) == 0  # fmt: skip
+    bundle = export_bundle(workdir, tmp / "bundle")
+    return {"root": root, "workdir": workdir, "bundle": bundle, "cache": tmp / "cache"}
+
+
+def sweep_args(trained: dict[str, Path], out: Path, scales: tuple[float, ...] = SCALES) -> list[str]:
+    return [
+        "sweep", "--config", "configs/sweep.py:tiny", "--workdir", str(out),
+        f"--config.checkpoints=('{trained['workdir']}', '{trained['bundle']}')",
+        f"--config.datasets=('{trained['root']}',)", f"--config.cache_dir={trained['cache']}",
+        f"--config.settings.image_scale={scales}", "--config.eval.num_frames=4", "--config.eval.batch_size=4",
+    ]  # fmt: skip
+
+
+def read_rows(out: Path) -> list[dict]:
+    with (out / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_writes_csv_plots_and_html(trained, tmp_path):
+    out = tmp_path / "sweep"
+    assert cli.main(sweep_args(trained, out)) == 0
+    rows = read_rows(out)
+    assert len(rows) == 4
+    assert {(r["kind"], float(r["image_scale"])) for r in rows} == {
+        (k, s) for k in ("workdir", "bundle") for s in SCALES
+    }
+    for row in rows:
+        assert 0.0 < float(row["psnr"]) < 60.0 and -1.0 < float(row["ssim"]) < 1.0 and float(row["scan_chamfer"]) > 0
+        assert row["lve"] == "" and row["sync_offset"] == ""  # no audio model in these jobs
+        assert row["step"] == "2" and row["dataset"] == str(trained["root"])
+    by_key = {(r["kind"], r["image_scale"]): r for r in rows}
+    for scale in ("1.0", "0.5"):
+        for metric in ("psnr", "ssim", "scan_chamfer"):
+            assert by_key["workdir", scale][metric] == by_key["bundle", scale][metric], (metric, scale)
+    assert by_key["workdir", "1.0"]["psnr"] != by_key["workdir", "0.5"]["psnr"]  # the setting reaches the render
+    for metric in ("psnr", "ssim", "scan_chamfer"):
+        assert (out / "plots" / f"{metric}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "results.html").read_text()
+    assert page.count("<tr>") == 5 and str(trained["bundle"]) in page
+
+
+def test_two_processes_split_the_jobs_and_process_zero_merges(trained, tmp_path):
+    out, port = tmp_path / "sweep", _free_port()
+    flags = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--distributed_timeout", "120"]
+    command = [sys.executable, "-m", "uhap_jax.cli", *sweep_args(trained, out, (1.0,)), *flags]
+    procs = [
+        subprocess.Popen([*command, "--process_id", str(i)], env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for i, (proc, text) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"process {i} failed:\n{text[-4000:]}"
+    assert "running as process 1 of 2 processes (4 local / 8 global devices)" in outputs[1]
+    for index in range(2):
+        part = [json.loads(line) for line in (out / "parts" / f"{index}.jsonl").read_text().splitlines()]
+        assert [(r["job"], r["process"]) for r in part] == [(index, index)]
+    rows = read_rows(out)  # job 0: the workdir, on process 0; job 1: its bundle, on process 1
+    assert [(r["job"], r["process"], r["kind"]) for r in rows] == [("0", "0", "workdir"), ("1", "1", "bundle")]
+    assert np.isfinite(float(rows[0]["psnr"])) and rows[0]["psnr"] == rows[1]["psnr"]
+    assert "wrote" in outputs[0] and "wrote" not in outputs[1]
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    missing = tmp_path / "no_such_run"
+    with pytest.raises(FileNotFoundError, match=f"{missing}: checkpoint listed in config.checkpoints does not exist"):
+        cli.main(["sweep", "--workdir", str(tmp_path / "out"), f"--config.checkpoints=('{missing}',)"])
+
+
+def test_a_folder_that_is_no_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: neither an inference bundle"):
+        sweep.plan_jobs(load_config("configs/sweep.py:tiny", [f"checkpoints=('{tmp_path}',)"]))
+
+
+def test_scaled_views_keep_points_on_the_same_pixels(rng):
+    frames, views, size = 2, 3, 16
+    intrinsics = np.tile(np.asarray([[20.0, 0, 8], [0, 22.0, 8], [0, 0, 1]], np.float32), (frames, views, 1, 1))
+    intrinsics[..., :2, 2] += rng.uniform(-2, 2, (frames, views, 2)).astype(np.float32)
+    eval_set = prior_stage.EvalSet(
+        encoder_images=rng.integers(0, 256, (frames, 2, size, size, 3), dtype=np.uint8),
+        target_images=rng.integers(0, 256, (frames, views, size, size, 3), dtype=np.uint8),
+        target_masks=rng.integers(0, 256, (frames, views, size, size), dtype=np.uint8),
+        world_to_cam=np.tile(np.eye(4, dtype=np.float32), (frames, views, 1, 1)), intrinsics=intrinsics,
+        rows={}, scan_subjects=np.zeros(1, np.int32),
+    )  # fmt: skip
+    half = sweep.scale_views(eval_set, 0.5)
+    assert half.target_images.shape == (frames, views, 8, 8, 3) and half.target_masks.shape == (frames, views, 8, 8)
+    np.testing.assert_array_equal(half.encoder_images, eval_set.encoder_images)
+    # A 2x2 block of the full image averages into one pixel of the half-size one.
+    block = eval_set.target_images[0, 0, 2:4, 4:6].astype(np.float32).mean(axis=(0, 1))
+    np.testing.assert_allclose(half.target_images[0, 0, 1, 2], block, atol=1.0)
+    # A camera-space point lands at half the pixel coordinates (pixel centres at j + 0.5).
+    point = np.append(rng.uniform(-0.2, 0.2, 2), 1.0)
+    full_uv, half_uv = (k[0, 0] @ point for k in (eval_set.intrinsics, half.intrinsics))
+    np.testing.assert_allclose(half_uv[:2], full_uv[:2] / 2, rtol=1e-6)

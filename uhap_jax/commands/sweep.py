@@ -1,0 +1,44 @@
+"""`uhap sweep --config configs/sweep.py:tiny --workdir S`: evaluate checkpoints x datasets x settings.
+
+    uhap sweep --config configs/sweep.py:tiny --workdir runs/sweep \
+        --config.checkpoints='("runs/prior", "bundles/prior")' --config.settings.image_scale='(1.0, 0.5)'
+
+Jobs are split round-robin over the JAX processes (pass the distributed flags, or let SLURM / TPU / Open MPI be
+auto-detected); process 0 writes S/results.csv, S/results.html and S/plots/<metric>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from uhap_jax.config_utils import load_config
+from uhap_jax.train.distributed import add_distributed_args, initialize_from_args
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="evaluate checkpoints x datasets x settings over all processes",
+        description="Config fields can be overridden with --config.<field>=<value>, e.g. "
+        "--config.checkpoints='(\"runs/prior\",)'.",
+    )
+    parser.add_argument("--config", default="sweep:tiny", help="configs/sweep.py[:preset] (default: tiny)")
+    parser.add_argument("--workdir", type=Path, required=True, help="parts/, results.csv, results.html, plots/")
+    add_distributed_args(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    initialize_from_args(args)
+    from uhap_jax.eval.sweep import run_sweep  # after distributed start-up: it imports the models
+
+    config = load_config(args.config, args.config_overrides)
+    rows = run_sweep(config, args.workdir)
+    if rows is not None:
+        print(f"wrote {args.workdir / 'results.csv'} ({len(rows)} rows), results.html and plots/")
+    return 0

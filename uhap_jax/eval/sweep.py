@@ -1,0 +1,259 @@
+"""Evaluation sweeps: the product of checkpoints x datasets x settings, split round-robin over JAX processes.
+
+Each process evaluates its share of the jobs on its first local device and writes `<workdir>/parts/<i>.jsonl`;
+after a barrier, process 0 merges the parts into `results.csv`, `results.html` and `plots/<metric>.png`.
+
+Steps that orbax or the record preparation may synchronise across processes (preparing each dataset, loading
+each checkpoint) run on every process in the same order; only the evaluation itself is split, so an uneven
+share of jobs cannot deadlock a barrier.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import html
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from PIL import Image
+
+from uhap_jax.config_utils import read_config
+from uhap_jax.export import BUNDLE_FILE, load_bundle, load_template, restore_prior
+from uhap_jax.geometry import template as template_lib
+from uhap_jax.models.prior import UHAP
+from uhap_jax.train import prior_stage
+
+logger = logging.getLogger(__name__)
+
+SETTING_FIELDS = ("image_scale", "num_views")
+# lve and sync_offset stay empty: audio-stage workdirs are refused (checkpoint_kind) until they can be restored here.
+METRICS = ("psnr", "ssim", "scan_chamfer", "lve", "sync_offset")
+COLUMNS = ("job", "checkpoint", "kind", "step", "dataset", *SETTING_FIELDS, *METRICS, "process", "seconds")
+PLOTTED = ("psnr", "ssim", "scan_chamfer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    index: int
+    checkpoint: str
+    dataset: str
+    setting: dict
+
+
+def checkpoint_kind(path: Path) -> str:
+    """'bundle' or 'workdir'; raises naming the path when it is neither."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint listed in config.checkpoints does not exist")
+    if (path / BUNDLE_FILE).is_file():
+        return "bundle"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: neither an inference bundle ({BUNDLE_FILE}) nor a training workdir "
+                                "(config.json)")  # fmt: skip
+    if "prior_workdir" in read_config(path / "config.json"):
+        raise ValueError(f"{path}: an audio-stage workdir; `uhap sweep` evaluates prior workdirs and bundles only "
+                         "(audio metrics: see `eval/lve` in its metrics.jsonl)")  # fmt: skip
+    return "workdir"
+
+
+def plan_jobs(config: ml_collections.ConfigDict) -> list[Job]:
+    """The sweep's jobs, checkpoints outermost; checks every checkpoint path before anything runs."""
+    checkpoints = _as_tuple(config.checkpoints)
+    if not checkpoints:
+        raise ValueError("configs/sweep.py: config.checkpoints is empty; pass --config.checkpoints='(\"path\",)'")
+    for checkpoint in checkpoints:
+        checkpoint_kind(Path(checkpoint))
+    settings = [_as_tuple(config.settings[name]) for name in SETTING_FIELDS]
+    for name, values in zip(SETTING_FIELDS, settings):
+        if not values:
+            raise ValueError(f"configs/sweep.py: config.settings.{name} is empty")
+    for scale in settings[0]:
+        if not 0.0 < float(scale) <= 4.0:
+            raise ValueError(f"configs/sweep.py: settings.image_scale {scale} is outside (0, 4]")
+    combos = itertools.product(checkpoints, _as_tuple(config.datasets), *settings)
+    return [
+        Job(i, str(ckpt), str(dataset), dict(zip(SETTING_FIELDS, values)))
+        for i, (ckpt, dataset, *values) in enumerate(combos)
+    ]
+
+
+def _as_tuple(value) -> tuple:
+    return (value,) if isinstance(value, (str, int, float)) else tuple(value)
+
+
+def data_config(config: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
+    """What `prior_stage.dataset_root` and `prepared_records` read: where the data is and where to cache it."""
+    return ml_collections.ConfigDict(
+        {"data": {"root": dataset, "synth_preset": config.synth_preset, "cache_dir": config.cache_dir}}
+    )
+
+
+def load_checkpoint(path: Path, mesh: jax.sharding.Mesh) -> tuple[UHAP, ml_collections.ConfigDict, int, str,
+                                                                    template_lib.Template]:  # fmt: skip
+    """The prior of a workdir (latest checkpoint) or bundle, with its training config, step, kind and template."""
+    kind = checkpoint_kind(path)
+    if kind == "bundle":
+        model, config = load_bundle(path, mesh)
+        step = int(json.loads((path / BUNDLE_FILE).read_text())["step"])
+        return model, config, step, kind, load_template(path / "template.npz")
+    model, config, step = restore_prior(path, mesh)
+    return model, config, step, kind, template_lib.procedural_head(config.model.template_resolution)
+
+
+def scale_views(eval_set: prior_stage.EvalSet, scale: float) -> prior_stage.EvalSet:
+    """The eval set with its held-out views resampled by `scale` (area filter when shrinking) and the
+    intrinsics scaled to match: with pixel centres at (j + 0.5, i + 0.5), K's rows scale exactly."""
+    if scale == 1.0:
+        return eval_set
+    frames, views, height, width = eval_set.target_masks.shape
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    resample = Image.Resampling.BOX if scale < 1.0 else Image.Resampling.BILINEAR
+
+    def resize(images: np.ndarray) -> np.ndarray:
+        flat = images.reshape(frames * views, *images.shape[2:])
+        out = np.stack([np.asarray(Image.fromarray(x).resize((new_w, new_h), resample)) for x in flat])
+        return out.reshape(frames, views, *out.shape[1:])
+
+    intrinsics = eval_set.intrinsics.copy()
+    intrinsics[..., 0, :] *= new_w / width
+    intrinsics[..., 1, :] *= new_h / height
+    return dataclasses.replace(eval_set, target_images=resize(eval_set.target_images),
+                               target_masks=resize(eval_set.target_masks), intrinsics=intrinsics)  # fmt: skip
+
+
+def evaluate_job(job: Job, model: UHAP, train_config: ml_collections.ConfigDict, template: template_lib.Template,
+                 root: Path, records, sweep_config: ml_collections.ConfigDict, mesh) -> dict[str, float]:  # fmt: skip
+    """Held-out-view PSNR/SSIM and neutral-scan Chamfer (mm) of one prior on one dataset at one setting."""
+    config = ml_collections.ConfigDict(train_config.to_dict())
+    config.data.root = str(root)
+    if job.setting["num_views"]:
+        config.data.num_views = int(job.setting["num_views"])
+    config.eval.num_frames = sweep_config.eval.num_frames
+    config.eval.batch_size = sweep_config.eval.batch_size
+    split = prior_stage.read_split(root, records, config.data.num_views)
+    tables = prior_stage.subject_tables(root, records, model, template, config)
+    eval_set = scale_views(
+        prior_stage.build_eval_set(records, split, tables, config), float(job.setting["image_scale"])
+    )
+    first = slice(0, config.eval.batch_size)
+    probe = {"images": eval_set.target_images[first], "world_to_cam": eval_set.world_to_cam[first],
+             "intrinsics": eval_set.intrinsics[first], **{k: v[first] for k, v in eval_set.rows.items()}}  # fmt: skip
+    with jax.set_mesh(mesh):
+        capacity = prior_stage.capacity_bound(model, probe, config.render.capacity_headroom)
+        metrics = prior_stage.Evaluator(eval_set, tables, capacity, config)(model)
+    return {name.removeprefix("eval/"): value for name, value in metrics.items()}
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict] | None:
+    """Runs this process's share of the sweep; process 0 returns the merged rows (others None)."""
+    workdir = Path(workdir)
+    jobs = plan_jobs(config)
+    index, count = jax.process_index(), jax.process_count()
+    mine = [job for job in jobs if job.index % count == index]
+    logger.info("sweep: %d jobs, %d on process %d of %d", len(jobs), len(mine), index, count)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices()[:1])
+    datasets = {}
+    for dataset in dict.fromkeys(job.dataset for job in jobs):  # collective: every process, same order
+        data = data_config(config, dataset)
+        root = prior_stage.dataset_root(data)
+        datasets[dataset] = (root, prior_stage.prepared_records(root, data))
+    rows = []
+    for checkpoint in dict.fromkeys(job.checkpoint for job in jobs):  # loading may synchronise processes
+        model, train_config, step, kind, template = load_checkpoint(Path(checkpoint), mesh)
+        for job in (j for j in mine if j.checkpoint == checkpoint):
+            start = time.perf_counter()
+            root, records = datasets[job.dataset]
+            metrics = evaluate_job(job, model, train_config, template, root, records, config, mesh)
+            row = {"job": job.index, "checkpoint": checkpoint, "kind": kind, "step": step,
+                   "dataset": job.dataset or f"synthetic:{config.synth_preset}", **job.setting, **metrics,
+                   "process": index, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+            logger.info("sweep job %d: %s", job.index, row)
+            rows.append(row)
+    parts = workdir / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    (parts / f"{index}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    multihost_utils.sync_global_devices("uhap sweep parts")
+    if index != 0:
+        return None
+    merged = merge_parts(parts, count, len(jobs))
+    write_csv(merged, workdir / "results.csv")
+    write_html(merged, workdir / "results.html")
+    write_plots(merged, workdir / "plots")
+    return merged
+
+
+def merge_parts(parts: Path, count: int, num_jobs: int) -> list[dict]:
+    """Every process's rows in job order; raises when a part is missing or a job has no row."""
+    rows = []
+    for index in range(count):
+        path = parts / f"{index}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: process {index} wrote no results")
+        rows.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    rows.sort(key=lambda row: row["job"])
+    if [row["job"] for row in rows] != list(range(num_jobs)):
+        raise ValueError(f"{parts}: the parts hold jobs {[row['job'] for row in rows]}, expected 0..{num_jobs - 1}")
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_html(rows: list[dict], path: Path) -> None:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(row.get(c, '')))}</td>" for c in COLUMNS) + "</tr>\n" for row in rows
+    )
+    path.write_text(
+        "<!doctype html>\n<html><head><meta charset='utf-8'><title>uhap sweep</title>"
+        "<style>table{border-collapse:collapse}td,th{border:1px solid #999;padding:2px 6px}</style></head>\n"
+        f"<body><h1>uhap sweep</h1>\n<table>\n<tr>{head}</tr>\n{body}</table>\n</body></html>\n"
+    )
+
+
+def write_plots(rows: list[dict], folder: Path) -> list[Path]:
+    """One grouped bar chart per metric: a group per (checkpoint, dataset), a bar per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    groups = list(dict.fromkeys((Path(r["checkpoint"]).name, Path(r["dataset"]).name) for r in rows))
+    settings = list(dict.fromkeys(tuple(r[f] for f in SETTING_FIELDS) for r in rows))
+    width = 0.8 / len(settings)
+    written = []
+    for metric in PLOTTED:
+        figure, axes = plt.subplots(figsize=(max(4.0, 1.5 * len(groups)), 3.5))
+        for offset, setting in enumerate(settings):
+            values = [
+                next((r[metric] for r in rows if (Path(r["checkpoint"]).name, Path(r["dataset"]).name) == group
+                      and tuple(r[f] for f in SETTING_FIELDS) == setting), np.nan)
+                for group in groups
+            ]  # fmt: skip
+            label = ", ".join(f"{f}={v}" for f, v in zip(SETTING_FIELDS, setting))
+            axes.bar(np.arange(len(groups)) + offset * width, values, width, label=label)
+        axes.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"{c}\n{d}" for c, d in groups], fontsize=8)
+        axes.set_ylabel(metric)
+        axes.legend(fontsize=7)
+        figure.tight_layout()
+        path = folder / f"{metric}.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written

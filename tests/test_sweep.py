@@ -1,5 +1,6 @@
 """`uhap sweep` over a tiny prior's workdir and its bundle: the CSV, plots and HTML, identical metrics for the
-two, the jobs split over two JAX processes and merged by process 0, and a clear error for a missing checkpoint."""
+two, the jobs split over two JAX processes and merged by process 0, and a clear error for a missing checkpoint.
+Over an audio-stage workdir: the lve and sync_offset that the audio stage's own eval gives its checkpoint."""
 
 import csv
 import json
@@ -10,14 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_animate import _save_step_zero
+from test_prior import randomise
 from test_scale_out import _env, _free_port
+from test_train_audio import FPS, PRIOR_OVERRIDES, SMALL_SPEECH_MODEL, prior_checkpoint  # noqa: F401 (fixture)
 from test_train_prior import TINY_MODEL, write_layout
 
 from uhap_jax import cli
 from uhap_jax.config_utils import load_config
 from uhap_jax.eval import sweep
 from uhap_jax.export import export_bundle
-from uhap_jax.train import prior_stage
+from uhap_jax.geometry import template as template_lib
+from uhap_jax.train import audio_stage, prior_stage
+from uhap_jax.train.mesh import make_mesh
 
 SCALES = (1.0, 0.5)
 
@@ -132,3 +138,47 @@ def test_scaled_views_keep_points_on_the_same_pixels(rng):
     point = np.append(rng.uniform(-0.2, 0.2, 2), 1.0)
     full_uv, half_uv = (k[0, 0] @ point for k in (eval_set.intrinsics, half.intrinsics))
     np.testing.assert_allclose(half_uv[:2], full_uv[:2] / 2, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def speech_workdir(prior_checkpoint, tmp_path_factory) -> tuple[Path, Path, Path, dict]:  # noqa: F811 (fixture)
+    """(layout root, cache, audio workdir, the audio stage's eval of it): a random step-0 speech model written by
+    the Trainer with its config.json (training it compiles the speech model's step, minutes on these CPUs), then
+    scored by `train_audio` with train.steps=0, which resumes it, evaluates at step 0 and trains nothing."""
+    root, cache, prior_workdir = prior_checkpoint
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"[speech_workdir] seed={seed}")
+    workdir = tmp_path_factory.mktemp("sweep_audio") / "audio"
+    config = load_config("configs/audio.py:tiny", [
+        *(o.removeprefix("--config.") for o in SMALL_SPEECH_MODEL), f"prior_workdir={prior_workdir}",
+        f"prior_overrides={tuple(PRIOR_OVERRIDES)}", f"data.root={root}", f"data.cache_dir={cache}",
+        "data.window_frames=4", "data.batch_size=8", "data.num_threads=0", "eval.batch_size=4", "eval.max_lag=2",
+        "train.steps=0",
+    ])  # fmt: skip
+    prior, _ = audio_stage.restore_prior(audio_stage.prior_config(config), prior_workdir, make_mesh())
+    model = audio_stage.build_model(config, prior, FPS)
+    randomise(model.speech.head, np.random.default_rng(seed))
+    lip_ids = audio_stage.lip_gaussian_ids(prior.layout, template_lib.procedural_head(24))
+    loss = audio_stage.make_loss_fn(config, lip_ids)
+    _save_step_zero(config, model, prior_stage.make_optimizer(config), loss, workdir)
+    _, metrics = audio_stage.train_audio(config, workdir)
+    return root, cache, workdir, metrics
+
+
+def test_sweep_scores_an_audio_workdir_as_the_audio_stage_does(speech_workdir, tmp_path):
+    root, cache, workdir, own = speech_workdir
+    out = tmp_path / "sweep"
+    assert cli.main([
+        "sweep", "--config", "configs/sweep.py:tiny", "--workdir", str(out), f"--config.checkpoints=('{workdir}',)",
+        f"--config.datasets=('{root}',)", f"--config.cache_dir={cache}", "--config.settings.image_scale=(1.0, 0.5)",
+    ]) == 0  # fmt: skip
+    rows = read_rows(out)
+    assert [(r["kind"], r["step"], r["image_scale"]) for r in rows] == [("audio", "0", "1.0"), ("audio", "0", "0.5")]
+    for row in rows:
+        assert np.isfinite(float(row["lve"])) and float(row["lve"]) > 0.0
+        assert float(row["lve"]) == pytest.approx(own["eval/lve"], rel=1e-5)
+        assert float(row["lve"]) != pytest.approx(own["eval/lve_shuffled_audio"], rel=1e-5)  # the audio matters
+        assert row["sync_offset"] == str(int(own["eval/sync_offset_frames"]))
+        assert row["psnr"] == row["ssim"] == row["scan_chamfer"] == ""  # a speech model renders no views here
+    # The sweep encoded its own targets rather than reading the audio workdir's cache.
+    assert list((out / "expression_codes").glob("*.npz"))

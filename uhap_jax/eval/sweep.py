@@ -6,6 +6,11 @@ after a barrier, process 0 merges the parts into `results.csv`, `results.html` a
 Steps that orbax or the record preparation may synchronise across processes (preparing each dataset, loading
 each checkpoint) run on every process in the same order; only the evaluation itself is split, so an uneven
 share of jobs cannot deadlock a barrier.
+
+An audio-stage workdir is scored as the audio stage's own eval scores it (`audio_stage.make_evaluator`): its
+speech model and the prior it names, on the dataset's held-out sentences and identities, fill `lve` (mm²) and
+`sync_offset` (frames); psnr, ssim and scan_chamfer stay empty for it, and the settings do not change it, so it
+runs once per (checkpoint, dataset) and the other settings' rows repeat its numbers.
 """
 
 from __future__ import annotations
@@ -28,16 +33,17 @@ from PIL import Image
 from uhap_jax.config_utils import read_config
 from uhap_jax.export import BUNDLE_FILE, load_bundle, load_template, restore_prior
 from uhap_jax.geometry import template as template_lib
+from uhap_jax.inference.avatar import restore_speech
 from uhap_jax.models.prior import UHAP
-from uhap_jax.train import prior_stage
+from uhap_jax.train import audio_stage, prior_stage
 
 logger = logging.getLogger(__name__)
 
 SETTING_FIELDS = ("image_scale", "num_views")
-# lve and sync_offset stay empty: audio-stage workdirs are refused (checkpoint_kind) until they can be restored here.
+# psnr, ssim and scan_chamfer come from prior workdirs and bundles; lve and sync_offset from audio-stage workdirs.
 METRICS = ("psnr", "ssim", "scan_chamfer", "lve", "sync_offset")
 COLUMNS = ("job", "checkpoint", "kind", "step", "dataset", *SETTING_FIELDS, *METRICS, "process", "seconds")
-PLOTTED = ("psnr", "ssim", "scan_chamfer")
+PLOTTED = ("psnr", "ssim", "scan_chamfer", "lve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +55,7 @@ class Job:
 
 
 def checkpoint_kind(path: Path) -> str:
-    """'bundle' or 'workdir'; raises naming the path when it is neither."""
+    """'bundle', 'workdir' (a prior's) or 'audio' (an audio stage's); raises naming the path when it is none."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint listed in config.checkpoints does not exist")
     if (path / BUNDLE_FILE).is_file():
@@ -57,10 +63,15 @@ def checkpoint_kind(path: Path) -> str:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: neither an inference bundle ({BUNDLE_FILE}) nor a training workdir "
                                 "(config.json)")  # fmt: skip
-    if "prior_workdir" in read_config(path / "config.json"):
-        raise ValueError(f"{path}: an audio-stage workdir; `uhap sweep` evaluates prior workdirs and bundles only "
-                         "(audio metrics: see `eval/lve` in its metrics.jsonl)")  # fmt: skip
-    return "workdir"
+    config = read_config(path / "config.json")
+    if "prior_workdir" not in config:
+        return "workdir"
+    if not config.prior_workdir:
+        raise ValueError(f"{path / 'config.json'}: an audio-stage config without prior_workdir")
+    if jax.process_count() > 1:
+        raise ValueError(f"{path}: audio-stage workdirs are evaluated by single-process sweeps only "
+                         "(`restore_speech` places the speech model on global device 0)")  # fmt: skip
+    return "audio"
 
 
 def plan_jobs(config: ml_collections.ConfigDict) -> list[Job]:
@@ -151,6 +162,39 @@ def evaluate_job(job: Job, model: UHAP, train_config: ml_collections.ConfigDict,
     return {name.removeprefix("eval/"): value for name, value in metrics.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class SpeechCheckpoint:
+    """An audio-stage workdir: its config, the prior it was trained against (restored as the stage does)."""
+
+    path: Path
+    config: ml_collections.ConfigDict
+    prior_config: ml_collections.ConfigDict
+    prior: UHAP
+    prior_step: int
+
+
+def load_speech_checkpoint(path: Path, mesh: jax.sharding.Mesh) -> SpeechCheckpoint:
+    config = read_config(path / "config.json")
+    prior_cfg = audio_stage.prior_config(config)
+    prior, prior_step = audio_stage.restore_prior(prior_cfg, config.prior_workdir, mesh)
+    return SpeechCheckpoint(path, config, prior_cfg, prior, prior_step)
+
+
+def evaluate_speech(checkpoint: SpeechCheckpoint, root: Path, records, codes_cache: Path,
+                    mesh) -> tuple[dict[str, float], int]:  # fmt: skip
+    """LVE (mm²) and sync offset (frames) of the latest speech model on the dataset's held-out sequences, as
+    the audio stage's eval computes them; and the speech model's step."""
+    config, prior_cfg, prior = checkpoint.config, checkpoint.prior_config, checkpoint.prior
+    fps = audio_stage.training_fps(root, records)
+    speech, step = restore_speech(checkpoint.path, prior, fps)
+    sequences, scan_maps = audio_stage.speech_targets(config, prior_cfg, prior, checkpoint.prior_step, root, records,
+                                                      fps, codes_cache)  # fmt: skip
+    evaluator = audio_stage.make_evaluator(config, prior_cfg, prior, sequences, scan_maps, fps)
+    with jax.set_mesh(mesh):
+        metrics = evaluator(audio_stage.SpeechWithPrior(speech, prior))
+    return {"lve": metrics["eval/lve"], "sync_offset": int(metrics["eval/sync_offset_frames"])}, step
+
+
 def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict] | None:
     """Runs this process's share of the sweep; process 0 returns the merged rows (others None)."""
     workdir = Path(workdir)
@@ -166,16 +210,23 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> list[di
         datasets[dataset] = (root, prior_stage.prepared_records(root, data))
     rows = []
     for checkpoint in dict.fromkeys(job.checkpoint for job in jobs):  # loading may synchronise processes
+        if checkpoint_kind(Path(checkpoint)) == "audio":
+            speech_checkpoint = load_speech_checkpoint(Path(checkpoint), mesh)
+            by_dataset = {}
+            for job in (j for j in mine if j.checkpoint == checkpoint):
+                start = time.perf_counter()
+                if job.dataset not in by_dataset:
+                    cache = workdir / "expression_codes" / f"job{job.index}.npz"
+                    by_dataset[job.dataset] = evaluate_speech(speech_checkpoint, *datasets[job.dataset], cache, mesh)
+                metrics, step = by_dataset[job.dataset]
+                rows.append(_row(job, config, "audio", step, metrics, start))
+            continue
         model, train_config, step, kind, template = load_checkpoint(Path(checkpoint), mesh)
         for job in (j for j in mine if j.checkpoint == checkpoint):
             start = time.perf_counter()
             root, records = datasets[job.dataset]
             metrics = evaluate_job(job, model, train_config, template, root, records, config, mesh)
-            row = {"job": job.index, "checkpoint": checkpoint, "kind": kind, "step": step,
-                   "dataset": job.dataset or f"synthetic:{config.synth_preset}", **job.setting, **metrics,
-                   "process": index, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
-            logger.info("sweep job %d: %s", job.index, row)
-            rows.append(row)
+            rows.append(_row(job, config, kind, step, metrics, start))
     parts = workdir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     (parts / f"{index}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -187,6 +238,14 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> list[di
     write_html(merged, workdir / "results.html")
     write_plots(merged, workdir / "plots")
     return merged
+
+
+def _row(job: Job, config: ml_collections.ConfigDict, kind: str, step: int, metrics: dict, start: float) -> dict:
+    row = {"job": job.index, "checkpoint": job.checkpoint, "kind": kind, "step": step,
+           "dataset": job.dataset or f"synthetic:{config.synth_preset}", **job.setting, **metrics,
+           "process": jax.process_index(), "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+    logger.info("sweep job %d: %s", job.index, row)
+    return row
 
 
 def merge_parts(parts: Path, count: int, num_jobs: int) -> list[dict]:
@@ -234,18 +293,22 @@ def write_plots(rows: list[dict], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    groups = list(dict.fromkeys((Path(r["checkpoint"]).name, Path(r["dataset"]).name) for r in rows))
-    settings = list(dict.fromkeys(tuple(r[f] for f in SETTING_FIELDS) for r in rows))
+
+    def group_of(row):
+        return Path(row["checkpoint"]).name, Path(row["dataset"]).name
+
+    def setting_of(row):
+        return tuple(row[f] for f in SETTING_FIELDS)
+
+    groups = list(dict.fromkeys(group_of(r) for r in rows))
+    settings = list(dict.fromkeys(setting_of(r) for r in rows))
     width = 0.8 / len(settings)
     written = []
     for metric in PLOTTED:
         figure, axes = plt.subplots(figsize=(max(4.0, 1.5 * len(groups)), 3.5))
         for offset, setting in enumerate(settings):
-            values = [
-                next((r[metric] for r in rows if (Path(r["checkpoint"]).name, Path(r["dataset"]).name) == group
-                      and tuple(r[f] for f in SETTING_FIELDS) == setting), np.nan)
-                for group in groups
-            ]  # fmt: skip
+            by_group = {group_of(r): r.get(metric, np.nan) for r in rows if setting_of(r) == setting}
+            values = [by_group.get(group, np.nan) for group in groups]
             label = ", ".join(f"{f}={v}" for f, v in zip(SETTING_FIELDS, setting))
             axes.bar(np.arange(len(groups)) + offset * width, values, width, label=label)
         axes.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"{c}\n{d}" for c, d in groups], fontsize=8)

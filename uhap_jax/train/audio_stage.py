@@ -467,6 +467,44 @@ class Evaluator:
         return metrics
 
 
+def training_fps(root: Path, records: loaders.FrameRecords) -> float:
+    """The frame rate of the training identities' sequences: the speech model's output rate on this data."""
+    info = layout.read_dataset_info(root)
+    train_subjects = set(info.get("identities", {}).get("train", ()))
+    fps = next((float(row["fps"]) for row in records.sequences if row["subject"] in train_subjects), None)
+    if fps is None:
+        raise ValueError(f"{root / layout.DATASET_FILE}: no sequence of a training identity (identities.train)")
+    return fps
+
+
+def speech_targets(
+    config: ml_collections.ConfigDict, prior_cfg: ml_collections.ConfigDict, prior: UHAP, prior_step: int,
+    root: Path, records: loaders.FrameRecords, fps: float, codes_cache: Path,
+) -> tuple[list[Sequence], np.ndarray]:  # fmt: skip
+    """The train and eval sequences with the prior's codes as targets, and the subjects' scan UV maps."""
+    template = template_lib.procedural_head(prior_cfg.model.template_resolution)
+    split = prior_stage.read_split(root, records, prior_cfg.data.num_views)
+    tables = prior_stage.subject_tables(root, records, prior, template, prior_cfg)
+    sequences = read_sequences(root, records, split.held_in_cameras, fps)
+    key = _codes_key(Path(config.prior_workdir), prior_step, root, split.held_in_cameras)
+    sequences = expression_codes(prior, records, sequences, split.held_in_cameras, config.data.code_batch_size,
+                                 codes_cache, key)  # fmt: skip
+    return sequences, tables.scan_maps
+
+
+def make_evaluator(
+    config: ml_collections.ConfigDict, prior_cfg: ml_collections.ConfigDict, prior: UHAP, sequences: list[Sequence],
+    scan_maps: np.ndarray, fps: float,
+) -> Evaluator:  # fmt: skip
+    """The evaluator of the held-out sequences; the zero-motion baseline is each identity's mean code."""
+    template = template_lib.procedural_head(prior_cfg.model.template_resolution)
+    lip_ids = lip_gaussian_ids(prior.layout, template)
+    mean_codes = {i: np.mean(np.concatenate([s.codes for s in sequences if s.subject_id == i]), axis=0)
+                  for i in {s.subject_id for s in sequences}}  # fmt: skip
+    return Evaluator([s for s in sequences if s.split != "train"], mean_codes, scan_maps, config, fps, lip_ids,
+                     split_lips(prior.layout, template, lip_ids))  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------- the stage
 
 
@@ -479,33 +517,24 @@ def train_audio(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple
     prior_cfg = prior_config(config)
     prior, prior_step = restore_prior(prior_cfg, config.prior_workdir, mesh)
     logger.info("prior: step %d of %s", prior_step, config.prior_workdir)
-    template = template_lib.procedural_head(prior_cfg.model.template_resolution)
     root = prior_stage.dataset_root(prior_cfg)
     records = prior_stage.prepared_records(root, prior_cfg)
-    split = prior_stage.read_split(root, records, prior_cfg.data.num_views)
-    tables = prior_stage.subject_tables(root, records, prior, template, prior_cfg)
-    fps = float(next(row["fps"] for row in records.sequences if row["subject"] in split.train_subjects))
-    sequences = read_sequences(root, records, split.held_in_cameras, fps)
-    key = _codes_key(Path(config.prior_workdir), prior_step, root, split.held_in_cameras)
-    sequences = expression_codes(prior, records, sequences, split.held_in_cameras, config.data.code_batch_size,
-                                 workdir / CODES_FILE, key)  # fmt: skip
+    fps = training_fps(root, records)
+    sequences, scan_maps = speech_targets(config, prior_cfg, prior, prior_step, root, records, fps,
+                                          workdir / CODES_FILE)  # fmt: skip
     multihost_utils.sync_global_devices("uhap audio targets")
 
-    lip_ids = lip_gaussian_ids(prior.layout, template)
-    lip_halves = split_lips(prior.layout, template, lip_ids)
+    evaluator = make_evaluator(config, prior_cfg, prior, sequences, scan_maps, fps)
     model = build_model(config, prior, fps)
     options = loaders.LoaderOptions(
         global_batch=config.data.batch_size, seed=config.train.seed, num_threads=config.data.num_threads,
         prefetch=config.data.prefetch,
     )  # fmt: skip
     train_sequences = [s for s in sequences if s.split == "train"]
-    data = window_loader(train_sequences, tables.scan_maps, config.data.window_frames, fps, mesh, options)
+    data = window_loader(train_sequences, scan_maps, config.data.window_frames, fps, mesh, options)
     optimizer = prior_stage.make_optimizer(config)
-    trainer = Trainer(config.train, model, optimizer, make_loss_fn(config, lip_ids), data, workdir, mesh=mesh)
-    mean_codes = {i: np.mean(np.concatenate([s.codes for s in sequences if s.subject_id == i]), axis=0)
-                  for i in {s.subject_id for s in sequences}}  # fmt: skip
-    evaluator = Evaluator([s for s in sequences if s.split != "train"], mean_codes, tables.scan_maps, config, fps,
-                          lip_ids, lip_halves)  # fmt: skip
+    loss_fn = make_loss_fn(config, evaluator.lip_ids)
+    trainer = Trainer(config.train, model, optimizer, loss_fn, data, workdir, mesh=mesh)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     total_steps = config.train.steps
     metrics = {}

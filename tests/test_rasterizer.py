@@ -89,15 +89,28 @@ def test_gradients_match_finite_differences(rng, mode):
 
         loss = jax.jit(loss)
         grads = jax.grad(loss, argnums=range(5))(*args[:5])
-        eps = 1e-7
+
+        def central_difference(i, direction, eps):
+            plus = [a + eps * direction if j == i else a for j, a in enumerate(args[:5])]
+            minus = [a - eps * direction if j == i else a for j, a in enumerate(args[:5])]
+            return float((loss(*plus) - loss(*minus)) / (2 * eps))
+
+        # The image is only piecewise smooth (alpha >= 1/255, T <= 1e-4, the tile boxes): a direction whose step
+        # crosses one of those thresholds has no derivative to compare. Two step sizes that disagree reveal such
+        # a crossing; those directions are redrawn, and every attribute must still be checked twice.
         for i, name in enumerate(ORDER[:5]):
-            for _ in range(2):
+            checked = 0
+            for _ in range(8):
                 direction = rng.normal(size=args[i].shape)
-                plus = [a + eps * direction if j == i else a for j, a in enumerate(args[:5])]
-                minus = [a - eps * direction if j == i else a for j, a in enumerate(args[:5])]
-                fd = (loss(*plus) - loss(*minus)) / (2 * eps)
-                analytic = jnp.sum(grads[i] * direction)
-                assert abs(analytic - fd) <= 1e-5 * max(1.0, abs(fd)), (name, float(analytic), float(fd))
+                fd = central_difference(i, direction, 1e-7)
+                if abs(fd - central_difference(i, direction, 2.5e-8)) > 1e-6 * max(1.0, abs(fd)):
+                    continue
+                analytic = float(jnp.sum(grads[i] * direction))
+                assert abs(analytic - fd) <= 1e-5 * max(1.0, abs(fd)), (name, analytic, fd)
+                checked += 1
+                if checked == 2:
+                    break
+            assert checked == 2, f"{name}: every direction crossed a threshold"
         assert all(np.abs(np.asarray(g)).max() > 0 for g in grads)
 
 

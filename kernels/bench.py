@@ -166,24 +166,28 @@ def _breakdown(scene: Scene, args: list, capacity: int, repeats: int) -> dict:
 
 
 def stage_times(scene: Scene, arrays: dict, repeats: int) -> dict:
-    """Projection, depth ranking, pair expansion and sorting timed cumulatively, for each binning strategy."""
+    """Projection, depth ranking, pair expansion, sorting and the record gather, timed cumulatively, for each
+    binning strategy (per-camera batched sorts vs one flattened sort)."""
     from kernels.projection import project
 
     args = [jnp.asarray(arrays[k]) for k in ORDER]
     width, height = scene.width, scene.height
-    tiles_x, tiles_y = binning.tile_grid(width, height)
+    tiles_x, _ = binning.tile_grid(width, height)
     capacity = capacity_for(*args[:4], *args[5:], width=width, height=height)
 
     def proj_of(a):
         return project(a[0], a[1], a[2], a[3], a[5], a[6], width=width, height=height)
 
-    def upto_rank(*a):
+    def rank(a, how):
         p = proj_of(a)
         rects = binning.tile_rectangles(p, width, height)
-        return binning.rank_by_depth(p.depths, rects[-1]), rects
+        if how == "float":  # the old float-keyed argsort
+            key = jnp.where(rects[-1] > 0, p.depths, jnp.inf)
+            return jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32), rects
+        return binning.rank_by_depth(p.depths, rects[-1], flat=how == "flat"), rects
 
-    def upto_expand(*a, method):
-        order, rects = upto_rank(*a)
+    def expand(a, how, method):
+        order, rects = rank(a, how)
         fn = functools.partial(binning.expand_pairs, capacity=capacity, tiles_x=tiles_x, method=method)
         return jax.vmap(fn)(order, *rects)
 
@@ -191,21 +195,78 @@ def stage_times(scene: Scene, arrays: dict, repeats: int) -> dict:
         fn = jax.jit(fn)
         return median_ms(lambda: jax.block_until_ready(fn(*args)), repeats)
 
-    row = dict(
-        scene=scene.name,
-        capacity=capacity,
-        project_ms=time(lambda *a: proj_of(a).means2d),
-        rank_ms=time(lambda *a: upto_rank(*a)[0]),
-    )
-    for expand in ("cummax", "searchsorted"):
-        row[f"expand_{expand}_ms"] = time(functools.partial(upto_expand, method=expand))
-        for sort in ("auto", "stable_pairs"):
-            row[f"bin_{expand}_{sort}_ms"] = time(
-                lambda *a, e=expand, s=sort: (
-                    binning.bin_pairs(proj_of(a), width, height, capacity, 32, expand=e, sort=s).tile_start
-                )
+    row = dict(scene=scene.name, capacity=capacity, project_ms=time(lambda *a: proj_of(a).means2d))
+    for how in ("float", "percam", "flat"):
+        row[f"rank_{how}_ms"] = time(lambda *a, h=how: rank(a, h)[0])
+    for method in ("cummax", "searchsorted"):
+        row[f"expand_{method}_ms"] = time(lambda *a, m=method: expand(a, "flat", m))
+    from kernels import pallas_composite as pc
+
+    saved = binning.FLAT_SORT
+    try:
+        for flat in ("0", "1"):
+            binning.FLAT_SORT = flat
+            row[f"bin_flat{flat}_ms"] = time(
+                lambda *a: binning.bin_pairs(proj_of(a), width, height, capacity, pc.ALIGN).tile_start
             )
+            row[f"pairs_flat{flat}_ms"] = time(
+                lambda *a: build_pairs(
+                    *a, width=width, height=height, backend="pallas", mode="classic", capacity=capacity
+                )[0]
+            )
+    finally:
+        binning.FLAT_SORT = saved
     return row
+
+
+def profile(scene: Scene, arrays: dict, repeats: int, top: int = 25) -> str:
+    """Device time per iteration of forward+backward, by XLA op and by GPU kernel (jax.profiler trace)."""
+    import collections
+    import glob
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    args = [jnp.asarray(arrays[k]) for k in ORDER]
+    width, height = scene.width, scene.height
+    capacity = capacity_for(*args[:4], *args[5:], width=width, height=height)
+    weights = jax.random.normal(jax.random.key(1), (len(arrays["world_to_cam"]), height, width, 3))
+
+    @jax.jit
+    def forward_backward(*a):
+        def loss(m, q, s, o, c):
+            out = rasterize(m, q, s, o, c, *a[5:], width=width, height=height, backend="pallas", capacity=capacity)
+            return jnp.sum(out.rgb * weights) + jnp.sum(out.alpha) + jnp.sum(out.depth)
+
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*a[:5])
+
+    for _ in range(3):
+        jax.block_until_ready(forward_backward(*args))
+    folder = tempfile.mkdtemp()
+    jax.profiler.start_trace(folder)
+    for _ in range(repeats):
+        jax.block_until_ready(forward_backward(*args))
+    jax.profiler.stop_trace()
+    data = ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    by_op, by_kernel = collections.Counter(), collections.Counter()
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            target = by_op if line.name == "XLA Ops" else by_kernel if line.name.startswith("Stream") else None
+            if target is not None:
+                for event in line.events:
+                    target[event.name] += event.duration_ns / 1e6 / repeats
+    if not by_op and not by_kernel:
+        return "no GPU events; planes: " + "; ".join(f"{p.name}: {[x.name for x in p.lines]}" for p in data.planes)
+    lines = [
+        f"== profile {scene.name}: device ms per fwd+bwd iteration (total by op {sum(by_op.values()):.3f}, "
+        f"by kernel {sum(by_kernel.values()):.3f})"
+    ]
+    for title, counter in (("op", by_op), ("kernel", by_kernel)):
+        for name, ms in counter.most_common(top):
+            lines.append(f"  {title:6s} {ms:8.3f}  {name[:110]}")
+    return "\n".join(lines)
 
 
 def bench_gsplat(scene: Scene, arrays: dict, repeats: int) -> dict:
@@ -326,11 +387,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenes", nargs="*", help="only these scene names")
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--stages", action="store_true", help="time the binning stages and strategies instead")
+    parser.add_argument("--profile", action="store_true", help="per-op device times of forward+backward instead")
     parser.add_argument("--save-images", help="folder to save the first view of each scene (npz) for inspection")
 
 
 def main_with_args(args: argparse.Namespace) -> int:
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    if args.profile:
+        for scene in PRESETS[args.preset]:
+            if not args.scenes or scene.name in args.scenes:
+                print(profile(scene, make_scene(scene), args.repeats), flush=True)
+        return 0
     if args.stages:
         for scene in PRESETS[args.preset]:
             if not args.scenes or scene.name in args.scenes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -21,6 +22,10 @@ from kernels.projection import Projected
 
 TILE = 16
 PAIR_SENTINEL = np.uint32(0xFFFFFFFF)
+# Sort all cameras at once (camera id in the high key bits) instead of one sort per camera. "auto": when the
+# program sees a single device, i.e. the camera batch cannot be sharded (a flattened sort of a sharded batch would
+# need communication). Batched per-camera sorts run far slower on GPU than one flattened radix sort.
+FLAT_SORT = os.environ.get("UHAP_FLAT_SORT", "auto")
 
 
 class Bins(NamedTuple):
@@ -70,6 +75,12 @@ def bucket_capacity(n_pairs: int, minimum: int = 1024) -> int:
     raise AssertionError("unreachable")
 
 
+def _narrow_uint(n: int):
+    """The narrowest unsigned type holding 0..n-1: XLA's GPU radix sort (CUB) takes unsigned keys and does one
+    pass per key byte, so a 16-bit tile key sorts in half the passes of a 32-bit one."""
+    return jnp.uint8 if n <= 1 << 8 else jnp.uint16 if n <= 1 << 16 else jnp.uint32
+
+
 def _bits(n: int) -> int:
     return max(1, int(n - 1).bit_length())
 
@@ -91,11 +102,15 @@ def bin_pairs(
     tiles_x, tiles_y = tile_grid(width, height)
     n_tiles = tiles_x * tiles_y
     rects = tile_rectangles(proj, width, height)
-    order = rank_by_depth(proj.depths, rects[-1])
+    flat = flat_sort(proj.depths.shape[0])
+    order = rank_by_depth(proj.depths, rects[-1], flat=flat)
     expand_fn = functools.partial(expand_pairs, capacity=capacity, tiles_x=tiles_x, method=expand)
     tile, rank, used, n_pairs = jax.vmap(expand_fn)(order, *rects)
-    sort_fn = functools.partial(sort_pairs, n_tiles=n_tiles, num_gauss=proj.depths.shape[1], method=sort)
-    tile_sorted, gid_sorted = jax.vmap(sort_fn)(tile, rank, used, order)
+    if flat and sort == "auto":
+        tile_sorted, gid_sorted = sort_pairs_flat(tile, rank, used, order, n_tiles=n_tiles)
+    else:
+        sort_fn = functools.partial(sort_pairs, n_tiles=n_tiles, num_gauss=proj.depths.shape[1], method=sort)
+        tile_sorted, gid_sorted = jax.vmap(sort_fn)(tile, rank, used, order)
     bounds = jax.vmap(functools.partial(_tile_bounds, n_tiles=n_tiles))(tile_sorted)
     tile_start, tile_end = bounds[:, :-1], bounds[:, 1:]
     gid_valid = tile_sorted < n_tiles
@@ -113,11 +128,36 @@ def bin_pairs(
     )
 
 
-def rank_by_depth(depths: jax.Array, count: jax.Array) -> jax.Array:
+def flat_sort(num_cams: int) -> bool:
+    """Whether to sort all cameras in one flattened sort (see FLAT_SORT)."""
+    if FLAT_SORT == "auto":
+        return num_cams == 1 or jax.device_count() == 1
+    return FLAT_SORT in ("1", "true", True)
+
+
+def _depth_key(depths: jax.Array, count: jax.Array) -> jax.Array:
+    """Unsigned integer sort keys in depth order: the bits of a positive float order as the float does (every
+    Gaussian with tiles has depth >= the near plane > 0); culled Gaussians get the largest key. Integer keys let XLA
+    use its radix sort (a float comparator canonicalises -0 and NaN, which XLA's GPU sort rewriter does not match)."""
+    udtype = jnp.dtype(f"uint{jnp.dtype(depths.dtype).itemsize * 8}")
+    bits = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(depths), udtype)
+    return jnp.where(count > 0, bits, np.array(np.iinfo(udtype).max, udtype))
+
+
+def rank_by_depth(depths: jax.Array, count: jax.Array, *, flat: bool = False) -> jax.Array:
     """[C, N] rank -> Gaussian id, front to back; ties keep index order (as gsplat's stable radix sort); culled
-    Gaussians (no tiles) go last."""
-    depth_key = jnp.where(count > 0, jax.lax.stop_gradient(depths), jnp.inf)
-    return jnp.argsort(depth_key, axis=-1, stable=True).astype(jnp.int32)
+    Gaussians (no tiles) go last. `flat`: two 1-D stable sorts over all cameras (by depth, then by camera) instead
+    of C batched sorts."""
+    num_cams, num_gauss = depths.shape
+    key = _depth_key(depths, count)
+    if not flat or num_cams == 1:
+        idx = jax.lax.broadcasted_iota(jnp.int32, key.shape, 1)
+        return jax.lax.sort((key, idx), dimension=1, num_keys=1, is_stable=True)[1]
+    idx = jnp.arange(num_cams * num_gauss, dtype=jnp.int32)
+    _, idx = jax.lax.sort((key.reshape(-1), idx), num_keys=1, is_stable=True)  # global depth order
+    cam = (idx // num_gauss).astype(_narrow_uint(num_cams))
+    _, idx = jax.lax.sort((cam, idx), num_keys=1, is_stable=True)  # camera-major, depth order kept
+    return (idx % num_gauss).reshape(num_cams, num_gauss)
 
 
 def expand_pairs(order, x0, y0, x1, y1, count, *, capacity: int, tiles_x: int, method: str = "cummax"):
@@ -185,6 +225,37 @@ def packed_key_fits(n_tiles: int, num_gauss: int) -> bool:
     return _bits(n_tiles + 1) + _bits(num_gauss) <= 32
 
 
+def sort_pairs_flat(tile, rank, used, order, *, n_tiles: int, key_bits: int = 32):
+    """All cameras [C, P] in one 1-D sort, camera id in the high key bits. Every camera owns exactly P slots and its
+    unused slots sort to the end of its own range, so the sorted array is already the per-camera [C, P] layout.
+    Returns what `sort_pairs` returns, per camera."""
+    num_cams, slots = tile.shape
+    num_gauss = order.shape[1]
+    cam_bits = (num_cams - 1).bit_length()
+    tile_bits, rank_bits = _bits(n_tiles + 1), _bits(num_gauss)
+    cam = jnp.arange(num_cams, dtype=jnp.uint32)[:, None]
+    if cam_bits + tile_bits + rank_bits <= key_bits:
+        # Keys only: (camera, tile, rank) packed; a camera's unused slots get all ones below its camera bits.
+        low = tile_bits + rank_bits
+        key = (tile.astype(jnp.uint32) << rank_bits) | rank.astype(jnp.uint32)
+        key = jnp.where(used, key, np.uint32((1 << low) - 1))
+        if cam_bits:
+            key = key | (cam << low)
+        key = jax.lax.sort(key.reshape(-1)).reshape(num_cams, slots)
+        tile_field = ((key >> rank_bits) & np.uint32((1 << tile_bits) - 1)).astype(jnp.int32)
+        sorted_tile = jnp.minimum(tile_field, n_tiles)
+        sorted_rank = (key & np.uint32((1 << rank_bits) - 1)).astype(jnp.int32)
+    else:
+        # Too many bits: a stable key-value sort on (camera, tile); pairs arrive in rank order within each camera.
+        key = cam.astype(jnp.int32) * (n_tiles + 1) + jnp.where(used, tile, n_tiles)
+        key = key.astype(_narrow_uint(num_cams * (n_tiles + 1)))
+        key, sorted_rank = jax.lax.sort((key.reshape(-1), rank.reshape(-1)), num_keys=1, is_stable=True)
+        sorted_tile = key.reshape(num_cams, slots).astype(jnp.int32) - cam.astype(jnp.int32) * (n_tiles + 1)
+        sorted_rank = sorted_rank.reshape(num_cams, slots)
+    sorted_rank = jnp.where(sorted_tile < n_tiles, sorted_rank, 0)
+    return sorted_tile, jax.vmap(lambda o, r: o[r])(order, sorted_rank)
+
+
 def sort_pairs(tile, rank, used, order, *, n_tiles: int, num_gauss: int, method: str = "auto"):
     """One camera: order pairs by (tile, rank). Returns the tile id per slot (n_tiles in unused slots) and the
     Gaussian id per slot. Pairs arrive in rank order, so a stable sort on the tile id alone keeps depth order."""
@@ -198,7 +269,7 @@ def sort_pairs(tile, rank, used, order, *, n_tiles: int, num_gauss: int, method:
         sorted_rank = (key & np.uint32((1 << rank_bits) - 1)).astype(jnp.int32)
     elif method in ("auto", "stable_pairs"):
         # Too many bits for 32 (e.g. 1M Gaussians at 1080p): a stable key-value sort on the tile id, without x64.
-        tile = jnp.where(used, tile, n_tiles).astype(jnp.int32)
+        tile = jnp.where(used, tile, n_tiles).astype(_narrow_uint(n_tiles + 1))
         sorted_tile, sorted_rank = jax.lax.sort((tile, rank.astype(jnp.int32)), num_keys=1, is_stable=True)
     else:
         raise ValueError(f"unknown sort method {method!r}")

@@ -144,7 +144,11 @@ class AdaptiveCapacity:
 
     def update(self, stats: RasterStats) -> bool:
         """Returns True when the capacity grew (the next step recompiles)."""
-        needed = int(jnp.max(stats.n_pairs, initial=0) * self.headroom)
+        return self.grow(int(jnp.max(stats.n_pairs, initial=0)))
+
+    def grow(self, n_pairs: int) -> bool:
+        """Makes room for `n_pairs` pairs per camera (x headroom); True when the capacity grew."""
+        needed = int(n_pairs * self.headroom)
         if needed > self.value:
             self.value = binning.bucket_capacity(needed)
             return True
@@ -184,7 +188,8 @@ def _compositor(backend: str):
 def build_pairs(
     means, quats, scales, opacities, colors, world_to_cam, intrinsics, *, width, height, backend, mode, capacity
 ) -> tuple[jax.Array, binning.Bins]:
-    """Steps 1-2: project, bin and sort, then gather each pair's record field-major: records [C, 10, P]."""
+    """Steps 1-2: project, bin and sort, then gather each pair's record: [C, 10, P] field-major, or [C, P, 10]
+    pair-major for a compositor that sets PAIR_MAJOR."""
     num_cams = world_to_cam.shape[0]
     proj = project(
         means,
@@ -203,9 +208,15 @@ def build_pairs(
     per_gaussian = jnp.concatenate(
         [proj.means2d, proj.conics, proj.opacities[..., None], colors, proj.depths[..., None]], axis=-1
     )  # [C, N, K=10]
-    # One plain gather per camera (a batched take_along_axis makes XLA build a huge index tensor).
-    records = jax.vmap(lambda x, ids: jnp.take(x, ids, axis=1))(jnp.swapaxes(per_gaussian, 1, 2), bins.gaussian_ids)
-    records = jnp.where(bins.valid[:, None, :], records, 0.0)  # empty slots have opacity 0
+    # One plain gather per camera (a batched take_along_axis makes XLA build a huge index tensor). Empty slots
+    # point past the end and read zeros (opacity 0); in the backward the transposed scatter-add then skips them
+    # instead of piling their zero gradients onto Gaussian 0 with contended atomics.
+    ids = jnp.where(bins.valid, bins.gaussian_ids, per_gaussian.shape[1])
+    if getattr(_compositor(backend), "PAIR_MAJOR", False):  # [C, P, 10]: one contiguous row per pair
+        return jax.vmap(lambda x, i: jnp.take(x, i, axis=0, mode="fill", fill_value=0))(per_gaussian, ids), bins
+    records = jax.vmap(lambda x, i: jnp.take(x, i, axis=1, mode="fill", fill_value=0))(
+        jnp.swapaxes(per_gaussian, 1, 2), ids
+    )
     return records, bins
 
 

@@ -10,6 +10,7 @@ from raster_oracle import oracle_render, random_scene
 
 import kernels
 from kernels import binning
+from kernels.projection import project
 from kernels.rasterize import CapacityOverflowError
 
 ORDER = ("means", "quats", "scales", "opacities", "colors", "world_to_cam", "intrinsics")
@@ -230,3 +231,35 @@ def test_bucket_capacity_is_monotone_and_sufficient():
     caps = [binning.bucket_capacity(n) for n in range(1, 200_000, 997)]
     assert all(c >= n for c, n in zip(caps, range(1, 200_000, 997)))
     assert caps == sorted(caps) and len(set(caps)) < 40 and all(c % 1024 == 0 for c in caps)
+
+
+def test_flat_sort_matches_per_camera_sort(rng, monkeypatch):
+    """One flattened sort over all cameras (camera id in the key) bins exactly as one sort per camera."""
+    width, height = 44, 36
+    scene = random_scene(rng, 70, 3, width, height, per_camera_colors=True)
+    args = _args(scene, jnp.float32)
+    proj = project(*args[:4], *args[5:], width=width, height=height)
+    capacity = kernels.capacity_for(*args[:4], *args[5:], width=width, height=height)
+    results = {}
+    for flat in ("0", "1"):
+        monkeypatch.setattr(binning, "FLAT_SORT", flat)
+        jax.clear_caches()
+        bins = binning.bin_pairs(proj, width, height, capacity, align=4)
+        out = kernels.rasterize(*args, width=width, height=height, backend="reference", capacity=capacity)
+        results[flat] = (bins, out)
+    jax.clear_caches()
+    for a, b in zip(results["0"][0], results["1"][0]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(results["0"][1].rgb), np.asarray(results["1"][1].rgb))
+    # The key-value fallback (camera, tile, rank need more than 32 bits for large scenes) agrees too.
+    n_tiles = binning.tile_grid(width, height)[0] * binning.tile_grid(width, height)[1]
+    rects = binning.tile_rectangles(proj, width, height)
+    order = binning.rank_by_depth(proj.depths, rects[-1], flat=True)
+    np.testing.assert_array_equal(np.asarray(order), np.asarray(binning.rank_by_depth(proj.depths, rects[-1])))
+    tile, rank, used, _ = jax.vmap(
+        lambda o, *r: binning.expand_pairs(o, *r, capacity=capacity, tiles_x=binning.tile_grid(width, height)[0])
+    )(order, *rects)
+    packed = binning.sort_pairs_flat(tile, rank, used, order, n_tiles=n_tiles)
+    keyval = binning.sort_pairs_flat(tile, rank, used, order, n_tiles=n_tiles, key_bits=8)
+    for a, b in zip(packed, keyval):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

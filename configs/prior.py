@@ -40,6 +40,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.model.max_scale_ratio = 4.0  # scales stay within [1/r, r] x the texel's base scale
     config.model.thickness = 0.3  # normal-axis scale relative to the in-plane scale
     config.model.opacity_init_logit = 3.0
+    # Frames whose tracked mesh the expression encoder does not see during training (it sees it where the
+    # capture has one; see ExpressionEncoder): the image-only path learns from these.
+    config.model.geometry_dropout = 0.5
 
     config.loss = ml_collections.ConfigDict()
     config.loss.l1 = 1.0
@@ -57,6 +60,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.loss.offset = 1e3  # x metres^2
     config.loss.scale = 1e2  # x metres beyond max_scale
     config.loss.max_scale = 0.01
+    # x metres^2: posed Gaussians against the tracked mesh at their texels, on sequences with vertices.npy
+    # (synthetic data, Multiface); 0 turns it off. It makes z follow the mouth (see prior_stage).
+    config.loss.tracked_mesh = 1e5
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 2e-3
@@ -64,7 +70,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.optimizer.grad_clip = 1.0
 
     config.render = ml_collections.ConfigDict()
-    config.render.capacity_headroom = 1.5  # x the pairs of the widest scene possible (max_scale_ratio)
+    # Pair slots per camera: x the pairs of the first batch, bucketed; they grow (one recompile) when a step needs more.
+    config.render.capacity_headroom = 1.5
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every = 100  # steps; held-out-view PSNR/SSIM and the neutral-scan Chamfer into metrics.jsonl
@@ -96,6 +103,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         config.model.color_features = 16
         config.model.color_hidden = 64
         config.loss.lpips = 0.1
+        # The tracked points of every record would sit on every device ([records, N, 3]: gigabytes at UV 256^2);
+        # at 512^2 the mouth spans enough pixels for the image-only encoder.
+        config.loss.tracked_mesh = 0.0
         config.optimizer.learning_rate = 1e-3
         config.optimizer.warmup_steps = 500
         config.eval.every = 2000
@@ -119,6 +129,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         config.model.color_features = 16
         config.model.color_hidden = 64
         config.loss.lpips = 0.1
+        config.loss.tracked_mesh = 0.0  # as in base
         config.optimizer.learning_rate = 5e-4
         config.optimizer.warmup_steps = 2000
         config.eval.every = 5000

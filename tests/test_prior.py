@@ -268,3 +268,35 @@ def test_lpips_missing_or_mismatched_weights_are_clear_errors(tmp_path, rng):
     save_file(wrong, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(ValueError, match=r"wrong\.safetensors: net\.slice2\.5\.weight has shape \[128, 32, 3, 3\]"):
         losses.load_lpips(tmp_path / "wrong.safetensors")
+
+
+def test_tracked_mesh_loss_and_encoder_geometry(head, rng):
+    """The tracked-mesh loss is the mean squared distance over valid frames; the encoder's geometry map holds each
+    texel's displacement from the scan in its local frame (offset_scale units), in the head frame."""
+    from uhap_jax.train.prior_stage import tracked_mesh_loss
+
+    model = UHAP(head, small_model_config(), rngs=nnx.Rngs(0))
+    n = model.layout.num_gaussians
+    means = rng.normal(0.0, 0.1, (3, n, 3)).astype(np.float32)
+    tracked = means + rng.normal(0.0, 0.01, means.shape).astype(np.float32)
+    valid = np.array([1.0, 0.0, 1.0], np.float32)
+    expected = np.mean(np.sum((means - tracked) ** 2, -1), -1)[[0, 2]].mean()
+    np.testing.assert_allclose(tracked_mesh_loss(means, tracked, valid), expected, rtol=1e-5)
+    assert float(tracked_mesh_loss(means, tracked, np.zeros(3, np.float32))) == 0.0
+
+    albedo = rng.uniform(0.2, 0.8, head.vertices.shape).astype(np.float32)
+    scan_maps = np.stack([scan_uv_maps(model.layout, head, head.vertices, albedo, "test")] * 3)
+    local = rng.normal(0.0, 0.5, (3, n, 3)).astype(np.float32)  # displacement, offset_scale units, texel frame
+    neutral = np.asarray(model.template_points[...]) + np.asarray(model.layout.gather(scan_maps))[..., :3]
+    head_points = neutral + 0.01 * np.einsum("nij,bnj->bni", np.asarray(model.frames[...]), local)
+    rotation_vectors = rng.normal(0.0, 0.2, (3, 3)).astype(np.float32)
+    translations = rng.normal(0.0, 0.02, (3, 3)).astype(np.float32)
+    rotation = np.asarray(rotations.axis_angle_to_matrix(jnp.asarray(rotation_vectors)))
+    world = np.einsum("bij,bnj->bni", rotation, head_points) + translations[:, None]
+    maps = np.asarray(model.expression_geometry(world, valid, scan_maps, rotation_vectors, translations))
+    texels = maps[:, model.layout.texel_yx[:, 0], model.layout.texel_yx[:, 1]]
+    np.testing.assert_allclose(texels[[0, 2], :, :3], local[[0, 2]], atol=2e-3)
+    assert np.all(texels[1] == 0.0) and np.all(texels[[0, 2], :, 3] == 1.0)
+    assert np.count_nonzero(maps[0, ..., 3]) == n  # texels without a Gaussian stay empty
+    mean, _ = model.encode_expression(rng.uniform(size=(3, 2, 32, 32, 3)).astype(np.float32), maps)
+    assert mean.shape == (3, 8) and np.all(np.isfinite(mean))

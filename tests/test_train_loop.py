@@ -243,3 +243,31 @@ def test_sigterm_saves_then_exits(tmp_path):
     step = int(saved.group(1))
     assert [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == [step]
     assert max(_logged_steps(tmp_path)) == step
+
+
+def test_capacity_grows_from_the_previous_step_and_recompiles(tmp_path, rng, caplog):
+    """A loss whose "rendering" needs more pair slots than the capacity it was traced with: that step is NaN and
+    skipped, the loop grows the capacity from the finished step's count and traces the step again."""
+    import kernels
+
+    seed = int(rng.integers(1 << 30))
+    data = ToyData(seed, batch_size=16)
+    capacity = kernels.AdaptiveCapacity(initial=1024, headroom=1.25)
+    needed = int(rng.integers(3000, 6000))
+    traced_with = []
+
+    def capacity_loss(model, batch, rng_key):
+        traced_with.append(capacity.value)
+        loss, aux = loss_fn(model, batch, rng_key)
+        overflow = needed > capacity.value  # static: known when the step is traced
+        aux["raster_pairs"] = jax.numpy.float32(needed)
+        return (jax.numpy.nan if overflow else loss), aux
+
+    trainer = Trainer(small_config(steps=5), make_model(seed), optax.adam(1e-2), capacity_loss, data.iterator(),
+                      tmp_path, capacity=capacity)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="uhap_jax.train.loop"):
+        result = trainer.run()
+    assert capacity.value >= needed * 1.25 and traced_with == [1024, capacity.value]
+    assert any(f"pair capacity 1024 -> {capacity.value}" in m for m in caplog.messages)
+    # Steps 1 and 2 were traced with the small capacity (step 2 was dispatched before step 1's count was read).
+    assert result.nonfinite_steps == 2 and np.isfinite(rows(tmp_path)[-1]["loss"])

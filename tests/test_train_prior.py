@@ -134,7 +134,7 @@ def test_same_loss_on_one_and_eight_devices(tmp_path, rng):
     model = UHAP(head, config.model, rngs=nnx.Rngs(seed))
     config.data.batch_size, config.data.num_views = 8, 2
     batch = prior_stage.synthetic_batch(config, model, head, rng)
-    capacity = prior_stage.capacity_bound(model, batch, headroom=1.5)
+    capacity = prior_stage.initial_capacity(model, batch, headroom=1.5)
     losses = {}
     for name, mesh in (("one", make_mesh(devices=jax.devices()[:1])), ("eight", make_mesh(data=4, fsdp=2))):
         trainer = Trainer(

@@ -153,11 +153,9 @@ def evaluate_job(job: Job, model: UHAP, train_config: ml_collections.ConfigDict,
     eval_set = scale_views(
         prior_stage.build_eval_set(records, split, tables, config), float(job.setting["image_scale"])
     )
-    first = slice(0, config.eval.batch_size)
-    probe = {"images": eval_set.target_images[first], "world_to_cam": eval_set.world_to_cam[first],
-             "intrinsics": eval_set.intrinsics[first], **{k: v[first] for k, v in eval_set.rows.items()}}  # fmt: skip
     with jax.set_mesh(mesh):
-        capacity = prior_stage.capacity_bound(model, probe, config.render.capacity_headroom)
+        capacity = prior_stage.initial_capacity(model, eval_set.probe(config.eval.batch_size),
+                                                config.render.capacity_headroom)  # fmt: skip
         metrics = prior_stage.Evaluator(eval_set, tables, capacity, config)(model)
     return {name.removeprefix("eval/"): value for name, value in metrics.items()}
 

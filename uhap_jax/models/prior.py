@@ -37,6 +37,9 @@ def _leaky(x: jax.Array) -> jax.Array:
     return nnx.leaky_relu(x, 0.2)
 
 
+GEOMETRY_INPUT_CHANNELS = 4  # tracked displacement (3, texel frame) and "has a tracked mesh"
+
+
 def _zeros_init(key, shape, dtype=jnp.float32):
     return jnp.zeros(shape, dtype)
 
@@ -139,30 +142,49 @@ class IdentityEncoder(nnx.Module):
 
 
 class ExpressionEncoder(nnx.Module):
-    """A few views of one frame [B, V, H, W, 3] in [0, 1] -> posterior mean and log-variance [B, z_dim].
+    """A few views of one frame [B, V, H, W, 3] in [0, 1] (and, where the capture has one, the frame's tracked
+    mesh as a UV displacement map [B, R, R, 4]) -> posterior mean and log-variance [B, z_dim].
 
     Each view goes through a strided CNN, is pooled to a fixed 4x4 grid and projected; the views' features
-    are averaged, so any number of views, from any cameras, can go in.
+    are averaged, so any number of views, from any cameras, can go in. The displacement map (channel 3 says
+    whether it is there) goes through its own CNN and adds to that average. At small image sizes the mouth
+    is a few pixels: without the tracked geometry the codes learn the lips' motion far too slowly, so where
+    meshes exist they go in (as in Deep Appearance Models' encoder), and training drops them at random
+    (`geometry_dropout`) so that images alone give codes too.
     """
 
     POOL = 4
+    # The posterior starts nearly deterministic (sigma ~ 0.02): with unit noise on z, the frame-to-frame changes
+    # of the mean (mouth, blinks) drown and the decoder learns to ignore z (posterior collapse).
+    INITIAL_LOG_VAR = -8.0
 
-    def __init__(self, channels: tuple[int, ...], hidden: int, z_dim: int, *, rngs: nnx.Rngs):
+    def __init__(self, channels: tuple[int, ...], hidden: int, z_dim: int, uv_resolution: int, *, rngs: nnx.Rngs):
         widths = (3, *channels)
         self.convs = nnx.List([nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
         self.project = nnx.Linear(channels[-1] * self.POOL**2, hidden, rngs=rngs)
+        downs = max(int(math.log2(uv_resolution // self.POOL)), 0)
+        geo_widths = (GEOMETRY_INPUT_CHANNELS, *(min(16 * 2**i, channels[-1]) for i in range(downs)))
+        self.geometry_convs = nnx.List(
+            [nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in zip(geo_widths[:-1], geo_widths[1:])]
+        )
+        self.geometry_project = nnx.Linear(geo_widths[-1] * self.POOL**2, hidden, rngs=rngs)
         self.hidden = nnx.Linear(hidden, hidden, rngs=rngs)
         self.mean = nnx.Linear(hidden, z_dim, rngs=rngs)
-        self.log_var = nnx.Linear(hidden, z_dim, kernel_init=_zeros_init, rngs=rngs)
+        self.log_var = nnx.Linear(hidden, z_dim, kernel_init=_zeros_init,
+                                  bias_init=nnx.initializers.constant(self.INITIAL_LOG_VAR), rngs=rngs)  # fmt: skip
 
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        batch, views, height, width, _ = images.shape
-        x = 2.0 * images.reshape(batch * views, height, width, 3) - 1.0
-        for conv in self.convs:
+    def _pooled(self, x: jax.Array, convs) -> jax.Array:
+        for conv in convs:
             x = _leaky(conv(x))
         x = jax.image.resize(x, (x.shape[0], self.POOL, self.POOL, x.shape[-1]), "linear", antialias=True)
+        return x.reshape(x.shape[0], -1)
+
+    def __call__(self, images: jax.Array, geometry: jax.Array) -> tuple[jax.Array, jax.Array]:
+        batch, views, height, width, _ = images.shape
+        x = self._pooled(2.0 * images.reshape(batch * views, height, width, 3) - 1.0, self.convs)
         per_view = _leaky(self.project(x.reshape(batch, views, -1)))
-        h = _leaky(self.hidden(jnp.mean(per_view, axis=1)))
+        from_geometry = _leaky(self.geometry_project(self._pooled(geometry, self.geometry_convs)))
+        h = _leaky(self.hidden(jnp.mean(per_view, axis=1) + from_geometry))
         return self.mean(h), self.log_var(h)
 
 
@@ -273,17 +295,37 @@ class UHAP(nnx.Module):
         self.base_scales = TemplateConstant(jnp.asarray(_base_scales(template, layout)))
         self.identity_encoder = IdentityEncoder(channels, self.offset_scale, layout.mask(), rngs=rngs)
         self.expression_encoder = ExpressionEncoder(
-            tuple(config.expression_channels), config.expression_hidden, config.z_dim, rngs=rngs
-        )
+            tuple(config.expression_channels), config.expression_hidden, config.z_dim, config.uv_resolution,
+            rngs=rngs,
+        )  # fmt: skip
         self.decoder = GaussianDecoder(
             config.z_dim, config.decoder_base_resolution, channels, config.color_features, rngs=rngs
         )
         self.color_hidden = nnx.Linear(config.color_features + 3, config.color_hidden, rngs=rngs)
         self.color_out = nnx.Linear(config.color_hidden, 3, kernel_init=_zeros_init, rngs=rngs)
 
-    def encode_expression(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Views [B, V, H, W, 3] in [0, 1] -> posterior mean and log-variance of z."""
-        return self.expression_encoder(images)
+    def encode_expression(self, images: jax.Array, geometry: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Views [B, V, H, W, 3] in [0, 1], and optionally `expression_geometry` maps -> posterior mean and
+        log-variance of z."""
+        if geometry is None:
+            resolution = self.layout.resolution
+            geometry = jnp.zeros((images.shape[0], resolution, resolution, GEOMETRY_INPUT_CHANNELS), images.dtype)
+        return self.expression_encoder(images, geometry)
+
+    def expression_geometry(self, tracked_points: jax.Array, tracked_valid: jax.Array, scan_maps: jax.Array,
+                            head_rotation: jax.Array, head_translation: jax.Array) -> jax.Array:  # fmt: skip
+        """Tracked surface points [B, N, 3] (world) -> the encoder's UV map [B, R, R, 4]: their displacement
+        from the neutral scan in each texel's local frame (units of `offset_scale`) and a channel that is 1
+        where `tracked_valid` [B] says the frame has a tracked mesh."""
+        rotation = rotations.axis_angle_to_matrix(head_rotation)
+        head = jnp.einsum("bji,bnj->bni", rotation, tracked_points - head_translation[:, None])
+        neutral = self.template_points[...] + self.layout.gather(scan_maps)[..., :3]
+        local = jnp.einsum("nji,bnj->bni", self.frames[...], head - neutral) / self.offset_scale
+        valid = tracked_valid.astype(local.dtype)[:, None, None]
+        values = jnp.concatenate([local * valid, jnp.broadcast_to(valid, (*local.shape[:2], 1))], -1)
+        resolution = self.layout.resolution
+        maps = jnp.zeros((values.shape[0], resolution, resolution, GEOMETRY_INPUT_CHANNELS), values.dtype)
+        return maps.at[:, self.layout.texel_yx[:, 0], self.layout.texel_yx[:, 1]].set(values)
 
     def decode(
         self, z: jax.Array, scan_maps: jax.Array, head_rotation: jax.Array, head_translation: jax.Array

@@ -54,7 +54,6 @@ from uhap_jax.train import prior_stage
 from uhap_jax.train.checkpoint import Checkpointer
 from uhap_jax.train.loop import Trainer, TrainResult
 from uhap_jax.train.mesh import batch_sharding, make_mesh
-from uhap_jax.train.metrics import MetricWriter
 
 logger = logging.getLogger(__name__)
 
@@ -211,10 +210,11 @@ def _codes_key(prior_workdir: Path, prior_step: int, root: Path, held_in: list[s
 
 
 def expression_codes(
-    prior: UHAP, records: loaders.FrameRecords, sequences: list[Sequence], held_in: list[str], batch_size: int,
-    cache: Path, key: str,
+    prior: UHAP, records: loaders.FrameRecords, tables: prior_stage.SubjectTables, sequences: list[Sequence],
+    held_in: list[str], batch_size: int, cache: Path, key: str,
 ) -> list[Sequence]:  # fmt: skip
-    """Each sequence with its targets: the prior's posterior mean per frame, from all held-in views.
+    """Each sequence with its targets: the prior's posterior mean per frame, from all held-in views (and the
+    frame's tracked mesh where the capture has one).
 
     Read from `cache` when it was written for the same prior checkpoint, data and cameras (`key`); else
     computed (batches of `batch_size` frames, the last one padded) and written there by process 0.
@@ -227,7 +227,12 @@ def expression_codes(
         logger.info("expression codes: %s is for another prior, data or cameras; recomputing", cache)
     views = loaders.SampleViews(len(held_in), tuple(held_in))  # every held-in camera: no randomness left
     graphdef, state = nnx.split(prior)
-    encode = jax.jit(lambda state, images: nnx.merge(graphdef, state).encode_expression(images / 255.0)[0])
+
+    @jax.jit
+    def encode(state, images, rows):
+        model = nnx.merge(graphdef, state)
+        return model.encode_expression(images / 255.0, prior_stage.encoder_geometry(model, rows))[0]
+
     frames = [(s, f) for s in sequences for f in range(s.num_frames)]
     rng = np.random.default_rng(0)
     codes = []
@@ -235,7 +240,9 @@ def expression_codes(
         chunk = frames[start : start + batch_size]
         chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
         images = np.stack([views.random_map(records.source[s.first_record + f], rng)["images"] for s, f in chunk])
-        codes.append(np.asarray(encode(state, images.astype(np.float32))))
+        rows = tables.record_rows(np.asarray([s.subject_id for s, _ in chunk]),
+                                  np.asarray([s.first_record + f for s, f in chunk]))  # fmt: skip
+        codes.append(np.asarray(encode(state, images.astype(np.float32), rows)))
     codes = np.concatenate(codes)[: len(frames)]
     bounds = np.cumsum([0] + [s.num_frames for s in sequences])
     sequences = [dataclasses.replace(s, codes=codes[a:b]) for s, a, b in zip(sequences, bounds[:-1], bounds[1:])]
@@ -487,8 +494,8 @@ def speech_targets(
     tables = prior_stage.subject_tables(root, records, prior, template, prior_cfg)
     sequences = read_sequences(root, records, split.held_in_cameras, fps)
     key = _codes_key(Path(config.prior_workdir), prior_step, root, split.held_in_cameras)
-    sequences = expression_codes(prior, records, sequences, split.held_in_cameras, config.data.code_batch_size,
-                                 codes_cache, key)  # fmt: skip
+    sequences = expression_codes(prior, records, tables, sequences, split.held_in_cameras,
+                                 config.data.code_batch_size, codes_cache, key)  # fmt: skip
     return sequences, tables.scan_maps
 
 
@@ -535,32 +542,7 @@ def train_audio(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple
     optimizer = prior_stage.make_optimizer(config)
     loss_fn = make_loss_fn(config, evaluator.lip_ids)
     trainer = Trainer(config.train, model, optimizer, loss_fn, data, workdir, mesh=mesh)
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-    total_steps = config.train.steps
-    metrics = {}
-    result = TrainResult(trainer.step, False, int(trainer.state["nonfinite_steps"]), {})
     try:
-        if trainer.step == 0:
-            metrics = _evaluate(trainer, evaluator, writer, mesh)
-        while trainer.step < total_steps:
-            trainer.config.steps = min(total_steps, (trainer.step // config.eval.every + 1) * config.eval.every)
-            result = trainer.run()
-            if result.preempted:
-                break
-            metrics = _evaluate(trainer, evaluator, writer, mesh)
-            if result.step < trainer.config.steps:  # the data ran out
-                break
+        return trainer.run_with_evals(evaluator, config.eval.every)
     finally:
-        trainer.config.steps = total_steps
         trainer.close()
-        writer.close()
-    return result, metrics
-
-
-def _evaluate(trainer: Trainer, evaluator: Evaluator, writer: MetricWriter, mesh) -> dict[str, float]:
-    with jax.set_mesh(mesh):
-        metrics = evaluator(trainer.model)
-    writer.write_scalars(trainer.step, metrics)
-    writer.flush()
-    logger.info("eval at step %d: %s", trainer.step, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    return metrics

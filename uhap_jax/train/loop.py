@@ -9,6 +9,12 @@ yields each process's local batch (a pytree of arrays with a leading batch dimen
 `jax.Array`s) and has grain's `get_state()` / `set_state(state)`, so that a resumed run sees the same
 data order. The model is split with `nnx.split` into pure pytrees, and the step is one `jax.jit` with
 explicit in/out shardings and a donated train state.
+
+Stages that render pass `capacity` (a `kernels.AdaptiveCapacity` whose `.value` the loss reads when traced)
+and report the step's largest per-camera pair count as `aux["raster_pairs"]`. After each step the loop reads
+the previous step's count (finished by then, so the device never waits on the host); when it outgrows the
+capacity, the step is compiled again with the larger bucket. A step that overflowed rendered NaN images and
+was skipped like any non-finite step.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+import kernels
 from uhap_jax.train.checkpoint import Checkpointer, abstract_like
 from uhap_jax.train.mesh import batch_sharding, make_mesh, put_batch, replicated
 from uhap_jax.train.metrics import MetricWriter, Progress, image_grid
@@ -94,6 +101,7 @@ class Trainer:
         workdir: str | Path,
         mesh: jax.sharding.Mesh | None = None,
         image_fn: ImageFn | None = None,
+        capacity: kernels.AdaptiveCapacity | None = None,
     ):
         for method in ("get_state", "set_state"):
             if not callable(getattr(data_iter, method, None)):
@@ -108,6 +116,7 @@ class Trainer:
         self._loss_fn = loss_fn
         self._optimizer = optimizer
         self._image_fn = image_fn
+        self._capacity = capacity
         self._graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         self._writer = MetricWriter(self.workdir, enabled=jax.process_index() == 0)
         self._checkpointer = Checkpointer(
@@ -116,12 +125,7 @@ class Trainer:
         self._sigterm_received = False
         with jax.set_mesh(self.mesh):
             self.state = self._initial_state(nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
-            self._step_fn = jax.jit(
-                self._train_step,
-                in_shardings=(self._state_shardings, batch_sharding(self.mesh)),
-                out_shardings=(self._state_shardings, replicated(self.mesh)),
-                donate_argnums=0,
-            )
+        self._step_fn = self._compile_step()
         self.step = 0
         self._resume_if_possible()
 
@@ -162,6 +166,26 @@ class Trainer:
         return nnx.merge(self._graphdef, self.state["params"], self.state["rest"])
 
     # ---- the jitted step ---------------------------------------------------------------------
+    def _compile_step(self) -> Callable:
+        """A new jitted step: a new function object traces again, reading the current capacity."""
+        return jax.jit(
+            lambda state, batch: self._train_step(state, batch),
+            in_shardings=(self._state_shardings, batch_sharding(self.mesh)),
+            out_shardings=(self._state_shardings, replicated(self.mesh)),
+            donate_argnums=0,
+        )
+
+    def _adapt_capacity(self, metrics: dict[str, jax.Array]) -> None:
+        """Grow the pair capacity from a finished step's `raster_pairs`; recompile the step when it grew."""
+        if "raster_pairs" not in metrics:
+            raise ValueError("Trainer(capacity=...): loss_fn must report aux['raster_pairs']")
+        pairs = int(_host_values(metrics["raster_pairs"]))
+        before = self._capacity.value
+        if self._capacity.grow(pairs):
+            logger.info("step %d needed %d pairs per camera: pair capacity %d -> %d (recompiling the step)",
+                        self.step, pairs, before, self._capacity.value)  # fmt: skip
+            self._step_fn = self._compile_step()
+
     def _train_step(self, state: dict, batch: Any) -> tuple[dict, dict]:
         rng = jax.random.fold_in(state["rng"], state["step"])
 
@@ -208,6 +232,7 @@ class Trainer:
         config = self.config
         progress = Progress(self.step, config.steps)
         metrics, logged_step, logged = None, self.step, {}
+        previous = None
         nonfinite_seen = int(self.state["nonfinite_steps"])
         restore_signal_handler = self._install_sigterm_handler()
         try:
@@ -218,6 +243,9 @@ class Trainer:
                     logger.info("data exhausted at step %d", self.step)
                     break
                 metrics = self.train_step(batch)
+                if self._capacity is not None and previous is not None:
+                    self._adapt_capacity(previous)
+                previous = metrics
                 if self.step % config.log_every == 0 or self.step == config.steps:
                     logged, nonfinite_seen = self._log(metrics, progress, nonfinite_seen)
                     logged_step = self.step
@@ -239,6 +267,37 @@ class Trainer:
         finally:
             restore_signal_handler()
             self._writer.flush()
+
+    def run_with_evals(self, evaluate: Callable[[nnx.Module], dict[str, float]], every: int
+                       ) -> tuple[TrainResult, dict[str, float]]:  # fmt: skip
+        """`run()` to `config.steps`, calling `evaluate(model)` first (on a fresh run), every `every` steps and
+        at the end; its metrics go to metrics.jsonl. Returns the result and the last evaluation."""
+        total_steps = self.config.steps
+        metrics = {}
+        result = self._result(preempted=False, logged={})
+        try:
+            if self.step == 0:
+                metrics = self._evaluate(evaluate)
+            while self.step < total_steps:
+                # run() stops at config.steps; stepping that target through the eval points gives periodic evals.
+                self.config.steps = min(total_steps, (self.step // every + 1) * every)
+                result = self.run()
+                if result.preempted:
+                    break
+                metrics = self._evaluate(evaluate)
+                if result.step < self.config.steps:  # the data ran out
+                    break
+        finally:
+            self.config.steps = total_steps
+        return result, metrics
+
+    def _evaluate(self, evaluate: Callable[[nnx.Module], dict[str, float]]) -> dict[str, float]:
+        with jax.set_mesh(self.mesh):
+            metrics = evaluate(self.model)
+        self._writer.write_scalars(self.step, metrics)
+        self._writer.flush()
+        logger.info("eval at step %d: %s", self.step, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return metrics
 
     def save(self) -> None:
         """Checkpoint this step (async). Skipped steps left the state as it was: no NaN is saved."""

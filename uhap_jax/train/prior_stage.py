@@ -4,12 +4,20 @@ Training frames are the `train`-split sequences of the training identities, seen
 (`dataset.json`). Every `eval.every` steps, and at the end, the model is evaluated and rows go into
 `<workdir>/metrics.jsonl`: `eval/psnr` and `eval/ssim` render the held-out cameras from an expression code
 that the encoder took from held-in views of the same frame; `eval/scan_chamfer` (mm, symmetric mean distance)
-compares each training identity's decoded neutral (z = 0, no head pose) with its neutral scan.
+compares each training identity's decoded neutral (z = 0, no head pose) with its neutral scan; where the
+sequences have tracked meshes (`vertices.npy`), `eval/tracked_mm` is the mean distance of the decoded Gaussians
+to the tracked surface at their texels.
+
+Tracked meshes, when a capture has them (the synthetic data and Multiface do), also supervise training
+(`loss.tracked_mesh`): the decoded, posed Gaussians are pulled to the tracked surface point of their texel.
+This is what makes the expression code carry the mouth's motion at small image sizes, where a few pixels of
+lip movement hardly change the photometric loss; the speech model learns these codes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -34,7 +42,6 @@ from uhap_jax.models import losses
 from uhap_jax.models.prior import UHAP, scan_uv_maps
 from uhap_jax.train.loop import Trainer, TrainResult
 from uhap_jax.train.mesh import batch_sharding, make_mesh
-from uhap_jax.train.metrics import MetricWriter
 from uhap_jax.train.sharding import place
 
 logger = logging.getLogger(__name__)
@@ -142,11 +149,20 @@ class SubjectTables:
     scan_colours: np.ndarray
     head_pose: np.ndarray
     first_record: np.ndarray  # [num_sequences]
+    tracked_points: np.ndarray  # [num_records, N, 3] tracked surface at each Gaussian's texel (world), or [0, N, 3]
+    tracked_valid: np.ndarray  # [num_records] 1 where the sequence has tracked meshes
 
     def rows(self, subject_id: np.ndarray, sequence_id: np.ndarray, frame_index: np.ndarray) -> dict:
         """The per-example fields of a batch (numpy tables on the host, or device arrays under jit)."""
-        pose = self.head_pose[self.first_record[sequence_id] + frame_index]
-        return {
+        return self.record_rows(subject_id, self.first_record[sequence_id] + frame_index)
+
+    def record_rows(self, subject_id: np.ndarray, record: np.ndarray) -> dict:
+        """`rows` by record index."""
+        pose = self.head_pose[record]
+        tracked = {}
+        if self.tracked_points.shape[0]:
+            tracked = {"tracked_points": self.tracked_points[record], "tracked_valid": self.tracked_valid[record]}
+        return tracked | {
             "scan_maps": self.scan_maps[subject_id],
             "scan_points": self.scan_points[subject_id],
             "scan_normals": self.scan_normals[subject_id],
@@ -182,7 +198,8 @@ def subject_tables(root: Path, records: loaders.FrameRecords, model: UHAP, templ
         sample = sample_scan(vertices, faces, vertex_colours, config.loss.scan_points, np.random.default_rng(index))
         for table, values in zip((points, normals, colours), sample):
             table.append(values)
-    poses, first = [], []
+    poses, first, tracked, valid = [], [], [], []
+    texels = model.layout
     for row in records.sequences:
         seq_dir = layout.sequence_dir(root, row["subject"], row["sequence"])
         pose = layout.read_sequence_meta(seq_dir).get("head_pose")
@@ -194,12 +211,34 @@ def subject_tables(root: Path, records: loaders.FrameRecords, model: UHAP, templ
                              f"[{row['num_frames']}, 3] rotation vectors and translations")  # fmt: skip
         first.append(sum(len(p) for p in poses))
         poses.append(pose)
+        if config.loss.tracked_mesh > 0:
+            surface = _tracked_points(seq_dir, row["num_frames"], template, texels)
+            valid.append(np.full(row["num_frames"], surface is not None, np.float32))
+            tracked.append(surface if surface is not None else np.zeros((row["num_frames"], texels.num_gaussians, 3)))
+    if config.loss.tracked_mesh > 0 and not any(v[0] for v in valid):
+        logger.warning("loss.tracked_mesh > 0 but no sequence of %s has %s: the term is zero", root,
+                       layout.VERTICES_FILE)  # fmt: skip
     if [row["first_record"] for row in records.sequences] != first:
         raise ValueError(f"{root}: the records' sequence table is not in record order")
     return SubjectTables(
         *(np.stack(table).astype(np.float32) for table in (maps, points, normals, colours)),
         head_pose=np.concatenate(poses).astype(np.float32), first_record=np.asarray(first, np.int32),
+        tracked_points=(np.concatenate(tracked).astype(np.float32) if tracked
+                        else np.zeros((0, texels.num_gaussians, 3), np.float32)),
+        tracked_valid=np.concatenate(valid) if valid else np.zeros((0,), np.float32),
     )  # fmt: skip
+
+
+def _tracked_points(seq_dir: Path, num_frames: int, template: template_lib.Template, texels) -> np.ndarray | None:
+    """The tracked meshes of a sequence at each Gaussian's (face, barycentric) point [F, N, 3], or None."""
+    if not (seq_dir / layout.VERTICES_FILE).is_file():
+        return None
+    vertices = layout.read_vertices(seq_dir, num_frames=num_frames)
+    if vertices.shape[1] != texels.num_vertices:
+        raise ValueError(f"{seq_dir / layout.VERTICES_FILE}: {vertices.shape[1]} vertices per frame, but the "
+                         f"template (model.template_resolution) has {texels.num_vertices}")  # fmt: skip
+    corners = vertices[:, template.faces[texels.face_ids]]  # [F, N, 3, 3]
+    return np.einsum("nk,fnkd->fnd", texels.barys, corners)
 
 
 class PriorBatches:
@@ -239,6 +278,14 @@ def _frame_targets(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     return images, masks, images * masks[..., None]
 
 
+def encoder_geometry(model: UHAP, batch: dict) -> jax.Array | None:
+    """The expression encoder's tracked-mesh input for a batch with `tracked_points` (else None: images only)."""
+    if "tracked_points" not in batch:
+        return None
+    return model.expression_geometry(batch["tracked_points"], batch["tracked_valid"], batch["scan_maps"],
+                                     batch["head_rotation"], batch["head_translation"])  # fmt: skip
+
+
 def decode_frames(model: UHAP, batch: dict, z: jax.Array):
     """The posed avatars of the batch's frames and their neutral (z = 0, no pose), decoded in one pass."""
     batch_size = z.shape[0]
@@ -254,8 +301,9 @@ def decode_frames(model: UHAP, batch: dict, z: jax.Array):
     return posed, neutral
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, capacity: int, lpips: losses.LPIPS | None = None):
-    """`loss_fn(model, batch, rng) -> (loss, aux)` for the Trainer; `capacity` is the static pair capacity."""
+def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCapacity,
+                 lpips: losses.LPIPS | None = None):  # fmt: skip
+    """`loss_fn(model, batch, rng) -> (loss, aux)` for the Trainer; `capacity.value` is read when traced."""
     weights = config.loss
     if weights.scan_metric not in ("chamfer", "point_to_plane"):
         raise ValueError(f"loss.scan_metric must be 'chamfer' or 'point_to_plane', got {weights.scan_metric!r}")
@@ -263,12 +311,16 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: int, lpips: losses
     def loss_fn(model: UHAP, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         images, masks, target = _frame_targets(batch)
         batch_size, _, height, width, _ = images.shape
-        mean, log_var = model.encode_expression(images)
-        noise_key, subset_key = jax.random.split(rng)
+        noise_key, subset_key, drop_key = jax.random.split(rng, 3)
+        geometry = encoder_geometry(model, batch)
+        if geometry is not None:  # some frames encode from images alone, so that the image path learns too
+            keep = jax.random.bernoulli(drop_key, 1.0 - config.model.geometry_dropout, (batch_size,))
+            geometry = geometry * keep[:, None, None, None]
+        mean, log_var = model.encode_expression(images, geometry)
         z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(noise_key, mean.shape)
         posed, neutral = decode_frames(model, batch, z)
         rendered = model.render(posed, batch["world_to_cam"], batch["intrinsics"], width=width, height=height,
-                                capacity=capacity)  # fmt: skip
+                                capacity=capacity.value)  # fmt: skip
         pixel_weight = masks + weights.background_weight * (1.0 - masks)
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
         terms = {
@@ -294,31 +346,40 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: int, lpips: losses
         terms["albedo"] = jnp.mean(
             losses.albedo_l1(points, neutral_colours, batch["scan_points"], batch["scan_colours"])
         )
+        if "tracked_points" in batch:
+            terms["tracked_mesh"] = tracked_mesh_loss(posed.means, batch["tracked_points"], batch["tracked_valid"])
         if lpips is not None:
             terms["lpips"] = jnp.mean(lpips(flat(rendered.rgb), flat(target)))
         loss = sum(getattr(weights, name) * value for name, value in terms.items())
         aux = dict(terms)
         aux["psnr"] = jnp.mean(image_metrics.psnr(jnp.clip(rendered.rgb, 0.0, 1.0), target))
         aux["raster_overflow"] = jnp.any(rendered.stats.overflow).astype(jnp.float32)
+        aux["raster_pairs"] = jnp.max(rendered.stats.n_pairs).astype(jnp.float32)
         return loss, aux
 
     return loss_fn
 
 
-def make_image_fn(capacity: int):
+def tracked_mesh_loss(means: jax.Array, tracked: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean squared distance (m²) of posed Gaussians [B, N, 3] to their tracked points, over valid frames."""
+    per_frame = jnp.mean(jnp.sum((means - tracked) ** 2, axis=-1), axis=-1)
+    return jnp.sum(valid * per_frame) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def make_image_fn(capacity: kernels.AdaptiveCapacity):
     """Trainer image grids: the first frame's views, rendered from its posterior mean, against the target."""
 
-    @nnx.jit
-    def image_fn(model: UHAP, batch: dict) -> tuple[jax.Array, jax.Array]:
+    @functools.partial(nnx.jit, static_argnames="slots")
+    def grid(model: UHAP, batch: dict, slots: int) -> tuple[jax.Array, jax.Array]:
         images, _, target = _frame_targets(batch)
         mean, _ = model.encode_expression(images[:1])
         posed, _ = decode_frames(model, jax.tree.map(lambda x: x[:1], batch), mean)
         height, width = images.shape[2:4]
         rendered = model.render(posed, batch["world_to_cam"][:1], batch["intrinsics"][:1], width=width,
-                                height=height, capacity=capacity)  # fmt: skip
+                                height=height, capacity=slots)  # fmt: skip
         return jnp.clip(rendered.rgb[0], 0.0, 1.0), target[0]
 
-    return image_fn
+    return lambda model, batch: grid(model, batch, capacity.value)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -330,15 +391,14 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip), optax.adam(schedule))
 
 
-def capacity_bound(model: UHAP, batch: dict, headroom: float) -> int:
-    """A pair capacity that no step can overflow in practice: the first batch with every scale at its maximum."""
+def initial_capacity(model: UHAP, batch: dict, headroom: float) -> kernels.AdaptiveCapacity:
+    """The pairs that a probe batch needs with the model as it is, x `headroom`, bucketed; it grows as needed."""
     images = batch["images"]
     mean, _ = model.encode_expression(images.astype(jnp.float32) / 255.0)
     posed, _ = decode_frames(model, batch, mean)
-    widest = posed._replace(scales=posed.scales * model.max_scale_ratio)
     height, width = images.shape[2:4]
-    needed = model.capacity_for(widest, batch["world_to_cam"], batch["intrinsics"], width=width, height=height)
-    return int(needed * headroom)
+    needed = model.capacity_for(posed, batch["world_to_cam"], batch["intrinsics"], width=width, height=height)
+    return kernels.AdaptiveCapacity(int(needed * headroom), headroom)
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -355,6 +415,11 @@ class EvalSet:
     intrinsics: np.ndarray  # [E, Vo, 3, 3]
     rows: dict  # SubjectTables.rows of the frames
     scan_subjects: np.ndarray  # subject ids of the training identities
+
+    def probe(self, count: int) -> dict:
+        """The first `count` frames, their held-out views as the images: a batch to size the pair capacity."""
+        return {"images": self.target_images[:count], "world_to_cam": self.world_to_cam[:count],
+                "intrinsics": self.intrinsics[:count], **{k: v[:count] for k, v in self.rows.items()}}  # fmt: skip
 
 
 def build_eval_set(records: loaders.FrameRecords, split: Split, tables: SubjectTables,
@@ -381,26 +446,55 @@ def build_eval_set(records: loaders.FrameRecords, split: Split, tables: SubjectT
     )  # fmt: skip
 
 
+def _render_frames(model: UHAP, batch: dict, world_to_cam, intrinsics, width: int, height: int, capacity: int):
+    """Frames decoded from the posterior mean of their encoder views, rendered into other cameras."""
+    mean, _ = model.encode_expression(batch["encoder_images"].astype(jnp.float32) / 255.0,
+                                      encoder_geometry(model, batch))  # fmt: skip
+    posed = model.decode(mean, batch["scan_maps"], batch["head_rotation"], batch["head_translation"])
+    return model.render(posed, world_to_cam, intrinsics, width=width, height=height, capacity=capacity), posed
+
+
+_render_views = nnx.jit(_render_frames, static_argnums=(4, 5, 6))
+
+
 class Evaluator:
     """Jitted eval of a model state on an EvalSet: held-out-view PSNR/SSIM and the neutral-scan Chamfer."""
 
-    def __init__(self, eval_set: EvalSet, tables: SubjectTables, capacity: int, config: ml_collections.ConfigDict):
+    def __init__(self, eval_set: EvalSet, tables: SubjectTables, capacity: kernels.AdaptiveCapacity,
+                 config: ml_collections.ConfigDict):  # fmt: skip
         self.eval_set, self.tables, self.capacity = eval_set, tables, capacity
         self.batch_size = config.eval.batch_size
         self.scan_gaussians = config.loss.scan_gaussians
-        self._views = jax.jit(self._score_views, static_argnums=0)
+        self._views = jax.jit(self._score_views, static_argnums=(0, 1))
         self._scan = jax.jit(self._scan_chamfer, static_argnums=0)
 
-    def _score_views(self, graphdef, state, batch: dict) -> tuple[jax.Array, jax.Array]:
-        model = nnx.merge(graphdef, state)
-        mean, _ = model.encode_expression(batch["encoder_images"].astype(jnp.float32) / 255.0)
-        posed = model.decode(mean, batch["scan_maps"], batch["head_rotation"], batch["head_translation"])
+    @staticmethod
+    def _score_views(capacity: int, graphdef, state, batch: dict) -> dict[str, jax.Array]:
         height, width = batch["target_images"].shape[2:4]
-        rendered = model.render(posed, batch["world_to_cam"], batch["intrinsics"], width=width, height=height,
-                                capacity=self.capacity)  # fmt: skip
+        rendered, posed = _render_frames(nnx.merge(graphdef, state), batch, batch["world_to_cam"],
+                                         batch["intrinsics"], width, height, capacity)  # fmt: skip
         _, masks, target = _frame_targets({"images": batch["target_images"], "masks": batch["target_masks"]})
         render = jnp.clip(rendered.rgb, 0.0, 1.0)
-        return image_metrics.psnr(render, target), image_metrics.ssim(render, target)
+        scores = {"psnr": image_metrics.psnr(render, target), "ssim": image_metrics.ssim(render, target),
+                  "n_pairs": jnp.max(rendered.stats.n_pairs)}  # fmt: skip
+        if "tracked_points" in batch:
+            distance = jnp.linalg.norm(posed.means - batch["tracked_points"], axis=-1)
+            scores["tracked_mm"] = 1e3 * jnp.mean(distance, axis=-1)
+            scores["tracked_valid"] = batch["tracked_valid"]
+        return scores
+
+    def renders(self, model: UHAP, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first held-out view of the first `count` eval frames: renders and targets [K, H, W, 3] in [0, 1]."""
+        e = self.eval_set
+        batch = {"encoder_images": e.encoder_images[:count], **{k: v[:count] for k, v in e.rows.items()}}
+        height, width = e.target_images.shape[2:4]
+        while True:
+            rendered, _ = _render_views(model, batch, e.world_to_cam[:count, :1], e.intrinsics[:count, :1], width,
+                                        height, self.capacity.value)  # fmt: skip
+            if not self.capacity.grow(int(jnp.max(rendered.stats.n_pairs))):
+                break
+        _, _, target = _frame_targets({"images": e.target_images[:count, :1], "masks": e.target_masks[:count, :1]})
+        return np.clip(np.asarray(rendered.rgb[:, 0]), 0.0, 1.0), np.asarray(target[:, 0])
 
     def _scan_chamfer(self, graphdef, state, scan_maps, scan_points) -> jax.Array:
         model = nnx.merge(graphdef, state)
@@ -414,7 +508,7 @@ class Evaluator:
     def __call__(self, model: UHAP) -> dict[str, float]:
         graphdef, state = nnx.split(model)
         e = self.eval_set
-        psnrs, ssims = [], []
+        parts = []
         for start in range(0, len(e.encoder_images), self.batch_size):
             part = slice(start, start + self.batch_size)
             batch = {
@@ -422,16 +516,23 @@ class Evaluator:
                 "target_masks": e.target_masks[part], "world_to_cam": e.world_to_cam[part],
                 "intrinsics": e.intrinsics[part], **{k: v[part] for k, v in e.rows.items()},
             }  # fmt: skip
-            psnr, ssim = self._views(graphdef, state, batch)
-            psnrs.append(np.asarray(psnr))
-            ssims.append(np.asarray(ssim))
+            while True:  # an overflowing batch rendered NaN: grow the capacity and score it again
+                scores = jax.device_get(self._views(self.capacity.value, graphdef, state, batch))
+                if not self.capacity.grow(int(scores.pop("n_pairs"))):
+                    break
+            parts.append(scores)
+        scores = {k: np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in parts[0]}
         subjects = e.scan_subjects
         chamfer = self._scan(graphdef, state, self.tables.scan_maps[subjects], self.tables.scan_points[subjects])
-        return {
-            "eval/psnr": float(np.mean(psnrs)),
-            "eval/ssim": float(np.mean(ssims)),
+        metrics = {
+            "eval/psnr": float(np.mean(scores["psnr"])),
+            "eval/ssim": float(np.mean(scores["ssim"])),
             "eval/scan_chamfer": float(np.mean(chamfer)),
         }
+        if "tracked_mm" in scores and scores["tracked_valid"].sum() > 0:
+            valid = scores["tracked_valid"]
+            metrics["eval/tracked_mm"] = float(np.sum(scores["tracked_mm"] * valid) / valid.sum())
+        return metrics
 
 
 # ------------------------------------------------------------------------------------- the stage
@@ -457,11 +558,7 @@ def train_prior(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple
     )
     data = PriorBatches(frames, tables, mesh)
     eval_set = build_eval_set(records, split, tables, config)
-    first = {k: v[: config.eval.batch_size] for k, v in eval_set.rows.items()}
-    probe = {"images": eval_set.encoder_images[: config.eval.batch_size],
-             "world_to_cam": eval_set.world_to_cam[: config.eval.batch_size],
-             "intrinsics": eval_set.intrinsics[: config.eval.batch_size], **first}  # fmt: skip
-    capacity = capacity_bound(model, probe, config.render.capacity_headroom)
+    capacity = initial_capacity(model, eval_set.probe(config.eval.batch_size), config.render.capacity_headroom)
     lpips = None
     if config.loss.lpips > 0 and config.loss.lpips_weights:
         lpips = losses.load_lpips(config.loss.lpips_weights)
@@ -469,39 +566,13 @@ def train_prior(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple
         logger.info("loss.lpips_weights is empty: training without LPIPS")
     trainer = Trainer(
         config.train, model, make_optimizer(config), make_loss_fn(config, capacity, lpips), data, workdir,
-        mesh=mesh, image_fn=make_image_fn(capacity),
+        mesh=mesh, image_fn=make_image_fn(capacity), capacity=capacity,
     )  # fmt: skip
     evaluator = Evaluator(eval_set, tables, capacity, config)
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-    total_steps = config.train.steps
-    metrics = {}
-    result = TrainResult(trainer.step, False, int(trainer.state["nonfinite_steps"]), {})
     try:
-        if trainer.step == 0:
-            metrics = _evaluate(trainer, evaluator, writer, mesh)
-        while trainer.step < total_steps:
-            # The Trainer runs to config.steps; stepping that target through eval points gives periodic evals.
-            trainer.config.steps = min(total_steps, (trainer.step // config.eval.every + 1) * config.eval.every)
-            result = trainer.run()
-            if result.preempted:
-                break
-            metrics = _evaluate(trainer, evaluator, writer, mesh)
-            if result.step < trainer.config.steps:  # the data ran out
-                break
+        return trainer.run_with_evals(evaluator, config.eval.every)
     finally:
-        trainer.config.steps = total_steps
         trainer.close()
-        writer.close()
-    return result, metrics
-
-
-def _evaluate(trainer: Trainer, evaluator: Evaluator, writer: MetricWriter, mesh) -> dict[str, float]:
-    with jax.set_mesh(mesh):
-        metrics = evaluator(trainer.model)
-    writer.write_scalars(trainer.step, metrics)
-    writer.flush()
-    logger.info("eval at step %d: %s", trainer.step, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    return metrics
 
 
 # ------------------------------------------------------------------------------------- benchmark
@@ -538,7 +609,7 @@ def benchmark_step(config: ml_collections.ConfigDict, workdir: Path, *, repeats:
     template = template_lib.procedural_head(config.model.template_resolution)
     model = UHAP(template, config.model, rngs=nnx.Rngs(config.train.seed))
     batch = synthetic_batch(config, model, template, rng)
-    capacity = capacity_bound(model, batch, config.render.capacity_headroom)
+    capacity = initial_capacity(model, batch, config.render.capacity_headroom)
     size = batch["images"].shape[2]
     mean, _ = model.encode_expression(batch["images"].astype(np.float32) / 255.0)
     posed, _ = decode_frames(model, batch, mean)
@@ -549,7 +620,7 @@ def benchmark_step(config: ml_collections.ConfigDict, workdir: Path, *, repeats:
     def raster_grads(means, quats, scales, opacities, colours):
         def image_loss(*gaussians):
             render = jax.vmap(lambda m, q, s, o, c, v, k: kernels.rasterize(
-                m, q, s, o, c, v, k, width=size, height=size, capacity=capacity).rgb)  # fmt: skip
+                m, q, s, o, c, v, k, width=size, height=size, capacity=capacity.value).rgb)  # fmt: skip
             return jnp.sum(render(*gaussians, batch["world_to_cam"], batch["intrinsics"]) * cotangent)
 
         return jax.grad(image_loss, argnums=(0, 1, 2, 3, 4))(means, quats, scales, opacities, colours)

@@ -131,9 +131,9 @@ def test_renderer_grows_an_overflowing_capacity_and_renders_the_same_frames(avat
     assert ample.capacity == 1 << 13  # 4 tiles of under 1000 Gaussians: no overflow
     starved = avatar_lib.FrameRenderer(avatar, path, batch_size=4, capacity=16)
     grown = np.stack([image for image, _ in starved(codes)])
-    assert starved.capacity > 16 and np.all(np.isfinite(grown))
-    np.testing.assert_allclose(grown, expected, atol=1e-6)
-    assert expected.max() > 0.2  # the head is in the frame
+    assert starved.capacity > 16 and grown.dtype == np.uint8
+    np.testing.assert_allclose(grown, expected, atol=1)
+    assert expected.max() > 50  # the head is in the frame
 
 
 @pytest.mark.parametrize("part", ["avatar.json", "identity/scan_maps.npy", "speech/config.json", "prior/bundle.json"])

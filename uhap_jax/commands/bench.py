@@ -1,5 +1,6 @@
 """`uhap bench rasterizer`: time the Gaussian rasterizer (and gsplat beside it, on a GPU).
-`uhap bench train`: time a prior training step (multi-view images/s and the rasterizer's share)."""
+`uhap bench train`: time a prior training step (multi-view images/s and the rasterizer's share).
+`uhap bench animate`: frames/s of speech -> codes -> decode -> render -> host (`uhap_jax.inference.fps_bench`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,31 @@ def register(subparsers) -> None:
     train.add_argument("--config", default="configs/prior.py:base", help="prior config and preset")
     train.add_argument("--repeats", type=int, default=10)
     train.set_defaults(func=run_train)
+    animate = targets.add_parser(
+        "animate", help="frames/s of audio -> speech model -> codes -> decode -> render -> host, untrained models",
+        description="Overrides: --config.prior.<field>=V and --config.audio.<field>=V.",
+    )  # fmt: skip
+    animate.add_argument("--prior-config", default="configs/prior.py:base", help="prior config and preset")
+    animate.add_argument("--audio-config", default="configs/audio.py:base", help="speech-model config and preset")
+    animate.add_argument("--frames", type=int, default=256, help="frames of the clip (its audio lasts frames / fps)")
+    animate.add_argument("--fps", type=float, default=25.0, help="video frame rate the speech model predicts at")
+    animate.add_argument("--size", type=int, default=512, help="square image side in pixels")
+    animate.add_argument("--batch", default="1", help="frames per decode+render call; a comma list times each")
+    animate.add_argument(
+        "--capacity",
+        choices=("measured", "widest"),
+        default="measured",
+        help="pair capacity: `uhap animate`'s (first batch x 1.25) or the train stage's bound",
+    )
+    animate.add_argument(
+        "--host-dtype",
+        choices=("uint8", "float32"),
+        default="uint8",
+        help="frames read back as uint8 (made on the device) or float32",
+    )
+    animate.add_argument("--repeats", type=int, default=5, help="timed passes after one warm-up; the median")
+    animate.add_argument("--seed", type=int, default=0)
+    animate.set_defaults(func=run_animate)
 
 
 def run_rasterizer(args: argparse.Namespace) -> int:
@@ -40,4 +66,35 @@ def run_train(args: argparse.Namespace) -> int:
     print("| " + " | ".join(row) + " |")
     print("|" + "---|" * len(row))
     print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    return 0
+
+
+def run_animate(args: argparse.Namespace) -> int:
+    import jax
+
+    from uhap_jax.inference import fps_bench
+
+    overrides: dict[str, list[str]] = {"prior": [], "audio": []}
+    for item in args.config_overrides:
+        stage, _, rest = item.removeprefix("--config.").partition(".")
+        if stage not in overrides or not rest:
+            raise SystemExit(f"uhap bench animate: override {item!r} must be --config.prior.<field>=V "
+                             f"or --config.audio.<field>=V")  # fmt: skip
+        overrides[stage].append(rest)
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise SystemExit(f"uhap bench animate: --batch {args.batch!r} is not a comma list of integers") from None
+    rows, note = fps_bench.run(
+        args.prior_config, args.audio_config, frames=args.frames, size=args.size, batches=batches,
+        prior_overrides=overrides["prior"], audio_overrides=overrides["audio"], fps=args.fps,
+        capacity=args.capacity, host_dtype=args.host_dtype, repeats=args.repeats, seed=args.seed,
+    )  # fmt: skip
+    best = max(rows, key=lambda row: row["end_to_end_fps"])
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), prior {args.prior_config}, "
+          f"audio {args.audio_config}")  # fmt: skip
+    print(f"{note}; untrained weights (same cost as trained); capacity {args.capacity}, frames read back as "
+          f"{args.host_dtype}; median of {args.repeats} passes after one warm-up")  # fmt: skip
+    print(fps_bench.markdown_table(rows))
+    print(f"best batch: {best['batch']} ({best['end_to_end_fps']:.1f} frames/s end to end)")
     return 0

@@ -182,3 +182,21 @@ def test_sweep_scores_an_audio_workdir_as_the_audio_stage_does(speech_workdir, t
         assert row["psnr"] == row["ssim"] == row["scan_chamfer"] == ""  # a speech model renders no views here
     # The sweep encoded its own targets rather than reading the audio workdir's cache.
     assert list((out / "expression_codes").glob("*.npz"))
+
+
+def test_uhap_eval_prints_the_stage_metrics_of_one_checkpoint(speech_workdir, trained, capsys):
+    """`uhap eval` on a speech-model workdir gives the audio stage's own metrics, baselines included; on a prior
+    workdir and its bundle, the sweep's held-out-view metrics at scale 1."""
+    root, cache, workdir, own = speech_workdir
+    assert cli.main(["eval", "--workdir", str(workdir), "--data", str(root), "--cache-dir", str(cache)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name in ("lve", "lve_zero_motion", "lve_shuffled_audio", "sync_offset_frames"):
+        assert printed[name] == pytest.approx(own[f"eval/{name}"], rel=1e-5), name
+    scores = []
+    for checkpoint in (trained["workdir"], trained["bundle"]):
+        assert cli.main(["eval", "--workdir", str(checkpoint), "--data", str(trained["root"]),
+                         "--cache-dir", str(trained["cache"])]) == 0  # fmt: skip
+        printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert 3.0 < printed["psnr"] < 60.0 and -1.0 <= printed["ssim"] <= 1.0 and printed["step"] == 2
+        scores.append(printed["psnr"])
+    assert scores[0] == pytest.approx(scores[1], rel=1e-4)  # the bundle holds the workdir's parameters

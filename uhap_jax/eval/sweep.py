@@ -178,10 +178,10 @@ def load_speech_checkpoint(path: Path, mesh: jax.sharding.Mesh) -> SpeechCheckpo
     return SpeechCheckpoint(path, config, prior_cfg, prior, prior_step)
 
 
-def evaluate_speech(checkpoint: SpeechCheckpoint, root: Path, records, codes_cache: Path,
-                    mesh) -> tuple[dict[str, float], int]:  # fmt: skip
-    """LVE (mm²) and sync offset (frames) of the latest speech model on the dataset's held-out sequences, as
-    the audio stage's eval computes them; and the speech model's step."""
+def speech_metrics(checkpoint: SpeechCheckpoint, root: Path, records, codes_cache: Path,
+                   mesh) -> tuple[dict[str, float], int]:  # fmt: skip
+    """The audio stage's eval metrics (`eval/lve`, its baselines, sync offset...) of the latest speech model on
+    the dataset's held-out sequences; and the speech model's step."""
     config, prior_cfg, prior = checkpoint.config, checkpoint.prior_config, checkpoint.prior
     fps = audio_stage.training_fps(root, records)
     speech, step = restore_speech(checkpoint.path, prior, fps)
@@ -189,7 +189,13 @@ def evaluate_speech(checkpoint: SpeechCheckpoint, root: Path, records, codes_cac
                                                       fps, codes_cache)  # fmt: skip
     evaluator = audio_stage.make_evaluator(config, prior_cfg, prior, sequences, scan_maps, fps)
     with jax.set_mesh(mesh):
-        metrics = evaluator(audio_stage.SpeechWithPrior(speech, prior))
+        return evaluator(audio_stage.SpeechWithPrior(speech, prior)), step
+
+
+def evaluate_speech(checkpoint: SpeechCheckpoint, root: Path, records, codes_cache: Path,
+                    mesh) -> tuple[dict[str, float], int]:  # fmt: skip
+    """The sweep's columns for a speech model: LVE (mm²) and sync offset (frames), and its step."""
+    metrics, step = speech_metrics(checkpoint, root, records, codes_cache, mesh)
     return {"lve": metrics["eval/lve"], "sync_offset": int(metrics["eval/sync_offset_frames"])}, step
 
 

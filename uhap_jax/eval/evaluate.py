@@ -1,0 +1,45 @@
+"""One checkpoint's metrics, as its stage's own evaluation computes them (what `uhap eval` prints)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from uhap_jax.eval import sweep
+from uhap_jax.train import prior_stage
+
+
+def _data(config: ml_collections.ConfigDict, data: Path | None, cache_dir: Path | None) -> ml_collections.ConfigDict:
+    """The checkpoint's data section, pointed at `data` / `cache_dir` when given."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if data is not None:
+        config.data.root = str(data)
+    if cache_dir is not None:
+        config.data.cache_dir = str(cache_dir)
+    return config
+
+
+def evaluate_checkpoint(path: str | Path, *, data: Path | None = None, cache_dir: Path | None = None
+                        ) -> dict[str, float]:  # fmt: skip
+    """A speech-model workdir: LVE (mm²) with its zero-motion, neutral and shuffled-audio baselines, per split, and
+    the lip-sync offset; a prior workdir or bundle: held-out-view PSNR/SSIM and neutral-scan Chamfer (mm)."""
+    path = Path(path)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices()[:1])
+    if sweep.checkpoint_kind(path) == "audio":
+        checkpoint = sweep.load_speech_checkpoint(path, mesh)
+        config = _data(checkpoint.prior_config, data, cache_dir)
+        root = prior_stage.dataset_root(config)
+        records = prior_stage.prepared_records(root, config)
+        metrics, step = sweep.speech_metrics(checkpoint, root, records, path / "eval_codes.npz", mesh)
+    else:
+        model, train_config, step, kind, template = sweep.load_checkpoint(path, mesh)
+        config = _data(train_config, data, cache_dir)
+        root = prior_stage.dataset_root(config)
+        records = prior_stage.prepared_records(root, config)
+        job = sweep.Job(0, str(path), str(root), {"image_scale": 1.0, "num_views": 0})
+        sweep_config = ml_collections.ConfigDict({"eval": {"num_frames": config.eval.num_frames,
+                                                           "batch_size": config.eval.batch_size}})  # fmt: skip
+        metrics = sweep.evaluate_job(job, model, config, template, root, records, sweep_config, mesh)
+    return {"step": float(step), **{name.removeprefix("eval/"): float(value) for name, value in metrics.items()}}

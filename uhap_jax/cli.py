@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "data",
     "eval",
     "export",
+    "personalize",
     "sweep",
     "train",
 ]

@@ -2,6 +2,7 @@
 
     uhap train prior --config configs/prior.py:tiny --workdir runs/prior --config.train.steps=200
     uhap train audio --config configs/audio.py:tiny --workdir runs/audio --config.prior_workdir=runs/prior
+    uhap train encoder --config configs/encoder.py:tiny --workdir runs/encoder --config.prior_workdir=runs/prior
 
 A workdir that holds checkpoints resumes from the latest. Multi-host jobs pass the distributed flags (or let
 SLURM / TPU / Open MPI be auto-detected). The exit status is 143 (128 + SIGTERM) when preempted.
@@ -21,13 +22,13 @@ import jax
 from uhap_jax.config_utils import load_config, save_config
 from uhap_jax.train.distributed import add_distributed_args, initialize_from_args
 
-STAGES = ("prior", "audio")
+STAGES = ("prior", "audio", "encoder")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train a stage (prior, audio)",
+        help="train a stage (prior, audio, encoder)",
         description="Config fields can be overridden with --config.<field>=<value>, e.g. --config.train.steps=100.",
     )
     parser.add_argument("stage", choices=STAGES)
@@ -47,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         save_config(config, args.workdir / "config.json")
     if args.stage == "audio":
         from uhap_jax.train.audio_stage import train_audio as train_stage
+    elif args.stage == "encoder":
+        from uhap_jax.train.encoder_stage import train_encoder as train_stage
     else:
         from uhap_jax.train.prior_stage import train_prior as train_stage
 

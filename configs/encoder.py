@@ -1,0 +1,80 @@
+"""`uhap train encoder`: the monocular encoder, one view -> the prior's expression code and the head pose.
+
+    uhap train encoder --config configs/encoder.py:tiny --workdir runs/encoder --config.prior_workdir=runs/prior
+
+Presets: tiny (CPU/CI: a small CNN on 64² crops, 1-2 minutes), base (one GPU). The prior is read from
+`prior_workdir` (its config.json and latest checkpoint) and stays frozen.
+"""
+
+import ml_collections
+
+from uhap_jax.models.mono_encoder import default_model_config
+from uhap_jax.train.loop import default_config
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    if preset not in ("tiny", "base"):
+        raise ValueError(f"configs/encoder.py: preset must be tiny or base, got {preset!r}")
+    config = ml_collections.ConfigDict()
+    config.preset = preset
+    config.prior_workdir = ""  # a `uhap train prior` workdir: config.json and checkpoints/
+
+    # Where the captures are; empty fields take the prior's (the data it was trained on).
+    config.data = ml_collections.ConfigDict()
+    config.data.root = ""
+    config.data.synth_preset = ""
+    config.data.cache_dir = ""
+    config.data.batch_size = 16  # frames per global batch, one random held-in view each
+    config.data.photo_frames = 4  # of them, rendered through the frozen prior for the photometric loss
+    config.data.code_batch_size = 16  # frames per call when the prior encodes the targets (once, cached)
+    config.data.num_threads = 2
+    config.data.prefetch = 4
+
+    config.model = default_model_config()
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.code = 1.0  # MSE of z, over the variance of the training codes
+    config.loss.rotation = 0.05  # x degrees^2 of rotation-vector error
+    config.loss.translation = 0.05  # x mm^2
+    config.loss.photometric = 1.0  # masked L1 of the view rendered from the predicted code and pose
+    config.loss.photometric_fraction = 0.1  # of the steps, drawn at random, that render (1: every step)
+    config.loss.background_weight = 0.5  # L1 weight of background pixels relative to foreground ones
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 2e-3
+    config.optimizer.warmup_steps = 20
+    config.optimizer.grad_clip = 1.0
+
+    config.render = ml_collections.ConfigDict()
+    config.render.capacity_headroom = 1.5  # x the pairs the probe frames need
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every = 500  # steps; code MSE, pose error and photometric PSNR on held-out sentences
+    config.eval.num_frames = 16  # per evaluated split
+    config.eval.batch_size = 8
+
+    config.train = default_config()
+    config.train.steps = 500
+    config.train.log_every = 50
+    config.train.checkpoint_every = 250
+    config.train.mesh.fsdp = 1
+    config.train.sharding.rules = ((r"^rest/", "replicate"),)  # the frozen prior and template constants
+
+    if preset == "base":
+        config.data.batch_size = 64
+        config.data.photo_frames = 8
+        config.loss.photometric_fraction = 1.0
+        config.data.num_threads = 8
+        config.data.prefetch = 16
+        config.model.crop_size = 128
+        config.model.channels = (32, 64, 128, 128, 256)
+        config.model.hidden = 512
+        config.optimizer.learning_rate = 5e-4
+        config.optimizer.warmup_steps = 500
+        config.eval.every = 2000
+        config.eval.num_frames = 64
+        config.eval.batch_size = 16
+        config.train.steps = 30_000
+        config.train.log_every = 100
+        config.train.checkpoint_every = 2000
+    return config

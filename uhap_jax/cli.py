@@ -11,6 +11,7 @@ COMMAND_MODULES = [
     "animate",
     "bench",
     "data",
+    "demo",
     "eval",
     "export",
     "personalize",

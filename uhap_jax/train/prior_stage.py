@@ -454,9 +454,6 @@ def _render_frames(model: UHAP, batch: dict, world_to_cam, intrinsics, width: in
     return model.render(posed, world_to_cam, intrinsics, width=width, height=height, capacity=capacity), posed
 
 
-_render_views = nnx.jit(_render_frames, static_argnums=(4, 5, 6))
-
-
 class Evaluator:
     """Jitted eval of a model state on an EvalSet: held-out-view PSNR/SSIM and the neutral-scan Chamfer."""
 
@@ -482,19 +479,6 @@ class Evaluator:
             scores["tracked_mm"] = 1e3 * jnp.mean(distance, axis=-1)
             scores["tracked_valid"] = batch["tracked_valid"]
         return scores
-
-    def renders(self, model: UHAP, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """The first held-out view of the first `count` eval frames: renders and targets [K, H, W, 3] in [0, 1]."""
-        e = self.eval_set
-        batch = {"encoder_images": e.encoder_images[:count], **{k: v[:count] for k, v in e.rows.items()}}
-        height, width = e.target_images.shape[2:4]
-        while True:
-            rendered, _ = _render_views(model, batch, e.world_to_cam[:count, :1], e.intrinsics[:count, :1], width,
-                                        height, self.capacity.value)  # fmt: skip
-            if not self.capacity.grow(int(jnp.max(rendered.stats.n_pairs))):
-                break
-        _, _, target = _frame_targets({"images": e.target_images[:count, :1], "masks": e.target_masks[:count, :1]})
-        return np.clip(np.asarray(rendered.rgb[:, 0]), 0.0, 1.0), np.asarray(target[:, 0])
 
     def _scan_chamfer(self, graphdef, state, scan_maps, scan_points) -> jax.Array:
         model = nnx.merge(graphdef, state)

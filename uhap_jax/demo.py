@@ -1,0 +1,297 @@
+"""`uhap demo`: synthesise the tiny captures, train every stage, personalise a held-out identity, animate it from
+held-out speech, evaluate, and write a report.
+
+    W/data/            the synthetic captures (capture layout)      W/prior/, W/audio/, W/encoder/  stage workdirs
+    W/avatar_<id>/     the personalised avatar (`uhap animate`)     W/personalize/   its fine-tune workdir
+    W/talking_head.mp4 the avatar speaking held-out audio           W/metrics.json, W/report.html, W/report/
+
+Each stage records its result in `W/stages/<stage>.json` when it finishes; a demo started again on the same
+workdir skips finished stages, and an interrupted stage resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from data_pipelines import layout, loaders, synth
+from uhap_jax import export, report
+from uhap_jax.config_utils import apply_override, load_config, save_config
+from uhap_jax.geometry import template as template_lib
+from uhap_jax.inference import avatar as avatar_lib
+from uhap_jax.models.prior import UHAP
+from uhap_jax.train import audio_stage, encoder_stage, personalize_stage, prior_stage
+
+logger = logging.getLogger(__name__)
+
+# Minutes each stage took on a 2-core CPU (the whole demo's ETA scales these by how the finished ones went).
+STAGE_MINUTES = {
+    "data": 2.0, "prior": 5.5, "audio": 2.5, "encoder": 1.5, "personalize": 1.5, "animate": 0.7, "report": 0.5,
+}  # fmt: skip
+
+
+class Demo:
+    """The stages in order, sharing one workdir and config."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
+        self.config, self.workdir = config, Path(workdir)
+        self.data = self.workdir / "data"
+        self.stages: list[tuple[str, Callable[[], dict]]] = [
+            ("data", self.synthesise), ("prior", self.train_prior), ("audio", self.train_audio),
+            ("encoder", self.train_encoder), ("personalize", self.personalize), ("animate", self.animate),
+            ("report", self.write_report),
+        ]  # fmt: skip
+
+    # ---- running and resuming ----------------------------------------------------------------------------
+    def _record(self, stage: str) -> Path:
+        return self.workdir / "stages" / f"{stage}.json"
+
+    def done(self, stage: str) -> dict | None:
+        path = self._record(stage)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def run(self) -> dict[str, float]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.workdir / "demo_config.json")
+        started, spent, planned = time.perf_counter(), 0.0, 0.0
+        for index, (stage, fn) in enumerate(self.stages, 1):
+            record = self.done(stage)
+            if record is not None:
+                logger.info("[%d/%d] %s: done earlier (%.1f min), skipped", index, len(self.stages), stage,
+                            record["seconds"] / 60)  # fmt: skip
+                continue
+            remaining = sum(STAGE_MINUTES[s] for s, _ in self.stages[index - 1 :] if self.done(s) is None)
+            pace = spent / planned if planned else 1.0
+            logger.info("[%d/%d] %s (demo ETA %.0f min)", index, len(self.stages), stage, remaining * pace)
+            stage_start = time.perf_counter()
+            metrics = fn()
+            seconds = time.perf_counter() - stage_start
+            spent, planned = spent + seconds / 60, planned + STAGE_MINUTES[stage]
+            self._record(stage).parent.mkdir(parents=True, exist_ok=True)
+            self._record(stage).write_text(json.dumps({"seconds": seconds, "metrics": metrics}, indent=1))
+            logger.info("[%d/%d] %s finished in %.1f min", index, len(self.stages), stage, seconds / 60)
+        logger.info("demo finished in %.1f min (this run); report: %s", (time.perf_counter() - started) / 60,
+                    self.workdir / "report.html")  # fmt: skip
+        return json.loads((self.workdir / "metrics.json").read_text())
+
+    # ---- configs -----------------------------------------------------------------------------------------
+    def _data_overrides(self) -> list[str]:
+        return [f"data.root={self.data}", f"data.cache_dir={self.workdir / 'cache'}"]
+
+    def prior_config(self) -> ml_collections.ConfigDict:
+        return load_config(self.config.prior_config, [*self.config.prior_overrides, *self._data_overrides()])
+
+    def _stage_config(self, spec: str, overrides) -> ml_collections.ConfigDict:
+        config = load_config(spec, list(overrides))
+        config.prior_workdir = str(self.workdir / "prior")
+        return config
+
+    # ---- the stages --------------------------------------------------------------------------------------
+    def synthesise(self) -> dict:
+        config = synth.synth_config(self.config.synth_preset)
+        for item in self.config.synth_overrides:
+            apply_override(config, item, source="demo synth_overrides")
+        info = synth.generate(self.data, config)
+        return {"identities": info["identities"], "sequences": sum(len(s) for s in info["sequences"].values())}
+
+    def train_prior(self) -> dict:
+        config = self.prior_config()
+        workdir = self.workdir / "prior"
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_config(config, workdir / "config.json")  # what later stages rebuild the prior from
+        result, metrics = prior_stage.train_prior(config, workdir)
+        _check_finished("prior", result)
+        return metrics
+
+    def train_audio(self) -> dict:
+        config = self._stage_config(self.config.audio_config, self.config.audio_overrides)
+        config.prior_config = self.config.prior_config
+        config.prior_overrides = (*self.config.prior_overrides, *self._data_overrides())
+        workdir = self.workdir / "audio"
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_config(config, workdir / "config.json")
+        result, metrics = audio_stage.train_audio(config, workdir)
+        _check_finished("audio", result)
+        return metrics
+
+    def train_encoder(self) -> dict:
+        config = self._stage_config(self.config.encoder_config, self.config.encoder_overrides)
+        workdir = self.workdir / "encoder"
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_config(config, workdir / "config.json")
+        result, metrics = encoder_stage.train_encoder(config, workdir)
+        _check_finished("encoder", result)
+        return metrics
+
+    def held_out_subject(self) -> str:
+        return layout.read_dataset_info(self.data)["identities"]["held_out"][0]
+
+    def avatar_dir(self) -> Path:
+        return self.workdir / f"avatar_{self.held_out_subject()}"
+
+    def personalize(self) -> dict:
+        """The first held-out identity from its monocular sequence only (no scan), then scored on held-out views."""
+        config = load_config(self.config.personalize_config, list(self.config.personalize_overrides))
+        config.use_scan, config.scan = False, ""
+        config.camera = synth.MONO_SERIAL
+        subject = self.held_out_subject()
+        workdir = self.workdir / "personalize"
+        result = personalize_stage.personalize(
+            self.workdir / "prior", self.workdir / "encoder", layout.subject_dir(self.data, subject),
+            self.avatar_dir(), config, audio_workdir=self.workdir / "audio", workdir=workdir,
+        )  # fmt: skip
+        _check_finished("personalize", result)
+        # The same fine-tune (it resumes at its last step), scored on the identity's multi-view sequences.
+        return personalize_stage.heldout_quality(self.workdir / "prior", self.workdir / "encoder", config, workdir,
+                                                 subject=subject)  # fmt: skip
+
+    def held_out_speech(self) -> Path:
+        """Audio of a held-out sentence, preferably spoken by the personalised identity."""
+        info = layout.read_dataset_info(self.data)
+        held_out = set(info["held_out_sentences"])
+        subject = self.held_out_subject()
+        candidates = sorted(
+            (s != subject, s, q) for s, seqs in info["sequences"].items() for q, row in seqs.items()
+            if row["sentence_index"] in held_out and not q.startswith("mono")
+        )  # fmt: skip
+        if not candidates:
+            raise ValueError(f"{self.data / layout.DATASET_FILE}: no sequence speaks a held-out sentence")
+        _, s, q = candidates[0]
+        return layout.sequence_dir(self.data, s, q) / layout.AUDIO_FILE
+
+    def animate(self) -> dict:
+        audio = self.held_out_speech()
+        avatar = personalize_stage.load_personalized_avatar(self.avatar_dir())
+        out = self.workdir / "talking_head.mp4"
+        animation = avatar_lib.animate(avatar, audio, out, camera="front", size=self.config.video_size)
+        return {"audio": str(audio), "frames": animation.num_frames, "frames_per_second": animation.frames_per_second}
+
+    def write_report(self) -> dict:
+        metrics = self.collect_metrics()
+        (self.workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        out = self.workdir / "report"
+        out.mkdir(exist_ok=True)
+        stage_dirs = {s: self.workdir / s for s in ("prior", "audio", "encoder", "personalize")}
+        curves = report.plot_curves(stage_dirs, out / "curves.png")
+        frames = self.frames(out)
+        seconds = {s: self.done(s)["seconds"] for s, _ in self.stages if self.done(s) is not None}
+        video = self.workdir / "talking_head.mp4"
+        page = report.write_report(self.workdir, metrics, self.bars(), seconds, curves, frames,
+                                   video if video.is_file() else None)  # fmt: skip
+        return {"report": str(page)}
+
+    # ---- metrics and bars --------------------------------------------------------------------------------
+    def collect_metrics(self) -> dict[str, float]:
+        prior, audio = self.done("prior")["metrics"], self.done("audio")["metrics"]
+        personal = self.done("personalize")["metrics"]
+        metrics = {
+            "prior/heldout_view_psnr": prior["eval/psnr"],
+            "prior/heldout_view_ssim": prior["eval/ssim"],
+            "prior/scan_chamfer_mm": prior["eval/scan_chamfer"],
+            "audio/lve": audio["eval/lve"],
+            "audio/lve_zero_motion": audio["eval/lve_zero_motion"],
+            "audio/lve_shuffled_audio": audio["eval/lve_shuffled_audio"],
+            "audio/sync_offset_frames": audio["eval/sync_offset_frames"],
+            "audio/sync_offset_frames_target": audio["eval/sync_offset_frames_target"],
+            **{k: v for k, v in personal.items() if k.startswith("personalize/")},
+            "encoder/" + "code_mse": self.done("encoder")["metrics"].get("eval/code_mse", math.nan),
+            "animate/frames_per_second": self.done("animate")["metrics"]["frames_per_second"],
+        }
+        minutes = sum(self.done(s)["seconds"] for s, _ in self.stages if s != "report" and self.done(s)) / 60
+        metrics["demo/minutes"] = minutes
+        return {k: float(v) for k, v in metrics.items()}
+
+    def bars(self) -> list[report.Bar]:
+        b = self.config.bars
+        below = 1.0 - b.lve_below_baselines
+        return [
+            report.Bar("prior held-out-view PSNR (dB)", "prior/heldout_view_psnr", ">=", threshold=b.prior_psnr),
+            report.Bar("speech LVE vs zero motion", "audio/lve", "<=", "audio/lve_zero_motion", factor=below),
+            report.Bar("speech LVE vs shuffled audio", "audio/lve", "<=", "audio/lve_shuffled_audio", factor=below),
+            report.Bar("lip-sync offset (frames)", "audio/sync_offset_frames", "abs<=", threshold=b.sync_offset_frames),
+            report.Bar("personalised PSNR vs prior (dB)", "personalize/heldout_view_psnr", ">=",
+                       "prior/heldout_view_psnr", threshold=-b.personalize_gap_db),
+            report.Bar("demo minutes", "demo/minutes", "<=", threshold=b.minutes),
+        ]  # fmt: skip
+
+    def frames(self, out: Path) -> list[tuple[str, Path]]:
+        """Held-out camera views of a training identity (the prior) and of the personalised identity (its
+        avatar), each decoded from the codes the prior's encoder gives their held-in views."""
+        base, config, _ = export.restore_prior(self.workdir / "prior")
+        root = prior_stage.dataset_root(config)
+        records = prior_stage.prepared_records(root, config)
+        split = prior_stage.read_split(root, records, config.data.num_views)
+        template = template_lib.procedural_head(config.model.template_resolution)
+        tables = prior_stage.subject_tables(root, records, base, template, config)
+        subject = self.held_out_subject()
+        avatar = personalize_stage.load_personalized_avatar(self.avatar_dir())
+        shown = []
+        for name, who, model, scan_maps in (
+            ("prior", split.train_subjects[0], base, None),
+            ("personalised", subject, avatar.prior, avatar.scan_maps),
+        ):
+            views = held_out_views(base, records, split, tables, who, self.config.report_frames)
+            if scan_maps is None:
+                scan_maps = views["scan_maps"][0]
+            renders = render_views(model, scan_maps, views)
+            caption = (f"{name}: {who} ({'monocular video only' if who == subject else 'a training identity'}), "
+                       "held-out cameras")  # fmt: skip
+            shown.append((caption, report.image_rows([(name, renders, views["target"])], out / f"{name}.png")))
+        return shown
+def held_out_views(prior: UHAP, records: loaders.FrameRecords, split: prior_stage.Split,
+                   tables: prior_stage.SubjectTables, subject: str, count: int) -> dict[str, np.ndarray]:  # fmt: skip
+    """`count` frames of a subject's multi-view sequences: the prior's codes from their held-in views (and tracked
+    meshes), head poses, the first held-out camera and its foreground image on black [K, H, W, 3] in [0, 1]."""
+    cameras = set(split.held_in_cameras) | set(split.held_out_cameras)
+    sequences = [r for r in records.sequences if r["subject"] == subject and not cameras - set(r["serials"])]
+    if not sequences:
+        raise ValueError(f"{subject}: no multi-view sequence with the held-in and held-out cameras")
+    ids = np.concatenate([np.arange(r["first_record"], r["first_record"] + r["num_frames"]) for r in sequences])
+    ids = ids[np.linspace(0, len(ids) - 1, count).round().astype(int)]
+    rng = np.random.default_rng(0)
+    held_in = loaders.SampleViews(len(split.held_in_cameras), tuple(split.held_in_cameras))
+    held_out = loaders.SampleViews(1, tuple(split.held_out_cameras[:1]))
+    inputs = [held_in.random_map(records.source[int(i)], rng) for i in ids]
+    targets = [held_out.random_map(records.source[int(i)], rng) for i in ids]
+    first_view = lambda key: np.stack([t[key][0] for t in targets])  # noqa: E731
+    rows = tables.record_rows(np.asarray([i["subject_id"] for i in inputs]), ids)
+    images = np.stack([i["images"] for i in inputs]).astype(np.float32) / 255.0
+    codes, _ = prior.encode_expression(images, prior_stage.encoder_geometry(prior, rows))
+    target = first_view("images") / 255.0 * (first_view("masks")[..., None] / 255.0)
+    return {"codes": np.asarray(codes), "rows": rows, "scan_maps": rows["scan_maps"], "target": target,
+            "world_to_cam": first_view("world_to_cam"), "intrinsics": first_view("intrinsics")}
+
+
+def render_views(model: UHAP, scan_maps: np.ndarray, views: dict) -> np.ndarray:
+    """The views' codes decoded with one identity's maps at their head poses, rendered: [K, H, W, 3] in [0, 1]."""
+    count = len(views["codes"])
+    posed = model.decode(views["codes"], np.broadcast_to(scan_maps, (count, *scan_maps.shape)),
+                         views["rows"]["head_rotation"], views["rows"]["head_translation"])  # fmt: skip
+    cameras = views["world_to_cam"][:, None], views["intrinsics"][:, None]
+    height, width = views["target"].shape[1:3]
+    capacity = model.capacity_for(posed, *cameras, width=width, height=height)
+    rendered = model.render(posed, *cameras, width=width, height=height, capacity=capacity)
+    return np.clip(np.asarray(rendered.rgb[:, 0]), 0.0, 1.0)
+
+
+def _check_finished(stage: str, result) -> None:
+    if getattr(result, "preempted", False):
+        raise SystemExit(f"demo: the {stage} stage was interrupted; run the same command again to resume it")
+
+
+def default_workdir() -> Path:
+    return Path.cwd() / time.strftime("uhap-demo-%Y%m%d-%H%M%S")
+
+
+def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
+    if jax.process_count() > 1:
+        raise ValueError("uhap demo runs in one process; train the stages with `uhap train` to scale out")
+    return Demo(config, workdir).run()

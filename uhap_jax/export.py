@@ -25,7 +25,7 @@ from uhap_jax.config_utils import read_config, save_config
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.models.prior import UHAP
 from uhap_jax.train import prior_stage
-from uhap_jax.train.checkpoint import Checkpointer
+from uhap_jax.train.checkpoint import restore_latest
 
 BUNDLE_FILE = "bundle.json"
 DTYPES = ("float32", "bfloat16")
@@ -47,34 +47,11 @@ def restore_prior(
     config and step. Works whatever mesh or process count the checkpoint was written with."""
     workdir = Path(workdir)
     config = read_config(workdir / "config.json")
-    checkpointer = Checkpointer(workdir, use_async=False)
-    try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{workdir / 'checkpoints'}: holds no finished checkpoint")
-        template = template_lib.procedural_head(config.model.template_resolution)
-        model = build_prior(template, config)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        host_state = {
-            "params": nnx.to_pure_dict(params),
-            "rest": nnx.to_pure_dict(rest),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key(0),
-            "nonfinite_steps": jnp.zeros((), jnp.int32),
-        }
-        optimizer = prior_stage.make_optimizer(config)
-        shapes = jax.eval_shape(lambda s: {**s, "opt_state": optimizer.init(s["params"])}, host_state)
-        replicated = NamedSharding(mesh or _single_device_mesh(), PartitionSpec())
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
-        try:
-            state = checkpointer.restore(step, abstract)
-        except (ValueError, KeyError) as error:
-            message = f"{checkpointer.directory / str(step)}: does not match {workdir / 'config.json'}: {error}"
-            raise ValueError(message) from error
-    finally:
-        checkpointer.close()
-    nnx.replace_by_pure_dict(params, state["params"])
-    return nnx.merge(graphdef, params, rest), config, step
+    template = template_lib.procedural_head(config.model.template_resolution)
+    mesh = mesh or _single_device_mesh()
+    model, step = restore_latest(workdir, build_prior(template, config), prior_stage.make_optimizer(config), mesh,
+                                 what="prior", expect=str(workdir / "config.json"))  # fmt: skip
+    return model, config, step
 
 
 def export_bundle(workdir: str | Path, out: str | Path, dtype: str = "float32") -> Path:

@@ -41,7 +41,7 @@ from uhap_jax.models.audio_encoder import SAMPLE_RATE, AudioEncoder, AudioEncode
 from uhap_jax.models.audio_to_latent import AudioToLatent, AudioToLatentConfig, FrozenParam
 from uhap_jax.models.prior import UHAP, scan_uv_maps
 from uhap_jax.train import audio_stage, prior_stage
-from uhap_jax.train.checkpoint import Checkpointer
+from uhap_jax.train.checkpoint import restore_latest
 
 logger = logging.getLogger(__name__)
 
@@ -83,33 +83,10 @@ def restore_speech(audio_workdir: str | Path, prior: UHAP, fps: float) -> tuple[
     """
     workdir = Path(audio_workdir)
     config = read_config(workdir / "config.json")
-    model = audio_stage.build_model(config, prior, fps)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    host_state = {
-        "params": nnx.to_pure_dict(params),
-        "rest": nnx.to_pure_dict(rest),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key(0),
-        "nonfinite_steps": jnp.zeros((), jnp.int32),
-    }
-    optimizer = prior_stage.make_optimizer(config)
-    shapes = jax.eval_shape(lambda s: {**s, "opt_state": optimizer.init(s["params"])}, host_state)
-    replicated = _replicated()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
-    checkpointer = Checkpointer(workdir, use_async=False)
-    try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{workdir / 'checkpoints'}: holds no finished speech-model checkpoint")
-        try:
-            state = checkpointer.restore(step, abstract)
-        except (ValueError, KeyError) as error:
-            message = f"{checkpointer.directory / str(step)}: does not match {workdir / 'config.json'} and the prior"
-            raise ValueError(f"{message}: {error}") from error
-    finally:
-        checkpointer.close()
-    nnx.replace_by_pure_dict(params, state["params"])
-    speech = nnx.merge(graphdef, params, rest).speech
+    model, step = restore_latest(workdir, audio_stage.build_model(config, prior, fps),
+                                 prior_stage.make_optimizer(config), _replicated().mesh, what="speech-model",
+                                 expect=f"{workdir / 'config.json'} and the prior")  # fmt: skip
+    speech = model.speech
     speech.eval()
     return speech, step
 

@@ -34,7 +34,6 @@ import numpy as np
 import transformers
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipelines import layout, loaders
 from uhap_jax.config_utils import apply_override, load_config
@@ -51,7 +50,7 @@ from uhap_jax.models.audio_to_latent import (
 )
 from uhap_jax.models.prior import UHAP, TexelLayout
 from uhap_jax.train import prior_stage
-from uhap_jax.train.checkpoint import Checkpointer
+from uhap_jax.train.checkpoint import restore_latest
 from uhap_jax.train.loop import Trainer, TrainResult
 from uhap_jax.train.mesh import batch_sharding, make_mesh
 
@@ -81,33 +80,9 @@ def restore_prior(prior_cfg: ml_collections.ConfigDict, workdir: str | Path, mes
         raise FileNotFoundError(f"{workdir / 'checkpoints'}: no prior checkpoints (set prior_workdir)")
     template = template_lib.procedural_head(prior_cfg.model.template_resolution)
     model = UHAP(template, prior_cfg.model, rngs=nnx.Rngs(prior_cfg.train.seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    checkpointer = Checkpointer(workdir, use_async=False)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{workdir / 'checkpoints'}: holds no finished checkpoint")
-    host_state = {
-        "params": nnx.to_pure_dict(params),
-        "rest": nnx.to_pure_dict(rest),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key(0),
-        "nonfinite_steps": jnp.zeros((), jnp.int32),
-    }
-    optimizer = prior_stage.make_optimizer(prior_cfg)
-    shapes = jax.eval_shape(lambda s: {**s, "opt_state": optimizer.init(s["params"])}, host_state)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
-    try:
-        state = checkpointer.restore(step, abstract)
-    except (ValueError, KeyError) as error:
-        raise ValueError(
-            f"{checkpointer.directory / str(step)}: does not fit the prior config {prior_cfg.preset!r} with the "
-            f"given prior_overrides; pass the overrides the prior was trained with ({error})"
-        ) from error
-    finally:
-        checkpointer.close()
-    nnx.replace_by_pure_dict(params, state["params"])
-    return nnx.merge(graphdef, params, rest), step
+    expect = (f"the prior config {prior_cfg.preset!r} with the given prior_overrides; pass the overrides the prior was "
+              "trained with")  # fmt: skip
+    return restore_latest(workdir, model, prior_stage.make_optimizer(prior_cfg), mesh, what="prior", expect=expect)
 
 
 def lip_gaussian_ids(texels: TexelLayout, template: template_lib.Template) -> np.ndarray:

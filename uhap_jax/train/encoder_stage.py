@@ -47,7 +47,7 @@ from uhap_jax.models.audio_to_latent import freeze
 from uhap_jax.models.mono_encoder import MonoEncoder
 from uhap_jax.models.prior import UHAP
 from uhap_jax.train import audio_stage, prior_stage
-from uhap_jax.train.checkpoint import Checkpointer
+from uhap_jax.train.checkpoint import restore_latest
 from uhap_jax.train.loop import Trainer, TrainResult
 from uhap_jax.train.mesh import batch_sharding, make_mesh
 
@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 CODES_FILE = "expression_codes.npz"
 INFO_FILE = "encoder_info.json"
+AVERAGE_IDENTITY_FILE = "average_identity.npy"  # the training identities' mean UV maps, personalisation's start
 EVAL_SPLITS = ("held_out_sentence", "held_out_identity")
 _DEG = 180.0 / np.pi
 _MM = 1e3
@@ -422,6 +423,8 @@ def train_encoder(config: ml_collections.ConfigDict, workdir: str | Path) -> tup
         info = {"prior_workdir": str(Path(config.prior_workdir).absolute()), "prior_step": prior_step,
                 "z_dim": prior.z_dim, "held_in_cameras": split.held_in_cameras}  # fmt: skip
         (workdir / INFO_FILE).write_text(json.dumps(info, indent=1))
+        train_ids = sorted({r["subject_id"] for r in records.sequences if r["subject"] in split.train_subjects})
+        np.save(workdir / AVERAGE_IDENTITY_FILE, subjects.scan_maps[train_ids].mean(0).astype(np.float32))
     try:
         return trainer.run_with_evals(evaluator, config.eval.every)
     finally:
@@ -436,31 +439,8 @@ def restore_encoder(encoder_workdir: str | Path, prior: UHAP) -> tuple[MonoEncod
     """
     workdir = Path(encoder_workdir)
     config = read_config(workdir / "config.json")
-    model = EncoderWithPrior(build_encoder(config, prior), nnx.clone(prior))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    host_state = {
-        "params": nnx.to_pure_dict(params),
-        "rest": nnx.to_pure_dict(rest),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key(0),
-        "nonfinite_steps": jnp.zeros((), jnp.int32),
-    }
-    optimizer = prior_stage.make_optimizer(config)
-    shapes = jax.eval_shape(lambda s: {**s, "opt_state": optimizer.init(s["params"])}, host_state)
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
-    replicated = NamedSharding(mesh, PartitionSpec())
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
-    checkpointer = Checkpointer(workdir, use_async=False)
-    try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{workdir / 'checkpoints'}: holds no finished encoder checkpoint")
-        try:
-            state = checkpointer.restore(step, abstract)
-        except (ValueError, KeyError) as error:
-            raise ValueError(f"{checkpointer.directory / str(step)}: does not match {workdir / 'config.json'} and "
-                             f"the given prior: {error}") from error  # fmt: skip
-    finally:
-        checkpointer.close()
-    nnx.replace_by_pure_dict(params, state["params"])
-    return nnx.merge(graphdef, params, rest).encoder, step
+    model, step = restore_latest(workdir, EncoderWithPrior(build_encoder(config, prior), nnx.clone(prior)),
+                                 prior_stage.make_optimizer(config), mesh, what="encoder",
+                                 expect=f"{workdir / 'config.json'} and the given prior")  # fmt: skip
+    return model.encoder, step

@@ -3,6 +3,7 @@ real generator, monocular sequences included): `uhap train encoder` beats the me
 sentences; `uhap personalize` writes an avatar that loads with its bias maps and renders, and resumes; bad video
 folders name the path; the quality measurement returns its numbers."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ from flax import nnx
 from test_prior import randomise
 
 from data_pipelines import layout, synth
-from uhap_jax import cli
+from uhap_jax import cli, export
 from uhap_jax.config_utils import load_config, save_config
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.inference import avatar as avatar_lib
@@ -152,7 +153,10 @@ def test_personalize_writes_an_avatar_that_loads_renders_and_resumes(pipeline, t
     avatar = personalize_stage.load_personalized_avatar(out)
     assert isinstance(avatar.prior.identity_encoder, personalize_stage.IdentityBias)
     assert avatar.fps == FPS and avatar.image_size == (SIZE, SIZE)
-    plain = avatar_lib.load_avatar(out)  # without the bias maps: the IdentityEncoder on the fitted maps
+    loaded = avatar_lib.load_avatar(out)  # what `uhap animate` loads: the fitted bias maps too
+    assert isinstance(loaded.prior.identity_encoder, personalize_stage.IdentityBias)
+    bare, _ = export.load_bundle(out / avatar_lib.PRIOR_DIR)  # without them: the IdentityEncoder on the fitted maps
+    plain = dataclasses.replace(avatar, prior=bare)
     codes = np.random.default_rng(0).normal(0.0, 1.0, (3, avatar.prior.z_dim)).astype(np.float32)
     path = avatar_lib.camera_path(avatar, synth.MONO_SERIAL, len(codes), None)
     assert path.width == SIZE and np.allclose(path.world_to_cam[0], layout.read_calibration(

@@ -3,6 +3,7 @@
     avatar/avatar.json                  {"kind": "uhap_avatar", "subject", "fps", "image_size": [W, H], ...}
     avatar/prior/                       the prior's inference bundle (`uhap_jax.export.export_bundle`)
     avatar/identity/scan_maps.npy       the identity conditioning: neutral-scan UV maps [R, R, 6]
+    avatar/identity/bias_maps.npz       personalised avatars only: the fitted decoder bias maps (bias_0, ...)
     avatar/speech/config.json           the speech model's architecture (AudioToLatent and its encoder)
     avatar/speech/params/               orbax checkpoint of the speech model's weights (a pure dict)
     avatar/calibration/camera_params.json   the subject's capture cameras, for `--camera <serial>`
@@ -223,6 +224,9 @@ def load_avatar(path: str | Path) -> Avatar:
     if not (fps > 0 and width > 0 and height > 0):
         raise ValueError(f"{manifest_file}: fps and image size must be positive, got {fps} and {width}x{height}")
     prior, _ = export.load_bundle(path / PRIOR_DIR)
+    from uhap_jax.train.personalize_stage import attach_identity  # lazy: personalize_stage imports this module
+
+    prior = attach_identity(prior, path)  # a personalised avatar's bias maps replace its IdentityEncoder
     scan_file = path / SCAN_MAPS_FILE
     if not scan_file.is_file():
         raise FileNotFoundError(f"{scan_file}: missing from the avatar folder")

@@ -5,6 +5,7 @@ Everything has a static shape: each camera owns a buffer of `capacity` pair slot
 
 Order: Gaussians are ranked by depth once per camera (stable, so ties keep index order, as gsplat's radix sort
 does), pairs are emitted in rank order, and one sort by tile id orders them per tile while keeping depth order.
+Pairs of the bounding rectangle's tiles that no pixel can take (`tile_hits`) sort to the end with the unused slots.
 """
 
 from __future__ import annotations
@@ -105,7 +106,12 @@ def bin_pairs(
     flat = flat_sort(proj.depths.shape[0])
     order = rank_by_depth(proj.depths, rects[-1], flat=flat)
     expand_fn = functools.partial(expand_pairs, capacity=capacity, tiles_x=tiles_x, method=expand)
-    tile, rank, used, n_pairs = jax.vmap(expand_fn)(order, *rects)
+    # One [C, N, 8] table (32-byte rows): the per-slot lookup reads one sector instead of six scattered floats.
+    footprint = jnp.concatenate(
+        [proj.means2d, proj.conics, proj.opacities[..., None], jnp.zeros_like(proj.opacities[..., None])], axis=-1
+    )
+    footprint = jax.lax.stop_gradient(footprint)
+    tile, rank, used, n_pairs = jax.vmap(expand_fn)(order, *rects, footprint)
     if flat and sort == "auto":
         tile_sorted, gid_sorted = sort_pairs_flat(tile, rank, used, order, n_tiles=n_tiles)
     else:
@@ -160,10 +166,12 @@ def rank_by_depth(depths: jax.Array, count: jax.Array, *, flat: bool = False) ->
     return (idx % num_gauss).reshape(num_cams, num_gauss)
 
 
-def expand_pairs(order, x0, y0, x1, y1, count, *, capacity: int, tiles_x: int, method: str = "cummax"):
+def expand_pairs(order, x0, y0, x1, y1, count, footprint=None, *, capacity: int, tiles_x: int, method: str = "cummax"):
     """One camera: emit the (tile, Gaussian) pairs in depth-rank order into `capacity` slots.
 
-    Returns per slot the tile id, the rank, whether the slot is used, and the number of pairs needed.
+    Returns per slot the tile id, the rank, whether the slot is used, and the number of pairs needed. With
+    `footprint` ([N, 6+] rows of mean x, y, conic xx, xy, yy, opacity), a pair whose tile no pixel of it can take is
+    not used (`tile_hits`).
     """
     del y1
     num_gauss = order.shape[0]
@@ -186,7 +194,32 @@ def expand_pairs(order, x0, y0, x1, y1, count, *, capacity: int, tiles_x: int, m
     local = slot - starts[slot_rank]
     w = jnp.maximum(x1[gid] - x0[gid], 1)
     tile = (y0[gid] + local // w) * tiles_x + x0[gid] + local % w
-    return tile, slot_rank, slot < n_pairs, n_pairs
+    used = slot < n_pairs
+    if footprint is not None:
+        row = footprint[gid]
+        used &= tile_hits(tile, row[:, :2], row[:, 2:5], row[:, 5], tiles_x)
+    return tile, slot_rank, used, n_pairs
+
+
+def tile_hits(tile, mean, conic, opacity, tiles_x: int):
+    """Whether any pixel centre of the tile can reach alpha >= 1/255, i.e. sigma <= ln(255 opacity), with sigma's
+    minimum over the tile's box of pixel centres (0 inside; else the least of the four edges' clamped 1-D minima).
+    The bounding rectangle also covers tiles that the ellipse misses (its corners); their pairs change no pixel,
+    so dropping them leaves images and gradients as they are and saves both kernels the work. A 1% margin in alpha
+    keeps the test conservative under float rounding."""
+    a, b, c = conic[..., 0], conic[..., 1], conic[..., 2]
+    x_lo = ((tile % tiles_x) * TILE).astype(mean.dtype) + 0.5 - mean[..., 0]
+    y_lo = ((tile // tiles_x) * TILE).astype(mean.dtype) + 0.5 - mean[..., 1]
+    x_hi, y_hi = x_lo + (TILE - 1), y_lo + (TILE - 1)
+
+    def sigma(dx, dy):
+        return 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+
+    edges = [sigma(dx, jnp.clip(-b * dx / c, y_lo, y_hi)) for dx in (x_lo, x_hi)]
+    edges += [sigma(jnp.clip(-b * dy / a, x_lo, x_hi), dy) for dy in (y_lo, y_hi)]
+    inside = (x_lo <= 0) & (x_hi >= 0) & (y_lo <= 0) & (y_hi >= 0)
+    lowest = jnp.where(inside, 0.0, functools.reduce(jnp.minimum, edges))
+    return lowest <= jnp.log(255.0 * opacity) + 0.01
 
 
 def aligned_size(capacity: int, n_tiles: int, align: int) -> int:

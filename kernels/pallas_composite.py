@@ -1,17 +1,16 @@
 """Steps 3-4 as Pallas kernels: one program per (camera, tile), front to back over the tile's pairs.
 
-Records are pair-major [C, P, 10]. The forward composites one pair at a time for all 256 pixels of the tile (the
-reference's exact arithmetic), unrolled over a chunk of pairs so that their record loads are in flight together, and
-checks once per chunk whether every pixel is saturated, to stop the tile early; per pixel it keeps only the output,
-the final T and the last contributing slot. The backward evaluates CHUNK pairs as a [256 pixels, CHUNK pairs] block:
-the transmittance before each pair is a prefix sum of log(1 - alpha) along the chunk, the colour behind pair i is
-(out - prefix_i), so there is no reverse pass, and each pair's gradient is reduced over the tile's pixels and written
-to the pair's own slot (tiles start at multiples of CHUNK, so whole-chunk writes never touch another tile's slots;
-no atomics). Slots outside every tile range are not written: their gradients are dropped by the record gather's
-transpose.
+Records are pair-major [C, P, 10]. Both kernels go one pair at a time over all 256 pixels of the tile, unrolled over
+a chunk of pairs so that the chunk's record loads are in flight together. The forward uses the reference's exact
+arithmetic, checks once per chunk whether every pixel is saturated, to stop the tile early, and keeps per pixel only
+the output, the final T and the last contributing slot. The backward recomputes T front to back the same way; the
+colour behind pair i is (out - prefix_i), so there is no reverse pass, and each pair's gradient is reduced over the
+tile's pixels and written to the pair's own slot (tiles start at multiples of CHUNK, so the whole-chunk zero writes
+never touch another tile's slots; no atomics). Slots outside every tile range are not written: their gradients are
+dropped by the record gather's transpose.
 
-The bodies use only loads/stores of contiguous slices, elementwise math, `cumsum` and reductions, so they lower
-through Triton today and stay portable to Mosaic GPU. On CPU they run with `interpret=True`.
+The bodies use only loads/stores, elementwise math, reductions, stack/split and `cond`, so they lower through Triton
+today and stay portable to Mosaic GPU. On CPU they run with `interpret=True`.
 """
 
 from __future__ import annotations
@@ -25,12 +24,13 @@ from jax.experimental import pallas as pl
 
 from kernels.reference import ALPHA_MAX, ALPHA_MIN, FEATURES, T_EPSILON, TILE_PIXELS
 
-# Tuning knobs (environment, read at import): backward chunk length (also the alignment of tile ranges), forward
-# pairs unrolled between early-exit checks and warps per program of each kernel. "auto" picks per grid size.
+# Tuning knobs (environment, read at import): pairs unrolled per backward loop step (also the alignment of tile
+# ranges), forward pairs unrolled between early-exit checks and warps per program of each kernel. "auto" picks per
+# grid size.
 CHUNK = int(os.environ.get("UHAP_PALLAS_CHUNK", 4))
 FWD_CHUNK = os.environ.get("UHAP_PALLAS_FWD_CHUNK", "auto")  # "auto": 16 on small grids, else 8
 NUM_WARPS_FWD = os.environ.get("UHAP_PALLAS_WARPS_FWD", "auto")  # "auto": 4 on small grids, else 2
-NUM_WARPS_BWD = int(os.environ.get("UHAP_PALLAS_WARPS_BWD", 4))
+NUM_WARPS_BWD = int(os.environ.get("UHAP_PALLAS_WARPS_BWD", 2))
 # A grid of this many (camera, tile) programs fills the GPU many times over: throughput matters more than the
 # latency of the longest tile (one small view has few, long tiles: there shorter dependency chains win).
 LARGE_GRID = 8192
@@ -60,8 +60,27 @@ def _pixels(tile, tiles_x):
     return px, py
 
 
-def _load_chunk(rec_ref, start):
-    return [rec_ref[pl.ds(start, CHUNK), f] for f in range(NUM_FIELDS)]
+def _unstack(x, depth):
+    """The 2**depth slices x[..., q] of the last `depth` axes (each of size 2), q in row-major order."""
+    if depth == 0:
+        return [x]
+    lo, hi = (jnp.squeeze(part, -1) for part in jnp.split(x, 2, axis=-1))
+    return [v for pair in zip(_unstack(lo, depth - 1), _unstack(hi, depth - 1)) for v in pair]
+
+
+def _stacked_sum(xs):
+    """[jnp.sum(x) for x in xs] for [256] vectors as one reduction per power-of-two group (10 = 8 + 2): Triton gives
+    each reduction its own shared-memory round trip and barrier across warps, so fewer, wider ones pay them once."""
+    out = []
+    while xs:
+        group = 1 << (len(xs).bit_length() - 1)
+        block, xs = xs[:group], xs[group:]
+        depth = group.bit_length() - 1
+        while len(block) > 1:
+            half = len(block) // 2
+            block = [jnp.stack([block[k], block[k + half]], axis=-1) for k in range(half)]
+        out += _unstack(jnp.sum(block[0], axis=0), depth)
+    return out
 
 
 def _fwd_chunk(num_programs: int) -> int:
@@ -140,19 +159,34 @@ def _forward_kernel(start_ref, end_ref, bg_ref, rec_ref, out_ref, trans_ref, las
     last_ref[...] = last
 
 
+def _pair_grads(mxl, myl, ca, cb, cc, opacity, s0, su, sv, suu, suv, svv):
+    """Mean, conic and opacity gradients of pairs from the six pixel moments of g_sigma."""
+    g_dx = mxl * s0 - su  # sum g_sigma dx
+    g_dy = myl * s0 - sv
+    return [
+        ca * g_dx + cb * g_dy,
+        cb * g_dx + cc * g_dy,
+        0.5 * (mxl * mxl * s0 - 2.0 * mxl * su + suu),
+        mxl * myl * s0 - mxl * sv - myl * su + suv,
+        0.5 * (myl * myl * s0 - 2.0 * myl * sv + svv),
+        jnp.where(opacity > 0, -s0 / jnp.where(opacity > 0, opacity, 1.0), 0.0),
+    ]
+
+
 def _backward_kernel(
     start_ref, end_ref, rec_ref, out_ref, trans_ref, last_ref, g_out_ref, g_trans_ref, g_rec_ref, *, tiles_x
 ):
-    """A chunk is a [256 pixels, CHUNK pairs] block. Fewer block temporaries than a direct transcription: the pixel
-    offsets u, v from the tile centre are per-pixel constants, so with dx = mx' - u (mx' = mean minus tile centre)
-    every mean/conic gradient follows from six pixel moments of g_sigma (sum of g, g u, g v, g u^2, g u v, g v^2),
-    combined per pair; the opacity gradient is -sum(g_sigma) / opacity (g_sigma = -opacity vis g_alpha where alpha
-    is not clamped); 1 / (1 - a) = exp(-log(1 - a)) reuses the log."""
+    """One pair at a time over the tile's 256 pixels, as the forward: T and the colour behind are running [256]
+    vectors (T *= 1 - a, as the forward multiplied it, so no log/exp prefix sums), the colour behind pair i is
+    (G - prefix_i) with G = sum_f g_f out_f, so there is no reverse pass. The mean/conic gradients follow from six
+    pixel moments of g_sigma in tile-centred offsets u, v (per-pixel constants), the opacity gradient is
+    -sum(g_sigma) / opacity; with the four colour sums that is ten pixel sums per pair, taken in two stacked
+    reductions. A pair that no pixel takes (its pixels saturated before it, or alpha < 1/255 on all of them) leaves
+    T and the colour behind unchanged: it costs one max-reduction and ten stores of zero, not the ten sums."""
     tile = pl.program_id(1)
     start, end = start_ref[0], end_ref[0]
     last = last_ref[...]
     g_outs = [g_out_ref[f, :] for f in range(4)]
-    # Only sum_f g_f * (colour behind)_f is needed: G - Q_i with G = sum_f g_f out_f and Q_i its running prefix.
     g_total = sum(g * out_ref[f, :] for f, g in enumerate(g_outs)) + g_trans_ref[...] * trans_ref[...]
     # Chunks up to the last contributing slot (none if no pixel has one); the tile's later chunks get zeros.
     n_chunks = jnp.maximum((jnp.max(last) - start + CHUNK) // CHUNK, 0)
@@ -170,50 +204,49 @@ def _backward_kernel(
     v = (pix // 16).astype(jnp.float32) - 7.5
     centre_x = ((tile % tiles_x) * 16 + 8).astype(jnp.float32)
     centre_y = ((tile // tiles_x) * 16 + 8).astype(jnp.float32)
-    uu, uv, vv = u * u, u * v, v * v
-    lane = jnp.arange(CHUNK, dtype=jnp.int32)
+    moments = (u, v, u * u, u * v, v * v)
+
+    def pair(idx, rec, trans, rest):
+        mx, my, ca, cb, cc, opacity, *feats = rec
+        mxl, myl = mx - centre_x, my - centre_y
+        dx = mxl - u
+        dy = myl - v
+        sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+        raw = opacity * jnp.exp(-sigma)
+        alpha = jnp.minimum(raw, ALPHA_MAX)
+        take = (idx < end) & (idx <= last) & (sigma >= 0) & (alpha >= ALPHA_MIN)
+
+        def live(trans, rest):
+            a = jnp.where(take, alpha, 0.0)
+            weight = a * trans
+            g_feat = sum(g * c for g, c in zip(g_outs, feats))  # sum_f g_f c_f
+            rest = rest - weight * g_feat  # G minus the prefix through this pair: the colour behind it
+            keep = 1.0 - a
+            g_alpha = trans * g_feat - rest / keep
+            g_sigma = jnp.where(take & (raw <= ALPHA_MAX), -raw * g_alpha, 0.0)
+            s0, su, sv, suu, suv, svv, *g_feats = _stacked_sum(
+                [g_sigma, *(g_sigma * m for m in moments), *(weight * g for g in g_outs)]
+            )
+            grads = _pair_grads(mxl, myl, ca, cb, cc, opacity, s0, su, sv, suu, suv, svv) + g_feats
+            for f, g in enumerate(grads):
+                g_rec_ref[idx, f] = g
+            return trans * keep, rest
+
+        def dead(trans, rest):
+            for f in range(NUM_FIELDS):
+                g_rec_ref[idx, f] = jnp.float32(0.0)
+            return trans, rest
+
+        return jax.lax.cond(jnp.max(jnp.where(take, 1, 0)) > 0, live, dead, trans, rest)
 
     def body(chunk, carry):
-        trans, rest = carry  # rest = G - (sum_f g_f c_f weighted, over the pairs before this chunk)
+        trans, rest = carry
         base = start + chunk * CHUNK
-        mx, my, ca, cb, cc, opacity, *feats = _load_chunk(rec_ref, base)
-        mxl, myl = mx - centre_x, my - centre_y
-        dx = mxl[None, :] - u[:, None]
-        dy = myl[None, :] - v[:, None]
-        sigma = 0.5 * (ca[None, :] * dx * dx + cc[None, :] * dy * dy) + cb[None, :] * dx * dy
-        raw = opacity[None, :] * jnp.exp(-sigma)
-        alpha = jnp.minimum(raw, ALPHA_MAX)
-        idx = base + lane
-        take = (idx < end)[None, :] & (idx[None, :] <= last[:, None]) & (sigma >= 0) & (alpha >= ALPHA_MIN)
-        a = jnp.where(take, alpha, 0.0)
-        log_keep = jnp.log(1.0 - a)  # the log of the factor the forward multiplied T by
-        t_before = trans[:, None] * jnp.exp(jnp.cumsum(log_keep, axis=1) - log_keep)
-        weight = a * t_before
-        g_feat = sum(g[:, None] * feats[f][None, :] for f, g in enumerate(g_outs))  # sum_f g_f c_f
-        weighted = weight * g_feat
-        behind = rest[:, None] - jnp.cumsum(weighted, axis=1)
-        g_alpha = t_before * g_feat - behind * jnp.exp(-log_keep)
-        g_sigma = jnp.where(take & (raw <= ALPHA_MAX), -raw * g_alpha, 0.0)
-        s0 = jnp.sum(g_sigma, axis=0)
-        su = jnp.sum(g_sigma * u[:, None], axis=0)
-        sv = jnp.sum(g_sigma * v[:, None], axis=0)
-        suu = jnp.sum(g_sigma * uu[:, None], axis=0)
-        suv = jnp.sum(g_sigma * uv[:, None], axis=0)
-        svv = jnp.sum(g_sigma * vv[:, None], axis=0)
-        g_dx = mxl * s0 - su  # sum g_sigma dx
-        g_dy = myl * s0 - sv
-        grads = [
-            ca * g_dx + cb * g_dy,
-            cb * g_dx + cc * g_dy,
-            0.5 * (mxl * mxl * s0 - 2.0 * mxl * su + suu),
-            mxl * myl * s0 - mxl * sv - myl * su + suv,
-            0.5 * (myl * myl * s0 - 2.0 * myl * sv + svv),
-            jnp.where(opacity > 0, -s0 / jnp.where(opacity > 0, opacity, 1.0), 0.0),
-            *(jnp.sum(weight * g[:, None], axis=0) for g in g_outs),
-        ]
-        for f, g in enumerate(grads):
-            g_rec_ref[pl.ds(base, CHUNK), f] = g
-        return trans * jnp.exp(jnp.sum(log_keep, axis=1)), rest - jnp.sum(weighted, axis=1)
+        # Every record load of the chunk first: none depends on the running state.
+        recs = [[rec_ref[base + j, f] for f in range(NUM_FIELDS)] for j in range(CHUNK)]
+        for j in range(CHUNK):
+            trans, rest = pair(base + j, recs[j], trans, rest)
+        return trans, rest
 
     zeros = jnp.zeros((TILE_PIXELS,), jnp.float32)
     jax.lax.fori_loop(0, n_chunks, body, (zeros + 1.0, g_total))

@@ -14,6 +14,9 @@ for cfg in "${cfgs[@]}"; do
     --preset full --backend pallas --repeats 10 --scenes ${SWEEP_SCENES:-head100k_512_x16} 2>&1 | grep "^| head\|^| box"
 done
 pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=$PWD:/tmp/site TORCH_CUDA_ARCH_LIST=9.0
-timeout 200 python3 -m kernels.check --seeds 1 2>&1 | grep "PASS\|FAIL"
+timeout 200 python3 -m kernels.check --seeds ${CHECK_SEEDS:-1} 2>&1 | grep "PASS\|FAIL" | cut -c1-420
 timeout ${BENCH_TIMEOUT:-400} python3 -m kernels.bench --preset full --backend pallas --gsplat --repeats ${REPEATS:-30} \
   --out "$OUT/bench.json" 2>&1 | grep -v "$F" | grep "^|\|^device"
+# PROFILE_SCENES="...": per-kernel device times of forward+backward after the table.
+[ -n "${PROFILE_SCENES:-}" ] && timeout 100 python3 -m kernels.bench --preset full --profile --repeats 5 \
+  --scenes $PROFILE_SCENES 2>&1 | grep -v "$F" | head -16

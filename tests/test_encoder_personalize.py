@@ -137,7 +137,8 @@ def test_personalize_writes_an_avatar_that_loads_renders_and_resumes(pipeline, t
     out = tmp_path / "avatar"
     args = ["personalize", "--prior", str(pipeline["prior"]), "--encoder", str(pipeline["encoder"]),
             "--audio-model", str(pipeline["audio"]), "--video", str(video), "--out", str(out),
-            "--config", "configs/personalize.py:tiny", *PERSONALIZE_OVERRIDES]  # fmt: skip
+            "--config", "configs/personalize.py:tiny", *PERSONALIZE_OVERRIDES, "--config.tune.shape=True",
+            "--config.tune.albedo=True", "--config.tune.decoder_layers=1"]  # fmt: skip
     assert cli.main([*args, "--config.train.steps=2"]) == 0
     first = capsys.readouterr().out
     assert "step 2/2" in first and "ETA" in first and "no scan" not in first  # the subject's scan is used
@@ -153,6 +154,10 @@ def test_personalize_writes_an_avatar_that_loads_renders_and_resumes(pipeline, t
     avatar = personalize_stage.load_personalized_avatar(out)
     assert isinstance(avatar.prior.identity_encoder, personalize_stage.IdentityBias)
     assert avatar.fps == FPS and avatar.image_size == (SIZE, SIZE)
+    prior, _, _, _ = personalize_stage.load_prior(pipeline["prior"])
+    tuned, frozen = avatar.prior.decoder, prior.decoder
+    assert not np.allclose(tuned.out.kernel[...], frozen.out.kernel[...])  # decoder_layers=1: the output layer
+    np.testing.assert_array_equal(tuned.blocks[0].conv1.kernel[...], frozen.blocks[0].conv1.kernel[...])
     loaded = avatar_lib.load_avatar(out)  # what `uhap animate` loads: the fitted bias maps too
     assert isinstance(loaded.prior.identity_encoder, personalize_stage.IdentityBias)
     bare, _ = export.load_bundle(out / avatar_lib.PRIOR_DIR)  # without them: the IdentityEncoder on the fitted maps

@@ -263,3 +263,34 @@ def test_flat_sort_matches_per_camera_sort(rng, monkeypatch):
     keyval = binning.sort_pairs_flat(tile, rank, used, order, n_tiles=n_tiles, key_bits=8)
     for a, b in zip(packed, keyval):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dropped_pairs_touch_no_pixel(rng):
+    """Pairs that binning drops (the ellipse misses the tile) have alpha < 1/255 at every pixel centre of the tile."""
+    width, height = 64, 48
+    scene = random_scene(rng, 200, 2, width, height)
+    args = _args(scene, jnp.float32)
+    proj = project(*args[:4], *args[5:], width=width, height=height)
+    capacity = kernels.capacity_for(*args[:4], *args[5:], width=width, height=height)
+    tiles_x = binning.tile_grid(width, height)[0]
+    rects = binning.tile_rectangles(proj, width, height)
+    order = binning.rank_by_depth(proj.depths, rects[-1])
+    footprint = jnp.concatenate([proj.means2d, proj.conics, proj.opacities[..., None]], axis=-1)
+
+    def expand(o, *r):
+        return binning.expand_pairs(o, *r, capacity=capacity, tiles_x=tiles_x)
+
+    tile, rank, every, _ = jax.vmap(expand)(order, *rects)
+    kept = jax.vmap(expand)(order, *rects, footprint)[2]
+    dropped = np.argwhere(np.asarray(every & ~kept))
+    assert 0 < len(dropped) < int(jnp.sum(every)) // 2
+    means2d, conics, opacities = (np.asarray(x, np.float64) for x in (proj.means2d, proj.conics, proj.opacities))
+    pix = np.arange(256)
+    for cam, slot in dropped:
+        gid = int(order[cam, rank[cam, slot]])
+        t = int(tile[cam, slot])
+        dx = (t % tiles_x) * 16 + pix % 16 + 0.5 - means2d[cam, gid, 0]
+        dy = (t // tiles_x) * 16 + pix // 16 + 0.5 - means2d[cam, gid, 1]
+        a, b, c = conics[cam, gid]
+        sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+        assert (opacities[cam, gid] * np.exp(-sigma)).max() < 1 / 255

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -55,7 +56,6 @@ logger = logging.getLogger(__name__)
 
 CODES_FILE = "expression_codes.npz"
 INFO_FILE = "encoder_info.json"
-AVERAGE_IDENTITY_FILE = "average_identity.npy"  # the training identities' mean UV maps, personalisation's start
 EVAL_SPLITS = ("held_out_sentence", "held_out_identity")
 _DEG = 180.0 / np.pi
 _MM = 1e3
@@ -104,12 +104,12 @@ def coded_sequences(root: Path, records: loaders.FrameRecords, held_in: list[str
 def code_targets(
     prior: UHAP, prior_step: int, prior_workdir: str | Path, root: Path, records: loaders.FrameRecords,
     tables: prior_stage.SubjectTables, held_in: list[str], batch_size: int, cache: Path,
+    keep: Callable[[audio_stage.Sequence], bool] | None = None,
 ) -> tuple[list[audio_stage.Sequence], np.ndarray]:  # fmt: skip
-    """The coded sequences, and per record the prior's code [num_records, z_dim] (zero for uncoded records).
-
-    The codes are the audio stage's (`audio_stage.expression_codes`): one definition of the prior's codes.
+    """The coded sequences (those `keep` accepts), and per record the prior's code [num_records, z_dim] (zero for
+    uncoded records). The codes are the audio stage's (`audio_stage.expression_codes`): one definition of them.
     """
-    sequences = coded_sequences(root, records, held_in)
+    sequences = [s for s in coded_sequences(root, records, held_in) if keep is None or keep(s)]
     digest = hashlib.sha256((root / layout.DATASET_FILE).read_bytes()).hexdigest()[:16]
     key = f"{Path(prior_workdir).resolve()}@{prior_step}|{root.resolve()}|{digest}|{','.join(held_in)}"
     sequences = audio_stage.expression_codes(
@@ -423,8 +423,6 @@ def train_encoder(config: ml_collections.ConfigDict, workdir: str | Path) -> tup
         info = {"prior_workdir": str(Path(config.prior_workdir).absolute()), "prior_step": prior_step,
                 "z_dim": prior.z_dim, "held_in_cameras": split.held_in_cameras}  # fmt: skip
         (workdir / INFO_FILE).write_text(json.dumps(info, indent=1))
-        train_ids = sorted({r["subject_id"] for r in records.sequences if r["subject"] in split.train_subjects})
-        np.save(workdir / AVERAGE_IDENTITY_FILE, subjects.scan_maps[train_ids].mean(0).astype(np.float32))
     try:
         return trainer.run_with_evals(evaluator, config.eval.every)
     finally:

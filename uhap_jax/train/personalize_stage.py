@@ -2,13 +2,13 @@
 
 The frozen MonoEncoder gives every frame's expression code and head pose. The identity conditioning starts from
 the person's neutral scan when one is given, else from the template as the average identity with its albedo
-read off the video (each texel's colour where the first frames show it, its region's mean elsewhere). Then
-only it is fitted, with the prior's photometric loss (masked L1 + SSIM, silhouette) on the video's frames:
-the decoder's bias maps (the frozen IdentityEncoder's for the current UV maps plus free residual maps, so they
-start where the IdentityEncoder puts them), the shape (a smooth deformation of the geometry: per-axis scale and
-a coarse 3D displacement grid; per-texel offsets fitted to one view bend what it does not see), optionally the
-albedo map and the last decoder layers. Nothing else moves. The fine-tune runs in the one Trainer, so it logs
-progress with an ETA, checkpoints, and resumes when run again with the same workdir.
+read off the video (each texel's colour where the video shows it, its region's mean elsewhere). Then only it
+is fitted, with the prior's photometric loss (masked L1 + SSIM, silhouette) on the video's frames: the
+decoder's bias maps (free, from where the IdentityEncoder puts them for the start's UV maps), and optionally
+the shape (a smooth deformation of the geometry across the camera's line of sight: per-axis scale and a coarse
+3D displacement grid), the albedo map and the last decoder layers. Besides, a correction of the encoder's head
+pose is fitted, which is no part of the avatar. Nothing else moves. The fine-tune runs in the one Trainer, so
+it logs progress with an ETA, checkpoints, and resumes when run again with the same workdir.
 
 A personalised avatar folder is `make_avatar`'s, plus `identity/bias_maps.npz` (`bias_<i>`, one map per
 decoder block, coarse to fine) that stands in for the IdentityEncoder; `identity/scan_maps.npy` holds the
@@ -136,19 +136,21 @@ def tuned_layers(prior: UHAP, count: int) -> list[nnx.Module]:
 
 
 class ResidualIdentity(nnx.Module):
-    """The frozen IdentityEncoder's bias maps for the current UV maps, plus free residual maps (from zero).
+    """The IdentityEncoder's bias maps for the start's UV maps, fixed, plus free residual maps (from zero).
 
-    The bias maps are free parameters that start where the IdentityEncoder puts them, and they stay
-    consistent with the fitted shape and albedo, which they are computed from.
+    The bias maps are free parameters that start where the IdentityEncoder puts them. They are not recomputed
+    from a fitted shape or albedo: through the IdentityEncoder those would become levers on the decoder's colours
+    and opacities, pulled to fit the one view rather than to describe the person.
     """
 
-    def __init__(self, encoder: nnx.Module, shapes: list[tuple[int, ...]], trainable: bool):
-        self.encoder = encoder
+    def __init__(self, start: list[jax.Array], trainable: bool):
+        self.start = nnx.List([FrozenParam(jnp.asarray(b, jnp.float32)) for b in start])
         kind = nnx.Param if trainable else FrozenParam
-        self.residuals = nnx.List([kind(jnp.zeros(shape, jnp.float32)) for shape in shapes])
+        self.residuals = nnx.List([kind(jnp.zeros(b.shape, jnp.float32)) for b in start])
 
     def __call__(self, scan_maps: jax.Array) -> list[jax.Array]:
-        return [bias + residual[...] for bias, residual in zip(self.encoder(scan_maps), self.residuals)]
+        batch = scan_maps.shape[0]
+        return [jnp.broadcast_to(b[...] + r[...], (batch, *b.shape)) for b, r in zip(self.start, self.residuals)]
 
 
 class ShapeField(nnx.Module):
@@ -156,9 +158,12 @@ class ShapeField(nnx.Module):
     origin) and displacements on a coarse 3D grid over the head (trilinear, in units of `offset_scale`).
 
     Heads differ from one another smoothly; per-texel offsets fitted to one view would bend what it does not see.
+    With `view_axis` (the camera's optical axis, world), the deformation keeps only its part across that axis:
+    depth is what one view does not show, and fitted, it drifts (-4 dB held-out-view PSNR on the tiny data).
     """
 
-    def __init__(self, points: np.ndarray, grid: int, offset_scale: float, trainable: bool):
+    def __init__(self, points: np.ndarray, grid: int, offset_scale: float, trainable: bool,
+                 view_axis: np.ndarray | None = None):  # fmt: skip
         if grid == 1 or grid < 0:
             raise ValueError(f"tune.shape_grid must be 0 (scale only) or >= 2, got {grid}")
         points = np.asarray(points, np.float32)
@@ -169,42 +174,47 @@ class ShapeField(nnx.Module):
         self.points = FrozenParam(jnp.asarray(points))
         kind = nnx.Param if trainable else FrozenParam
         self.log_scale = kind(jnp.zeros(3, jnp.float32))
+        axis = np.zeros(3) if view_axis is None else np.asarray(view_axis, np.float64) / np.linalg.norm(view_axis)
+        self.view_axis = tuple(float(a) for a in axis)
         self.use_grid = grid >= 2
         self.grid = (kind if self.use_grid else FrozenParam)(jnp.zeros((max(grid, 1),) * 3 + (3,), jnp.float32))
 
     def __call__(self) -> jax.Array:
         points, grid = self.points[...], self.grid[...]
+        axis = jnp.asarray(self.view_axis, points.dtype)
+        across = lambda d: d - (d @ axis)[:, None] * axis  # noqa: E731
         scaled = (jnp.exp(self.log_scale[...]) - 1.0) * points
         if not self.use_grid:
-            return scaled
+            return across(scaled)
         lo, hi = jnp.asarray(self.lo), jnp.asarray(self.hi)
         coords = ((points - lo) / (hi - lo) * (grid.shape[0] - 1)).T
         moved = jnp.stack(
             [jax.scipy.ndimage.map_coordinates(grid[..., c], list(coords), order=1, mode="nearest") for c in range(3)],
             -1,
         )
-        return scaled + self.offset_scale * moved
+        return across(scaled + self.offset_scale * moved)
 
 
 class PersonalModel(nnx.Module):
-    """The prior, frozen but for its identity conditioning: residual bias maps, the shape (a smooth deformation
-    of the start geometry), the albedo map and, optionally, the last decoder layers."""
+    """The prior, frozen but for its identity conditioning (bias maps; optionally the shape, the albedo map and
+    the last decoder layers: `tune`), with a correction of the encoder's head pose beside it."""
 
     ROTATION_UNIT, TRANSLATION_UNIT = 0.1, 0.01  # radians and metres per unit of the pose correction
 
-    def __init__(self, prior: UHAP, scan_maps: np.ndarray, tune: ml_collections.ConfigDict, num_frames: int):
+    def __init__(self, prior: UHAP, scan_maps: np.ndarray, tune: ml_collections.ConfigDict, num_frames: int,
+                 view_axis: np.ndarray | None = None):  # fmt: skip
         if tune.pose not in POSE_MODES:
             raise ValueError(f"tune.pose must be one of {POSE_MODES}, got {tune.pose!r}")
-        shapes = bias_shapes(prior)
+        scan_maps = jnp.asarray(scan_maps, jnp.float32)
+        start = [b[0] for b in prior.identity_encoder(scan_maps[None])]
         freeze(prior)
         for layer in tuned_layers(prior, tune.decoder_layers):
             _set_variables(layer, FrozenParam, nnx.Param)
-        prior.identity_encoder = ResidualIdentity(prior.identity_encoder, shapes, tune.bias_maps)
+        prior.identity_encoder = ResidualIdentity(start, tune.bias_maps)
         self.prior = prior
-        scan_maps = jnp.asarray(scan_maps, jnp.float32)
         self.start_maps = FrozenParam(scan_maps)
         points = prior.template_points[...] + prior.layout.gather(scan_maps)[:, :3]
-        self.shape = ShapeField(np.asarray(points), tune.shape_grid, prior.offset_scale, tune.shape)
+        self.shape = ShapeField(np.asarray(points), tune.shape_grid, prior.offset_scale, tune.shape, view_axis)
         self.albedo = (nnx.Param if tune.albedo else FrozenParam)(scan_maps[..., 3:])
         # Not identity, and not stored in the avatar: a correction of the encoder's head pose, for the whole video
         # or per frame, so that the shape need not absorb the encoder's pose errors.
@@ -393,24 +403,18 @@ def template_maps(prior: UHAP, template: template_lib.Template, albedo: float = 
     return scan_uv_maps(prior.layout, template, template.vertices, colours, "the template")
 
 
-def mirror_partners(prior: UHAP, regions: np.ndarray) -> np.ndarray:
-    """Each Gaussian's mirror image across the head's x = 0 plane: the nearest Gaussian of the same region to its
-    mirrored template point, or -1 where none is within two texel sizes."""
-    points = np.asarray(prior.template_points[...])
-    mirrored = points * np.array([-1.0, 1.0, 1.0], np.float32)
-    distance = np.linalg.norm(mirrored[:, None] - points[None], axis=-1)
-    distance[regions[:, None] != regions[None]] = np.inf
-    nearest = np.argmin(distance, axis=1)
-    limit = 4.0 * float(np.median(np.asarray(prior.base_scales[...])))  # base scales are half a texel's size
-    return np.where(distance[np.arange(len(points)), nearest] < limit, nearest, -1)
-
-
 def video_albedo(prior: UHAP, template: template_lib.Template, video: MonoVideo, codes: np.ndarray,
                  rotation: np.ndarray, translation: np.ndarray, maps: np.ndarray,
                  config: ml_collections.ConfigDict) -> np.ndarray:  # fmt: skip
     """`maps` with the albedo read off the video: each Gaussian's mean colour over the frames where it is the
-    visible surface (its depth within `depth_tolerance` of the rendered depth, inside the mask), its region's
-    mean where no frame shows it, the mean of all seen texels for regions never seen."""
+    visible surface (its depth within `depth_tolerance` of the rendered depth, inside the mask), for those seen
+    in at least `min_seen` of them; the others take the mean of the seen texels of their region (this person's
+    skin, hair, lips), and where a region is never seen, of all seen texels.
+
+    Tried and dropped (held-out-view PSNR on the tiny data): mirror images for unseen texels (no gain), and the
+    training identities' mean albedo where the video shows little (-2 dB: the mouth interior and eyeballs,
+    rarely seen, then render in their true bright colours wherever the fitted geometry lets them show).
+    """
     count = min(config.albedo.frames, len(video.images))
     index = np.linspace(0, len(video.images) - 1, count).round().astype(int)
     scans = np.broadcast_to(maps, (count, *maps.shape))
@@ -424,9 +428,8 @@ def video_albedo(prior: UHAP, template: template_lib.Template, video: MonoVideo,
                                                                          capacity=capacity))  # fmt: skip
     out = jax.device_get(render(state, posed))
     alpha, depth = out.alpha[:, 0], out.depth[:, 0] / np.maximum(out.alpha[:, 0], 1e-6)
-    means = np.asarray(posed.means)
     world_to_cam, k = video.camera.world_to_cam, video.camera.intrinsics
-    cam = means @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]  # [K, N, 3]
+    cam = np.asarray(posed.means) @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]  # [K, N, 3]
     z = np.maximum(cam[..., 2], 1e-6)
     col = np.floor(k[0, 0] * cam[..., 0] / z + k[0, 2]).astype(int)
     row = np.floor(k[1, 1] * cam[..., 1] / z + k[1, 2]).astype(int)
@@ -437,26 +440,18 @@ def video_albedo(prior: UHAP, template: template_lib.Template, video: MonoVideo,
     seen &= cam[..., 2] <= depth[frame, row, col] + config.albedo.depth_tolerance
     colours = video.images[index][frame, row, col].astype(np.float32) / 255.0  # [K, N, 3]
     hits = seen.sum(0)
-    albedo = np.einsum("kn,knc->nc", seen.astype(np.float32), colours) / np.maximum(hits, 1)[:, None]
-    known = hits > 0
+    read = np.einsum("kn,knc->nc", seen.astype(np.float32), colours) / np.maximum(hits, 1)[:, None]
+    known = hits >= max(1, config.albedo.min_seen * count)
     if not known.any():
-        logger.warning("albedo: no Gaussian is visible in the video's frames; keeping the flat albedo")
+        logger.warning("albedo: the video shows no Gaussian often enough; keeping the start's albedo")
         return maps
+    albedo = read.copy()
     regions = texel_regions(prior, template)
-    seen = int(known.sum())
-    if config.albedo.mirror:  # faces are near-symmetric: an unseen texel takes its mirror image's colour
-        partner = mirror_partners(prior, regions)
-        take = ~known & (partner >= 0) & known[np.maximum(partner, 0)]
-        albedo[take] = albedo[partner[take]]
-        known = known | take
-    fallback = albedo[known].mean(0)
     for region in np.unique(regions):
         members = regions == region
-        fill = albedo[members & known].mean(0) if (members & known).any() else fallback
-        albedo[members & ~known] = fill
-    logger.info("albedo: %d of %d Gaussians seen in %d frames, %d more from their mirror images", seen, len(known),
-                count, int(known.sum()) - seen)  # fmt: skip
-    updated = maps.copy()
+        albedo[members & ~known] = read[members & known].mean(0) if (members & known).any() else read[known].mean(0)
+    logger.info("albedo: %d of %d Gaussians read off %d frames", int(known.sum()), len(known), count)
+    updated = np.array(maps, np.float32)
     updated[prior.layout.texel_yx[:, 0], prior.layout.texel_yx[:, 1], 3:] = albedo
     return updated
 
@@ -556,7 +551,8 @@ def _merge(base: dict, update: dict) -> dict:
 
 def start_maps(prior: UHAP, template: template_lib.Template, video: MonoVideo, codes, rotation, translation,
                scan, config: ml_collections.ConfigDict) -> np.ndarray:  # fmt: skip
-    """The UV maps the fit starts from: the scan's, or the template's with the albedo read off the video."""
+    """The UV maps the fit starts from: the scan's, or the template's (the average identity) with the albedo read
+    off the video."""
     if scan is not None:
         vertices, _, colours, source = scan
         logger.info("identity: starting from the neutral scan %s", source)
@@ -586,7 +582,7 @@ def fit_identity(prior: UHAP, prior_cfg: ml_collections.ConfigDict, template: te
         np.broadcast_to(video.camera.intrinsics.astype(np.float32), (len(probe), 3, 3)),
         width=video.images.shape[2], height=video.images.shape[1], headroom=config.render.capacity_headroom,
     )  # fmt: skip
-    model = PersonalModel(nnx.clone(prior), maps, tune, len(video.images))
+    model = PersonalModel(nnx.clone(prior), maps, tune, len(video.images), video.camera.world_to_cam[2, :3])
     options = loaders.LoaderOptions(global_batch=config.data.batch_size, seed=config.train.seed,
                                     num_threads=config.data.num_threads, prefetch=config.data.prefetch)  # fmt: skip
     data = frame_loader(video, codes, rotation, translation, mesh, options)
@@ -822,7 +818,7 @@ def heldout_quality(prior_workdir: str | Path, encoder_workdir: str | Path, conf
     held_in, held_out = split.held_in_cameras, split.held_out_cameras
     sequences, codes = encoder_stage.code_targets(
         base, prior_step, prior_workdir, root, records, subjects, held_in, config.eval.batch_size,
-        workdir / encoder_stage.CODES_FILE,
+        workdir / encoder_stage.CODES_FILE, keep=lambda s: s.split == "train" or s.subject == subject,
     )  # fmt: skip
     serials = {(row["subject"], row["sequence"]): row["serials"] for row in records.sequences}
     ours = [s for s in sequences if s.subject == subject and not set(held_out) - set(serials[s.subject, s.name])]

@@ -31,9 +31,16 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.image_size = 512  # the avatar's default render size (square)
 
     config.albedo = ml_collections.ConfigDict()  # without a scan: albedo read off the video
-    config.albedo.frames = 8  # frames projected
+    config.albedo.frames = 25  # frames projected (spread over the video: a turning head shows each side in some)
     config.albedo.depth_tolerance = 0.005  # metres behind the rendered surface a texel may be and count as seen
     config.albedo.min_seen = 0.25  # share of those frames that must show a texel for its colour to be read
+    # With the prior's albedo population (training identities): the MAP albedo given the seen texels, each
+    # seen texel's colour having this variance when seen in every frame.
+    config.albedo.population_noise = 0.01
+    # A per-region colour offset beyond the population (a hair colour no training identity had), its prior
+    # variance in units of the population's own variance in that region.
+    config.albedo.region_variance = 0.3
+    config.albedo.keep_seen = 0.0  # then move seen texels this fraction of the way to their own colour
 
     config.tune = ml_collections.ConfigDict()
     config.tune.bias_maps = True  # the decoder's bias maps, free, from the IdentityEncoder's for the start's maps

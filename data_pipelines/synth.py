@@ -4,7 +4,8 @@ For each identity: a seeded shape (smooth deformation of the template) and albed
 neutral scan; sentences spoken with a per-identity voice; phonemes drive the rig (`rig.py`); a small rigid head
 pose per frame; one Gaussian per UV texel on the posed surface, rendered with `kernels.rasterize` into every
 camera, with alpha masks, 16 kHz audio, the ground-truth meshes and the per-frame expression controls. One more
-sequence per identity is monocular, seen by a single camera at a pose outside the rig. The split (held-out
+sequence per identity is monocular, seen by a single camera at a pose outside the rig, the head turning left and
+right as phone-capture protocols ask (a near-frontal video alone leaves the head's depth unseen). The split (held-out
 identities, sentences and cameras) goes into `dataset.json`. Everything is written through `layout.staged_dir`,
 so an interrupted run leaves no half-written dataset.
 """
@@ -65,6 +66,7 @@ def synth_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.fov_deg = 20.0
     config.camera_distance = 0.9
     config.monocular = True
+    config.monocular_turn_deg = 30.0  # the monocular sequence's head turn: yaw amplitude of one left-right sweep
     config.template_resolution = 48  # skin grid rows of the procedural head
     config.gaussian_uv_resolution = 64  # one Gaussian per texel of this UV map
     config.images_per_batch = 16  # (frame, camera) images rendered per jitted call
@@ -378,6 +380,20 @@ def head_pose_track(num_frames: int, fps: float, rng: np.random.Generator) -> tu
     return (np.deg2rad(3.0) * waves[:, 0]).astype(np.float32), (0.003 * waves[:, 1]).astype(np.float32)
 
 
+def head_turn(rotation_vectors: np.ndarray, amplitude_deg: float) -> np.ndarray:
+    """Rotation vectors [F, 3] composed with one left-right sweep of yaw over the F frames (turn after the small
+    motion: R = R_yaw R_small)."""
+    count = len(rotation_vectors)
+    yaw = np.deg2rad(amplitude_deg) * np.sin(2 * np.pi * np.arange(count) / max(count, 1))
+    turn = np.zeros((count, 3)) + np.array([0.0, 1.0, 0.0]) * yaw[:, None]
+    matrix = rotations.axis_angle_to_matrix(jnp.asarray(turn, jnp.float32)) @ rotations.axis_angle_to_matrix(
+        jnp.asarray(rotation_vectors, jnp.float32))  # fmt: skip
+    quat = np.asarray(rotations.matrix_to_quaternion(matrix), np.float64)  # wxyz, w >= 0
+    half = np.arctan2(np.linalg.norm(quat[:, 1:], axis=-1), quat[:, 0])
+    scale = np.where(half > 1e-8, 2.0 * half / np.maximum(np.sin(half), 1e-12), 2.0)
+    return (quat[:, 1:] * scale[:, None]).astype(np.float32)
+
+
 def pose_vertices(vertices: jnp.ndarray, rotation_vectors: jnp.ndarray, translations: jnp.ndarray) -> jnp.ndarray:
     """Applies the per-frame rigid head pose (about the head centre at the origin) to [F, V, 3]."""
     rotation = rotations.axis_angle_to_matrix(rotation_vectors)
@@ -480,6 +496,8 @@ def generate(out_dir: Path, config: ml_collections.ConfigDict, *, progress: bool
                     utterance.phonemes, utterance.duration, config.fps, identity_rng, identity.style
                 )
                 pose = head_pose_track(len(expressions), config.fps, identity_rng)
+                if seq_name.startswith("mono"):
+                    pose = (head_turn(pose[0], config.monocular_turn_deg), pose[1])
                 tracks = (_pad_frames(track) for track in (expressions, *pose))
                 vertices = animate(identity.template.vertices, identity.template.anchors, *tracks)
                 vertices = np.asarray(vertices)[: len(expressions)]

@@ -19,15 +19,16 @@ from test_prior import randomise
 from data_pipelines import layout, synth
 from uhap_jax import cli, export
 from uhap_jax.config_utils import load_config, save_config
+from uhap_jax.geometry import rotations
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.inference import avatar as avatar_lib
 from uhap_jax.inference import camera_paths
 from uhap_jax.models.prior import UHAP
-from uhap_jax.train import audio_stage, personalize_stage, prior_stage
+from uhap_jax.train import audio_stage, encoder_stage, personalize_stage, prior_stage
 from uhap_jax.train.loop import Trainer
 
 FPS, SIZE, HELD_OUT = 25.0, 32, "id002"
-ENCODER_STEPS = 60
+ENCODER_STEPS = 100
 PRIOR_OVERRIDES = [
     "model.template_resolution=24", "model.uv_resolution=16", "model.z_dim=8", "model.decoder_channels=(8, 8)",
     "model.expression_channels=(4, 8)", "model.expression_hidden=16", "model.color_features=4",
@@ -124,8 +125,11 @@ def test_encoder_beats_the_mean_code_baseline_on_held_out_sentences(pipeline):
         assert first[f"eval/code_mse{suffix}"] == pytest.approx(first[f"eval/code_mse_mean_baseline{suffix}"], rel=0.2)
     assert last["eval/code_mse"] < 0.8 * last["eval/code_mse_mean_baseline"]
     assert last["eval/code_mse_train"] < 0.9 * last["eval/code_mse_mean_baseline_train"]
+    # The pose starts as a frontal view of a head at rest, 23-70 degrees off for these cameras, and learns them.
+    assert 10 < first["eval/rotation_error_deg"] < 90
+    assert last["eval/rotation_error_deg"] < 0.7 * first["eval/rotation_error_deg"]
     for row in evals:
-        assert 0 < row["eval/rotation_error_deg"] < 30 and 0 < row["eval/translation_error_mm"] < 50
+        assert 0 < row["eval/translation_error_mm"] < 50
         assert 5 < row["eval/photo_psnr"] < 60 and 5 < row["eval/photo_psnr_target"] < 60
         assert "eval/code_mse_held_out_identity" in row
     info = json.loads((pipeline["encoder"] / "encoder_info.json").read_text())
@@ -219,3 +223,19 @@ def test_heldout_quality_reports_every_number(pipeline, tmp_path):
     )
     # Mono only: the fit started from the template, not the scan, so its start differs from the true scan's.
     assert metrics["personalize/heldout_view_psnr_start"] != metrics["personalize/heldout_view_psnr_true_scan"]
+
+
+
+def test_turn_heads_adds_bounded_yaw_and_pitch():
+    """The encoder's extra examples: each head turned by at most the configured yaw and pitch, and by both."""
+    rng = np.random.default_rng(1)
+    rotation = jnp.asarray(rng.normal(0.0, 0.05, (256, 3)), jnp.float32)
+    turned = encoder_stage.turn_heads(jax.random.key(0), rotation, 40.0, 10.0)
+    relative = np.asarray(rotations.axis_angle_to_matrix(turned) @ jnp.swapaxes(
+        rotations.axis_angle_to_matrix(rotation), -1, -2))  # fmt: skip
+    # relative = pitch(x) @ yaw(y): its yaw and pitch angles read back from the matrix
+    yaw = np.rad2deg(np.arcsin(np.clip(relative[:, 0, 2], -1, 1)))
+    pitch = np.rad2deg(np.arctan2(-relative[:, 1, 2], relative[:, 2, 2]))
+    assert np.abs(yaw).max() <= 40.0 + 1e-3 and np.abs(pitch).max() <= 10.0 + 1e-3
+    assert np.abs(yaw).max() > 35.0 and np.abs(pitch).max() > 8.0  # the whole range is drawn
+    np.testing.assert_allclose(relative[:, 0, 1], 0.0, atol=1e-5)  # no roll: yaw first, then pitch

@@ -15,6 +15,7 @@ from flax import nnx
 from test_train_prior import TINY_MODEL, rows, write_layout
 
 from uhap_jax.export import export_bundle, load_bundle, restore_prior
+from uhap_jax.models.population import POPULATION_FILE
 
 
 def _free_port() -> int:
@@ -67,6 +68,7 @@ def test_two_processes_train_checkpoint_and_export_to_one_device(tmp_path, rng):
     reference = nnx.to_pure_dict(nnx.state(restored, nnx.Param))
     for dtype, tolerance in (("float32", 0.0), ("bfloat16", 1e-2)):
         bundle = export_bundle(workdir, tmp_path / f"bundle_{dtype}", dtype=dtype)
+        assert (bundle / POPULATION_FILE).is_file()  # written by process 0 alone, carried for personalisation
         model, _ = load_bundle(bundle, one_device)
         loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(reference)):

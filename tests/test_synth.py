@@ -16,12 +16,12 @@ from uhap_jax.geometry import template as template_lib
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """Two identities (one held out), one sentence each plus a monocular clip, four cameras at 64^2."""
+    """Two identities (one held out), two sentences each plus a monocular clip, four cameras at 64^2."""
     root = tmp_path_factory.mktemp("synth") / "data"
     config = synth.synth_config("tiny")
     # A fixed seed: the lip-sync test below is statistical (a correlation threshold), so it must not flake.
     config.update(
-        seed=0, num_identities=2, num_held_out_identities=1, sentences_per_identity=1, max_seconds=1.6,
+        seed=0, num_identities=2, num_held_out_identities=1, sentences_per_identity=2, max_seconds=1.6,
         num_cameras=4, held_out_cameras=(1,), images_per_batch=8,
     )  # fmt: skip
     synth._render_images.clear_cache()
@@ -114,6 +114,22 @@ def test_layout_is_complete_and_valid(dataset):
                 assert layout.read_image(masks[0]).shape == (cams[serial].height, cams[serial].width)
 
 
+def test_monocular_sequence_turns_the_head(dataset):
+    """The phone-style clip sweeps the head's yaw left and right by about `monocular_turn_deg`; rig sequences
+    keep the small motion."""
+    root, config, _, _ = dataset
+    for subject in layout.list_subjects(root):
+        for seq in layout.list_sequences(layout.subject_dir(root, subject)):
+            meta = layout.read_sequence_meta(layout.sequence_dir(root, subject, seq))
+            rotation = np.rad2deg(np.asarray(meta["head_pose"]["rotation_vector"]))
+            if meta["monocular"]:
+                assert rotation[:, 1].max() > 0.8 * config.monocular_turn_deg
+                assert rotation[:, 1].min() < -0.8 * config.monocular_turn_deg
+                assert np.abs(rotation).max() < config.monocular_turn_deg + 6.0
+            else:
+                assert np.linalg.norm(rotation, axis=1).max() < 6.0
+
+
 def _frontal_serial(root, subject):
     cams = layout.read_calibration(layout.subject_dir(root, subject))
     rig = [c for s, c in cams.items() if s != synth.MONO_SERIAL]
@@ -151,18 +167,19 @@ def _lagged_correlation(a: np.ndarray, b: np.ndarray, lag: int) -> float:
 
 
 def test_mouth_pixels_follow_audio_energy(dataset):
-    """Mouth-window change from the closed mouth tracks the jaw, and (within a frame) the audio energy."""
+    """Mouth-window change from the closed mouth tracks the jaw, and (within a frame) the audio energy, in the
+    frontal camera of the multi-view clips (the monocular clips' head turns move the mouth window as well)."""
     root, config, *_ = dataset
     template = template_lib.procedural_head(config.template_resolution)
     lip_ids = [template.landmarks["upper_lip_mid"], template.landmarks["lower_lip_mid"]]
     changes, energies = [], []
-    clips = [(subject, seq) for subject in ("id000", "id001") for seq in ("multiview", "mono_00")]
+    clips = [(subject, seq) for subject in ("id000", "id001")
+             for seq in layout.list_sequences(layout.subject_dir(root, subject)) if seq.startswith("sen_")]  # fmt: skip
+    assert len(clips) == 4
     for subject, seq in clips:
         serial, cams = _frontal_serial(root, subject)
-        if seq == "mono_00":
-            serial = synth.MONO_SERIAL
         camera = cams[serial]
-        seq_dir = _multiview_sequence(root, subject) if seq == "multiview" else layout.sequence_dir(root, subject, seq)
+        seq_dir = layout.sequence_dir(root, subject, seq)
         meta = layout.read_sequence_meta(seq_dir)
         vertices = layout.read_vertices(seq_dir)
         jaw = np.load(seq_dir / "expressions.npy")[:, meta["expression_names"].index("jaw_open")]

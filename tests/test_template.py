@@ -139,6 +139,12 @@ def test_rotation_round_trips(rng):
     rotated = rotations.axis_angle_to_matrix(axis_angle) @ axis[..., None]
     np.testing.assert_allclose(rotated[..., 0], axis, atol=1e-5)  # the axis is fixed
     np.testing.assert_allclose(rotations.axis_angle_to_matrix(np.zeros(3)), np.eye(3), atol=1e-7)
+    vectors = axis * rng.uniform(0.0, 3.1, (16, 1))  # angles below pi: the rotation vector is unique
+    np.testing.assert_allclose(rotations.matrix_to_axis_angle(rotations.axis_angle_to_matrix(vectors)), vectors,
+                               atol=2e-5)  # fmt: skip
+    np.testing.assert_allclose(rotations.matrix_to_axis_angle(jnp.eye(3)), np.zeros(3), atol=1e-7)
+    gradient = jax.grad(lambda m: rotations.matrix_to_axis_angle(m)[2])(jnp.eye(3))  # the encoder's pose at rest
+    np.testing.assert_allclose(gradient, [[0, -0.5, 0], [0.5, 0, 0], [0, 0, 0]], atol=1e-6)
 
 
 def test_look_at_is_opencv(rng):

@@ -16,6 +16,7 @@ from data_pipelines import layout
 from uhap_jax import cli
 from uhap_jax.config_utils import load_config
 from uhap_jax.geometry import template as template_lib
+from uhap_jax.models.population import POPULATION_FILE, AlbedoPopulation
 from uhap_jax.models.prior import UHAP
 from uhap_jax.train import prior_stage
 from uhap_jax.train.loop import Trainer
@@ -106,6 +107,8 @@ def test_train_prior_writes_metrics_with_eval_rows_and_resumes(tmp_path, rng, ca
             assert np.isfinite(row[name]), name
         assert row["raster_overflow"] == 0.0 and row["nonfinite_steps"] == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+    population = AlbedoPopulation.load(workdir / POPULATION_FILE)  # the training identities', for personalisation
+    assert population.mean.ndim == 2 and population.mean.shape[1] == 3 and np.all(np.isfinite(population.components))
     (grid,) = (workdir / "images").glob("render_gt_error_*.png")
     assert np.asarray(Image.open(grid)).shape == (2 * SIZE, 3 * SIZE, 3)  # the first frame's two views
 

@@ -5,6 +5,7 @@ that loads on any device count.
     bundle/config.json    the training config (`uhap_jax.config_utils.read_config`)
     bundle/template.npz   the template mesh, UVs, regions and rig data
     bundle/params/        orbax checkpoint of the parameters (a pure dict)
+    bundle/albedo_population.npz  the training identities' albedo population, when the workdir has one
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from uhap_jax.config_utils import read_config, save_config
 from uhap_jax.geometry import template as template_lib
+from uhap_jax.models.population import POPULATION_FILE
 from uhap_jax.models.prior import UHAP
 from uhap_jax.train import prior_stage
 from uhap_jax.train.checkpoint import restore_latest
@@ -71,6 +73,8 @@ def export_bundle(workdir: str | Path, out: str | Path, dtype: str = "float32") 
         checkpointer.save(staging.absolute() / "params", params)
     save_config(config, staging / "config.json")
     save_template(template, staging / "template.npz")
+    if (Path(workdir) / POPULATION_FILE).is_file():
+        shutil.copy(Path(workdir) / POPULATION_FILE, staging / POPULATION_FILE)
     manifest = {"kind": "uhap_prior", "step": step, "dtype": dtype, "source": str(Path(workdir).absolute())}
     (staging / BUNDLE_FILE).write_text(json.dumps(manifest, indent=1))
     shutil.rmtree(out, ignore_errors=True)

@@ -81,3 +81,15 @@ def quaternion_to_matrix(quat: jnp.ndarray) -> jnp.ndarray:
         2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
     ]  # fmt: skip
     return jnp.stack(rows, axis=-1).reshape(*w.shape, 3, 3)
+
+
+def matrix_to_axis_angle(matrix: jnp.ndarray) -> jnp.ndarray:
+    """[..., 3, 3] rotation matrices -> [..., 3] rotation vectors (radians, angle in [0, pi]); finite gradients at
+    the identity."""
+    quat = matrix_to_quaternion(matrix)  # w >= 0
+    w, vector = quat[..., :1], quat[..., 1:]
+    norm_sq = jnp.sum(vector**2, axis=-1, keepdims=True)
+    small = norm_sq < 1e-12
+    norm = jnp.sqrt(jnp.where(small, 1.0, norm_sq))
+    factor = jnp.where(small, 2.0 / jnp.maximum(w, 1e-6), 2.0 * jnp.arctan2(norm, w) / norm)
+    return vector * factor

@@ -5,11 +5,14 @@ capture layouts) to a square of `crop_extent` metres at that depth, and resized 
 crop uses only the calibration, so a rig camera 0.9 m away and a closer, wider phone camera show the head at
 the same size, and the encoder trained on the rig's views transfers to a monocular video.
 
-Head pose is regressed in the camera's axes (rotation vector and translation of the head about the centre):
-what one view shows is the head's motion relative to that camera, which the same network can read from any
-camera. `__call__` rotates it into world axes with the camera's extrinsics, the convention of meta.json's
-`head_pose` and of `UHAP.decode`. The camera's optical axis also goes into the head layers, so the network
-knows from where it looks. The pose output starts near zero (no motion), a good guess for small head motion.
+Head pose is regressed as what the view shows. The rotation: the head's orientation in the camera's frame,
+R_cam R_head, as a rotation vector v from a frontal view (R_cam R_head = exp(v) R_front, the template facing
+-z). A rig camera 50 degrees to the side and a head turned 50 degrees in front of a phone look alike, and have
+the same v, so the rig's spread of cameras teaches the network the head turns of a phone video. The network
+is not told the camera's orientation: in rig captures it alone nearly fixes v, and the network would read v
+off it instead of off the image. The translation is regressed in the camera's axes. `__call__` turns both
+into world axes with the camera's extrinsics, the convention of meta.json's `head_pose` and of `UHAP.decode`.
+The outputs start near zero: a frontal view of a head at rest.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from uhap_jax.geometry import rotations
+from uhap_jax.geometry.cameras import look_at
+
 POSE_DIM = 6  # rotation vector (3, radians) and translation (3, metres)
+FRONT = look_at(np.array([0.0, 0.0, -1.0]), np.zeros(3))[:3, :3].astype(np.float32)  # a camera facing the template
 
 
 class CodeStatistic(nnx.Variable):
@@ -39,7 +46,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     config.crop_centre = (0.0, 0.0, 0.0)  # the head centre in world coordinates (metres)
     config.channels = (16, 32, 64, 64)  # one stride-2 stage each
     config.hidden = 128
-    config.rotation_scale = 0.1  # radians per unit of the pose head's output
+    config.rotation_scale = 1.0  # radians per unit of the pose head's output
     config.translation_scale = 0.01  # metres per unit
     return config
 
@@ -88,7 +95,7 @@ class MonoEncoder(nnx.Module):
         widths = (3, *channels)
         self.downs = nnx.List([nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
         self.convs = nnx.List([nnx.Conv(c, c, (3, 3), rngs=rngs) for c in channels])
-        self.project = nnx.Linear(channels[-1] * pooled**2 + 3, config.hidden, rngs=rngs)
+        self.project = nnx.Linear(channels[-1] * pooled**2, config.hidden, rngs=rngs)
         self.hidden = nnx.Linear(config.hidden, config.hidden, rngs=rngs)
         # Both heads start near zero: z at the code mean, no head motion. Not at exactly zero: the
         # rotation's gradient is NaN at the zero rotation vector (the norm in Rodrigues' formula).
@@ -116,12 +123,11 @@ class MonoEncoder(nnx.Module):
         for down, conv in zip(self.downs, self.convs):
             x = _leaky(down(x))
             x = x + _leaky(conv(x))
-        rotation = world_to_cam[:, :3, :3]
-        axis = rotation[:, 2, :]  # the optical axis in world coordinates (row 3 of world->camera)
-        h = _leaky(self.project(jnp.concatenate([x.reshape(x.shape[0], -1), axis], -1)))
+        h = _leaky(self.project(x.reshape(x.shape[0], -1)))
         h = _leaky(self.hidden(h))
         pose = self.pose_head(h)
-        # Camera axes -> world axes: v_world = R^T v_cam for the rotation vector and the translation alike.
-        rotation_vector = jnp.einsum("bji,bj->bi", rotation, self.rotation_scale * pose[:, :3])
-        translation = jnp.einsum("bji,bj->bi", rotation, self.translation_scale * pose[:, 3:])
+        rotation = world_to_cam[:, :3, :3]
+        seen = rotations.axis_angle_to_matrix(self.rotation_scale * pose[:, :3]) @ jnp.asarray(FRONT, x.dtype)
+        rotation_vector = rotations.matrix_to_axis_angle(jnp.swapaxes(rotation, 1, 2) @ seen)  # R_head = R_cam^T seen
+        translation = jnp.einsum("bji,bj->bi", rotation, self.translation_scale * pose[:, 3:])  # camera -> world axes
         return self.code_mean[...] + self.code_std[...] * self.z_head(h), rotation_vector, translation

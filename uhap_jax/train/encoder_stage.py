@@ -8,6 +8,9 @@ training codes' variance), the pose error (degrees², mm²), and a photometric t
 decoded by the frozen prior with the subject's scan and rendered into the view the encoder saw, against the
 image (masked L1) for the first `data.photo_frames` frames of a random `loss.photometric_fraction` of the steps
 (rendering and its gradient are most of a step's cost on a CPU; the codes learn mostly from the code loss).
+Besides, the first `data.turned_frames` frames of every step are rendered by the frozen prior with their head
+turned further (`turns`), and the encoder learns their code and pose too: the rig's cameras are tens of
+degrees apart, and a phone video's head turns fall between them.
 
 Every `eval.every` steps, and at the end, rows go into `<workdir>/metrics.jsonl` for the held-out sentences of
 the training identities (and, with a `_held_out_identity` suffix, the held-out identities' multi-view
@@ -193,20 +196,55 @@ def render_views(prior: UHAP, z, scan_maps, rotation, translation, world_to_cam,
     return jax.tree.map(lambda x: x[:, 0] if x.ndim > 1 else x, out)
 
 
+def turn_heads(rng: jax.Array, rotation: jax.Array, max_yaw_deg: float, max_pitch_deg: float) -> jax.Array:
+    """Head rotation vectors [B, 3] turned further, about the vertical then the sideways axis, by uniform random
+    angles within +-max_yaw_deg and +-max_pitch_deg."""
+    angles = jax.random.uniform(rng, (rotation.shape[0], 2), minval=-1.0, maxval=1.0)
+    angles = angles * jnp.deg2rad(jnp.array([max_yaw_deg, max_pitch_deg], jnp.float32))
+    yaw = rotations.axis_angle_to_matrix(angles[:, :1] * jnp.array([0.0, 1.0, 0.0]))
+    pitch = rotations.axis_angle_to_matrix(angles[:, 1:] * jnp.array([1.0, 0.0, 0.0]))
+    return rotations.matrix_to_axis_angle(pitch @ yaw @ rotations.axis_angle_to_matrix(rotation))
+
+
+def _pseudo_huber(squared: jax.Array, delta: float) -> jax.Array:
+    """`squared` errors below delta**2 as they are, larger ones growing linearly in the error (2 delta |e|)."""
+    return 2.0 * delta**2 * (jnp.sqrt(1.0 + squared / delta**2) - 1.0)
+
+
 def make_loss_fn(config: ml_collections.ConfigDict, code_variance: float, capacity: kernels.AdaptiveCapacity):
     """`loss_fn(model, batch, rng)` for the Trainer: code MSE, pose error and the photometric term."""
     weights = config.loss
     photo_frames = min(config.data.photo_frames, config.data.batch_size)
+    turned_frames = min(config.data.turned_frames, config.data.batch_size)
+
+    def pose_and_code(model: EncoderWithPrior, images, batch: dict, codes, rotation, translation) -> dict:
+        z, predicted, shift = model.encoder(images, batch["world_to_cam"], batch["intrinsics"])
+        return {
+            "code": jnp.mean((z - codes) ** 2) / code_variance,
+            "rotation": jnp.mean(_pseudo_huber(jnp.sum((_DEG * (predicted - rotation)) ** 2, -1),
+                                               weights.rotation_linear_deg)),  # fmt: skip
+            "translation": jnp.mean(jnp.sum((_MM * (shift - translation)) ** 2, -1)),
+        }, (z, predicted, shift)
 
     def loss_fn(model: EncoderWithPrior, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         images = batch["images"].astype(jnp.float32) / 255.0
-        z, rotation, translation = model.encoder(images, batch["world_to_cam"], batch["intrinsics"])
-        terms = {
-            "code": jnp.mean((z - batch["codes"]) ** 2) / code_variance,
-            "rotation": jnp.mean(jnp.sum((_DEG * (rotation - batch["head_rotation"])) ** 2, -1)),
-            "translation": jnp.mean(jnp.sum((_MM * (translation - batch["head_translation"])) ** 2, -1)),
-        }
+        terms, (z, rotation, translation) = pose_and_code(
+            model, images, batch, batch["codes"], batch["head_rotation"], batch["head_translation"]
+        )
+        photo_rng, turn_rng = jax.random.split(rng)
         aux = {}
+        if weights.turned > 0 and turned_frames > 0:
+            head = {key: value[:turned_frames] for key, value in batch.items()}
+            turned_rotation = turn_heads(turn_rng, head["head_rotation"], config.turns.max_yaw_deg,
+                                         config.turns.max_pitch_deg)  # fmt: skip
+            rendered = render_views(model.prior, head["codes"], head["scan_maps"], turned_rotation,
+                                    head["head_translation"], head["world_to_cam"], head["intrinsics"],
+                                    width=images.shape[2], height=images.shape[1], capacity=capacity.value)  # fmt: skip
+            seen = jax.lax.stop_gradient(jnp.clip(rendered.rgb, 0.0, 1.0))
+            turned, _ = pose_and_code(model, seen, head, head["codes"], turned_rotation, head["head_translation"])
+            terms["turned"] = sum(getattr(weights, name) * value for name, value in turned.items())
+            aux = {"raster_overflow": jnp.any(rendered.stats.overflow).astype(jnp.float32),
+                   "raster_pairs": jnp.max(rendered.stats.n_pairs).astype(jnp.float32)}  # fmt: skip
         if weights.photometric > 0 and photo_frames > 0:
             k = photo_frames
             height, width = images.shape[1:3]
@@ -224,11 +262,12 @@ def make_loss_fn(config: ml_collections.ConfigDict, code_variance: float, capaci
             if weights.photometric_fraction >= 1.0:
                 rendered_now, photo = jnp.ones(()), photometric(None)
             else:  # only this random share of the steps pays for rendering (and its gradient)
-                rendered_now = (jax.random.uniform(rng) < weights.photometric_fraction).astype(jnp.float32)
+                rendered_now = (jax.random.uniform(photo_rng) < weights.photometric_fraction).astype(jnp.float32)
                 photo = jax.lax.cond(rendered_now > 0, photometric, lambda _: (jnp.zeros(()),) * 4, None)
             terms["photometric"] = photo[0]
-            aux = {"photo_rendered": rendered_now, "photo_psnr": photo[1], "raster_overflow": photo[2],
-                   "raster_pairs": photo[3]}  # fmt: skip
+            aux = {"photo_rendered": rendered_now, "photo_psnr": photo[1],
+                   "raster_overflow": jnp.maximum(photo[2], aux.get("raster_overflow", 0.0)),
+                   "raster_pairs": jnp.maximum(photo[3], aux.get("raster_pairs", 0.0))}  # fmt: skip
         loss = sum(getattr(weights, name) * value for name, value in terms.items())
         return loss, terms | aux
 

@@ -39,6 +39,7 @@ from data_pipelines import layout, loaders, synth, tfds_builder
 from uhap_jax.eval import image_metrics
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.models import losses
+from uhap_jax.models.population import POPULATION_FILE, AlbedoPopulation
 from uhap_jax.models.prior import UHAP, scan_uv_maps
 from uhap_jax.train.loop import Trainer, TrainResult
 from uhap_jax.train.mesh import batch_sharding, make_mesh
@@ -522,6 +523,19 @@ class Evaluator:
 # ------------------------------------------------------------------------------------- the stage
 
 
+def write_population(workdir: Path, model: UHAP, records: loaders.FrameRecords, split: Split,
+                     tables: SubjectTables) -> None:  # fmt: skip
+    """The training identities' albedo population (`population.POPULATION_FILE`), for personalisation."""
+    if jax.process_index() != 0:
+        return
+    ids = sorted({row["subject_id"] for row in records.sequences if row["subject"] in split.train_subjects})
+    rows, cols = model.layout.texel_yx[:, 0], model.layout.texel_yx[:, 1]
+    workdir.mkdir(parents=True, exist_ok=True)
+    partial = workdir / f".{POPULATION_FILE}.partial.npz"
+    AlbedoPopulation.fit(tables.scan_maps[ids][:, rows, cols, 3:]).save(partial)
+    partial.rename(workdir / POPULATION_FILE)
+
+
 def train_prior(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[TrainResult, dict[str, float]]:
     """Trains (or resumes) the prior in `workdir`; returns the Trainer's result and the last eval metrics."""
     workdir = Path(workdir)
@@ -541,6 +555,7 @@ def train_prior(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple
         train_records, batch_sharding(mesh), options, num_views=config.data.num_views, serials=split.held_in_cameras
     )
     data = PriorBatches(frames, tables, mesh)
+    write_population(workdir, model, records, split, tables)
     eval_set = build_eval_set(records, split, tables, config)
     capacity = initial_capacity(model, eval_set.probe(config.eval.batch_size), config.render.capacity_headroom)
     lpips = None

@@ -1,0 +1,69 @@
+"""The albedo population: fitted from training identities, it fills in what a video does not show."""
+
+import numpy as np
+import pytest
+
+from uhap_jax.models.population import AlbedoPopulation
+
+
+def _identities(rng, count: int, texels: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Albedos [count, texels, 3] of three regions: a shared one (teeth), a skin tone, and a hair colour."""
+    regions = np.repeat([0, 1, 2], texels // 3)
+    skin = rng.uniform(0.2, 0.9, (count, 1, 3))
+    hair = rng.uniform(0.0, 0.4, (count, 1, 3))
+    albedo = np.where((regions == 0)[None, :, None], 0.9, np.where((regions == 1)[None, :, None], skin, hair))
+    return albedo + rng.normal(0.0, 0.005, albedo.shape), regions
+
+
+def test_fit_spans_the_identities_and_reconstructs_a_member(rng):
+    albedos, _ = _identities(rng, 8)
+    population = AlbedoPopulation.fit(albedos)
+    assert population.mean.shape == albedos.shape[1:] and 1 <= len(population.components) <= 7
+    np.testing.assert_allclose(population.mean, albedos.mean(0), atol=1e-6)
+    # Coefficients are unit-variance: the components' total variance is the identities'.
+    np.testing.assert_allclose(np.sum(population.components**2), np.sum(albedos.var(0, ddof=1)), rtol=1e-4)
+    seen = np.ones(len(population.mean))
+    np.testing.assert_allclose(population.posterior(albedos[3], seen, noise=1e-6), albedos[3], atol=1e-3)
+
+
+def test_posterior_fills_unseen_texels_from_the_seen_ones(rng):
+    albedos, regions = _identities(rng, 12)
+    population = AlbedoPopulation.fit(albedos[:-1])
+    person = albedos[-1]
+    seen = np.where(np.arange(len(person)) % 2 == 0, 1.0, 0.0) * (regions != 0)  # half of skin and hair, no teeth
+    observed = np.where(seen[:, None] > 0, person, rng.uniform(0, 1, person.shape))  # unseen values are ignored
+    estimate = population.posterior(observed, seen, noise=1e-3)
+    unseen = seen == 0
+    error = np.abs(estimate[unseen] - person[unseen]).mean()
+    assert error < 0.5 * np.abs(population.mean[unseen] - person[unseen]).mean()  # better than the average person
+    assert np.abs(estimate[regions == 0] - 0.9).mean() < 0.01  # shared by all: from the mean
+
+
+def test_region_offsets_take_a_colour_the_population_lacks(rng):
+    albedos, regions = _identities(rng, 6)
+    population = AlbedoPopulation.fit(albedos)
+    person = albedos[0].copy()
+    person[regions == 2] = [0.9, 0.1, 0.1]  # red hair: no training identity had it
+    seen = np.where((regions == 2) & (np.arange(len(person)) % 3 == 0), 1.0, 0.0)
+    seen[regions == 1] = 1.0
+    plain = population.posterior(person, seen, noise=1e-3)
+    offsets = population.posterior(person, seen, noise=1e-3, regions=regions, region_variance=1.0)
+    hair_unseen = (regions == 2) & (seen == 0)
+    assert np.abs(offsets[hair_unseen] - person[hair_unseen]).mean() < 0.5 * np.abs(
+        plain[hair_unseen] - person[hair_unseen]).mean()  # fmt: skip
+    assert np.abs(offsets[regions == 0] - 0.9).mean() < 0.01  # shared by all: no room for an offset
+
+
+def test_save_load_and_bad_files(tmp_path, rng):
+    albedos, _ = _identities(rng, 4)
+    population = AlbedoPopulation.fit(albedos)
+    population.save(tmp_path / "p.npz")
+    loaded = AlbedoPopulation.load(tmp_path / "p.npz")
+    np.testing.assert_array_equal(loaded.components, population.components)
+    np.savez(tmp_path / "bad.npz", mean=population.mean)
+    with pytest.raises(ValueError, match=r"bad\.npz.*components"):
+        AlbedoPopulation.load(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="expected"):
+        AlbedoPopulation.fit(albedos[..., :2])
+    with pytest.raises(ValueError, match="weights"):
+        population.posterior(albedos[0], np.ones(3), noise=1e-2)

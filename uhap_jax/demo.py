@@ -32,9 +32,9 @@ from uhap_jax.train import audio_stage, encoder_stage, personalize_stage, prior_
 
 logger = logging.getLogger(__name__)
 
-# Minutes each stage took on a 2-core CPU (the whole demo's ETA scales these by how the finished ones went).
+# Minutes each stage took on a quiet 2-core CPU (the whole demo's ETA scales these by how the finished ones went).
 STAGE_MINUTES = {
-    "data": 2.0, "prior": 5.5, "audio": 2.5, "encoder": 1.5, "personalize": 1.5, "animate": 0.7, "report": 0.5,
+    "data": 2.3, "prior": 4.3, "audio": 0.9, "encoder": 1.6, "personalize": 3.1, "animate": 0.1, "report": 0.2,
 }  # fmt: skip
 
 

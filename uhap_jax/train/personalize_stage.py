@@ -464,7 +464,6 @@ def video_albedo(prior: UHAP, template: template_lib.Template, video: MonoVideo,
     if population is not None:
         albedo = population.posterior(read, np.where(known, hits / count, 0.0), config.albedo.population_noise,
                                       texel_regions(prior, template), config.albedo.region_variance)
-        albedo[known] += config.albedo.keep_seen * (read[known] - albedo[known])
     else:
         albedo = read.copy()
         regions = texel_regions(prior, template)

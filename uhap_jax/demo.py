@@ -102,34 +102,28 @@ class Demo:
         info = synth.generate(self.data, config)
         return {"identities": info["identities"], "sequences": sum(len(s) for s in info["sequences"].values())}
 
-    def train_prior(self) -> dict:
-        config = self.prior_config()
-        workdir = self.workdir / "prior"
+    def _train(self, name: str, config: ml_collections.ConfigDict, train_fn) -> dict:
+        """Runs (or resumes) one training stage in W/<name>, its config saved beside it (what later stages and
+        `uhap eval` rebuild the model from)."""
+        workdir = self.workdir / name
         workdir.mkdir(parents=True, exist_ok=True)
-        save_config(config, workdir / "config.json")  # what later stages rebuild the prior from
-        result, metrics = prior_stage.train_prior(config, workdir)
-        _check_finished("prior", result)
+        save_config(config, workdir / "config.json")
+        result, metrics = train_fn(config, workdir)
+        _check_finished(name, result)
         return metrics
+
+    def train_prior(self) -> dict:
+        return self._train("prior", self.prior_config(), prior_stage.train_prior)
 
     def train_audio(self) -> dict:
         config = self._stage_config(self.config.audio_config, self.config.audio_overrides)
         config.prior_config = self.config.prior_config
         config.prior_overrides = (*self.config.prior_overrides, *self._data_overrides())
-        workdir = self.workdir / "audio"
-        workdir.mkdir(parents=True, exist_ok=True)
-        save_config(config, workdir / "config.json")
-        result, metrics = audio_stage.train_audio(config, workdir)
-        _check_finished("audio", result)
-        return metrics
+        return self._train("audio", config, audio_stage.train_audio)
 
     def train_encoder(self) -> dict:
         config = self._stage_config(self.config.encoder_config, self.config.encoder_overrides)
-        workdir = self.workdir / "encoder"
-        workdir.mkdir(parents=True, exist_ok=True)
-        save_config(config, workdir / "config.json")
-        result, metrics = encoder_stage.train_encoder(config, workdir)
-        _check_finished("encoder", result)
-        return metrics
+        return self._train("encoder", config, encoder_stage.train_encoder)
 
     def held_out_subject(self) -> str:
         return layout.read_dataset_info(self.data)["identities"]["held_out"][0]

@@ -136,14 +136,12 @@ class Tables:
     scan_maps: np.ndarray  # [num_subjects, R, R, 6]
 
 
-class EncoderBatches:
+class EncoderBatches(prior_stage.GatheredBatches):
     """The multi-view loader's one-view batches, squeezed to [B, ...], with each frame's targets and scan."""
 
     def __init__(self, inner: loaders.GlobalBatchIterator, tables: Tables, mesh: jax.sharding.Mesh):
-        self._inner = inner
         replicated = NamedSharding(mesh, PartitionSpec())
-        self._tables = jax.tree.map(lambda x: jax.device_put(x, replicated), tables)
-        self._gather = jax.jit(self._attach, out_shardings=batch_sharding(mesh))
+        super().__init__(inner, jax.tree.map(lambda x: jax.device_put(x, replicated), tables), mesh)
 
     @staticmethod
     def _attach(tables: Tables, batch: dict) -> dict:
@@ -155,18 +153,6 @@ class EncoderBatches:
             "codes": tables.codes[record], "scan_maps": tables.scan_maps[batch["subject_id"]],
             "head_rotation": pose[:, :3], "head_translation": pose[:, 3:],
         }  # fmt: skip
-
-    def __iter__(self) -> EncoderBatches:
-        return self
-
-    def __next__(self) -> dict:
-        return self._gather(self._tables, next(self._inner))
-
-    def get_state(self) -> dict:
-        return self._inner.get_state()
-
-    def set_state(self, state: dict) -> None:
-        self._inner.set_state(state)
 
 
 # ------------------------------------------------------------------------------------- model and loss

@@ -4,9 +4,8 @@ The frozen MonoEncoder gives every frame's expression code and head pose. The id
 the person's neutral scan when one is given, else from the template as the average identity with its albedo
 read off the video: the prior's albedo population (`models.population`, its training identities) fitted to the
 texels the video shows (without one: each texel's colour where the video shows it, its region's mean elsewhere).
-Then only it
-is fitted, with the prior's photometric loss (masked L1 + SSIM, silhouette) on the video's frames: the
-decoder's bias maps (free, from where the IdentityEncoder puts them for the start's UV maps), and optionally
+Then only it is fitted, with the prior's photometric loss (masked L1 + SSIM, silhouette) on the video's frames:
+the decoder's bias maps (free, from where the IdentityEncoder puts them for the start's UV maps), and optionally
 the shape (a smooth deformation of the geometry across the camera's line of sight: per-axis scale and a coarse
 3D displacement grid), the albedo map and the last decoder layers. Besides, a correction of the encoder's head
 pose is fitted, which is no part of the avatar. Nothing else moves. The fine-tune runs in the one Trainer, so

@@ -242,21 +242,19 @@ def _tracked_points(seq_dir: Path, num_frames: int, template: template_lib.Templ
     return np.einsum("nk,fnkd->fnd", texels.barys, corners)
 
 
-class PriorBatches:
-    """The multi-view loader's global batches plus each example's scan and head pose, gathered on device."""
+class GatheredBatches:
+    """A global-batch iterator whose batches gain per-example rows from tables kept on device (`_attach`, jitted);
+    its state (for checkpoints) is the inner iterator's. Subclasses place the tables and define `_attach`."""
 
-    def __init__(self, inner: loaders.GlobalBatchIterator, tables: SubjectTables, mesh: jax.sharding.Mesh):
+    def __init__(self, inner: loaders.GlobalBatchIterator, placed_tables, mesh: jax.sharding.Mesh):
         self._inner = inner
-        replicated = NamedSharding(mesh, PartitionSpec())
-        fields = {f.name: getattr(tables, f.name) for f in dataclasses.fields(SubjectTables)}
-        self._tables = SubjectTables(**place(fields, jax.tree.map(lambda _: replicated, fields)))
+        self._tables = placed_tables
         self._gather = jax.jit(self._attach, out_shardings=batch_sharding(mesh))
 
-    def _attach(self, tables: SubjectTables, batch: dict) -> dict:
-        rows = tables.rows(batch["subject_id"], batch["sequence_id"], batch["frame_index"])
-        return {k: v for k, v in batch.items() if k not in _DROPPED_FIELDS} | rows
+    def _attach(self, tables, batch: dict) -> dict:
+        raise NotImplementedError
 
-    def __iter__(self) -> PriorBatches:
+    def __iter__(self) -> GatheredBatches:
         return self
 
     def __next__(self) -> dict:
@@ -267,6 +265,19 @@ class PriorBatches:
 
     def set_state(self, state: dict) -> None:
         self._inner.set_state(state)
+
+
+class PriorBatches(GatheredBatches):
+    """The multi-view loader's global batches plus each example's scan and head pose, gathered on device."""
+
+    def __init__(self, inner: loaders.GlobalBatchIterator, tables: SubjectTables, mesh: jax.sharding.Mesh):
+        replicated = NamedSharding(mesh, PartitionSpec())
+        fields = {f.name: getattr(tables, f.name) for f in dataclasses.fields(SubjectTables)}
+        super().__init__(inner, SubjectTables(**place(fields, jax.tree.map(lambda _: replicated, fields))), mesh)
+
+    def _attach(self, tables: SubjectTables, batch: dict) -> dict:
+        rows = tables.rows(batch["subject_id"], batch["sequence_id"], batch["frame_index"])
+        return {k: v for k, v in batch.items() if k not in _DROPPED_FIELDS} | rows
 
 
 # ------------------------------------------------------------------------------------- loss

@@ -39,9 +39,11 @@ def quat_to_rotmat(quats: jax.Array) -> jax.Array:
 
 
 def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Batched products of tiny matrices as broadcast multiply-adds: one fused elementwise kernel, and full float32
-    (a dot would take the GPU's TF32 default, which moves Gaussians by a fraction of a pixel)."""
-    return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
+    """Batched products of tiny matrices as unrolled multiply-adds: one fused elementwise kernel, and full float32
+    (a dot would take the GPU's TF32 default, which moves Gaussians by a fraction of a pixel). Not a broadcast
+    multiply and a sum over the inner axis: XLA:CPU in jaxlib 0.10.2 miscompiles that reduce when a broadcast slice
+    of an operand is added after it (camera-space means of Gaussians past index ~10.9k came out wrong)."""
+    return sum(a[..., :, k, None] * b[..., None, k, :] for k in range(a.shape[-1]))
 
 
 def covariance_3d(quats: jax.Array, scales: jax.Array) -> jax.Array:
@@ -65,7 +67,7 @@ def project(
     """Project N Gaussians into C cameras exactly as gsplat's fused EWA projection (pinhole) does."""
     rot = world_to_cam[:, :3, :3]  # [C,3,3]
     trans = world_to_cam[:, :3, 3]  # [C,3]
-    mean_c = jnp.sum(rot[:, None, :, :] * means[None, :, None, :], axis=-1) + trans[:, None, :]  # [C,N,3]
+    mean_c = _matmul(rot[:, None], means[None, :, :, None])[..., 0] + trans[:, None, :]  # [C,N,3]
     rot_n = rot[:, None]  # [C,1,3,3]
     cov_c = _matmul(_matmul(rot_n, covariance_3d(quats, scales)[None]), jnp.swapaxes(rot_n, -1, -2))  # [C,N,3,3]
 

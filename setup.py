@@ -8,6 +8,8 @@ setup(
     description="Audio-driven universal Gaussian head avatars (UHAP) in JAX",
     python_requires=">=3.11",
     packages=find_packages(include=["uhap_jax*", "kernels*", "data_pipelines*", "configs*"]),
+    # The CUDA kernels' source, compiled with nvcc at first use on an NVIDIA GPU (kernels/cuda_ops.py).
+    package_data={"kernels": ["cuda/*.cu"]},
     install_requires=[
         # JAX 0.10.2 is the newest for Python 3.11 (CPU, CI); the GPU machine runs 0.11.x.
         "jax>=0.10.2,<0.13",

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import binning
-from kernels.rasterize import build_pairs, capacity_for, rasterize
+from kernels.rasterize import BACKENDS, _compositor, _resolve_backend, build_pairs, capacity_for, rasterize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +128,7 @@ def bench_ours(scene: Scene, arrays: dict, backend: str, repeats: int) -> dict:
     fwd = median_ms(lambda: jax.block_until_ready(forward(*args)), repeats)
     fwd_bwd = median_ms(lambda: jax.block_until_ready(forward_backward(*args)), repeats)
     stats = jax.devices()[0].memory_stats() or {}
-    breakdown = _breakdown(scene, args, capacity, repeats) if backend == "pallas" else {}
+    breakdown = _breakdown(scene, args, capacity, repeats, backend) if backend in ("pallas", "cuda") else {}
     return dict(
         **breakdown,
         rgb=np.asarray(out.rgb),
@@ -141,14 +141,13 @@ def bench_ours(scene: Scene, arrays: dict, backend: str, repeats: int) -> dict:
     )
 
 
-def _breakdown(scene: Scene, args: list, capacity: int, repeats: int) -> dict:
-    """Times of the stages: projection + binning + record gather, and each Pallas kernel alone."""
-    from kernels import pallas_composite as pc
-
+def _breakdown(scene: Scene, args: list, capacity: int, repeats: int, backend: str) -> dict:
+    """Times of the stages: projection + binning + record gather, and each compositor kernel alone."""
+    pc = _compositor(backend)
     width, height = scene.width, scene.height
     tiles_x, _ = binning.tile_grid(width, height)
     pairs = jax.jit(
-        lambda *a: build_pairs(*a, width=width, height=height, backend="pallas", mode="classic", capacity=capacity)
+        lambda *a: build_pairs(*a, width=width, height=height, backend=backend, mode="classic", capacity=capacity)
     )
     records, bins = pairs(*args)
     background = jnp.zeros((4,), jnp.float32)
@@ -219,7 +218,7 @@ def stage_times(scene: Scene, arrays: dict, repeats: int) -> dict:
     return row
 
 
-def profile(scene: Scene, arrays: dict, repeats: int, top: int = 25) -> str:
+def profile(scene: Scene, arrays: dict, repeats: int, backend: str, top: int = 25) -> str:
     """Device time per iteration of forward+backward, by XLA op and by GPU kernel (jax.profiler trace)."""
     import collections
     import glob
@@ -235,7 +234,7 @@ def profile(scene: Scene, arrays: dict, repeats: int, top: int = 25) -> str:
     @jax.jit
     def forward_backward(*a):
         def loss(m, q, s, o, c):
-            out = rasterize(m, q, s, o, c, *a[5:], width=width, height=height, backend="pallas", capacity=capacity)
+            out = rasterize(m, q, s, o, c, *a[5:], width=width, height=height, backend=backend, capacity=capacity)
             return jnp.sum(out.rgb * weights) + jnp.sum(out.alpha) + jnp.sum(out.depth)
 
         return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*a[:5])
@@ -381,7 +380,7 @@ def format_table(rows: list[dict]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--backend", choices=["auto", "reference", "pallas"], default="auto")
+    parser.add_argument("--backend", choices=list(BACKENDS), default="auto")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--gsplat", action="store_true", help="also time gsplat 1.5.3 (GPU, needs torch + gsplat)")
     parser.add_argument("--scenes", nargs="*", help="only these scene names")
@@ -392,11 +391,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_with_args(args: argparse.Namespace) -> int:
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    args.backend = _resolve_backend(args.backend)
+    device = jax.devices()[0].device_kind
+    print(f"device: {device} ({jax.default_backend()}), jax {jax.__version__}, backend {args.backend}")
     if args.profile:
         for scene in PRESETS[args.preset]:
             if not args.scenes or scene.name in args.scenes:
-                print(profile(scene, make_scene(scene), args.repeats), flush=True)
+                print(profile(scene, make_scene(scene), args.repeats, args.backend), flush=True)
         return 0
     if args.stages:
         for scene in PRESETS[args.preset]:

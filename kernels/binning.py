@@ -98,20 +98,27 @@ def bin_pairs(
 ) -> Bins:
     """Build the per-camera sorted pair buffers of `capacity` pairs (more slots when `align` > 1).
 
-    `expand` and `sort` choose between equivalent strategies (benchmarked in kernels.bench --stages).
+    `expand` and `sort` choose between equivalent strategies (benchmarked in kernels.bench --stages); `expand="cuda"`
+    is the CUDA kernel of kernels/cuda_ops.py (NVIDIA GPUs).
     """
     tiles_x, tiles_y = tile_grid(width, height)
     n_tiles = tiles_x * tiles_y
     rects = tile_rectangles(proj, width, height)
     flat = flat_sort(proj.depths.shape[0])
     order = rank_by_depth(proj.depths, rects[-1], flat=flat)
-    expand_fn = functools.partial(expand_pairs, capacity=capacity, tiles_x=tiles_x, method=expand)
     # One [C, N, 8] table (32-byte rows): the per-slot lookup reads one sector instead of six scattered floats.
-    footprint = jnp.concatenate(
-        [proj.means2d, proj.conics, proj.opacities[..., None], jnp.zeros_like(proj.opacities[..., None])], axis=-1
-    )
+    pad = jnp.zeros_like(proj.means2d)
+    footprint = jnp.concatenate([proj.means2d, proj.conics, proj.opacities[..., None], pad], axis=-1)
     footprint = jax.lax.stop_gradient(footprint)
-    tile, rank, used, n_pairs = jax.vmap(expand_fn)(order, *rects, footprint)
+    if expand == "cuda":  # one kernel for all cameras (kernels/cuda_ops.py)
+        from kernels import cuda_ops
+
+        tile, rank, used, n_pairs = cuda_ops.expand_pairs(
+            order, *rects, footprint, capacity=capacity, tiles_x=tiles_x, n_tiles=n_tiles
+        )
+    else:
+        expand_fn = functools.partial(expand_pairs, capacity=capacity, tiles_x=tiles_x, method=expand)
+        tile, rank, used, n_pairs = jax.vmap(expand_fn)(order, *rects, footprint)
     if flat and sort == "auto":
         tile_sorted, gid_sorted = sort_pairs_flat(tile, rank, used, order, n_tiles=n_tiles)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 from kernels import binning, reference
 from kernels.projection import project
 
-BACKENDS = ("auto", "reference", "pallas")
+BACKENDS = ("auto", "reference", "pallas", "cuda")
 MODES = ("classic", "antialiased")
 
 
@@ -71,6 +72,7 @@ def rasterize(
         raise ValueError(f"rasterize: backend must be one of {BACKENDS}, got {backend!r}")
     if mode not in MODES:
         raise ValueError(f"rasterize: mode must be one of {MODES}, got {mode!r}")
+    backend = _resolve_backend(backend)
     args = (means, quats, scales, opacities, colors, world_to_cam, intrinsics)
     concrete = not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, background)))
     if concrete:
@@ -94,7 +96,7 @@ def rasterize(
         background,
         width=width,
         height=height,
-        backend=_resolve_backend(backend),
+        backend=backend,
         mode=mode,
         capacity=capacity,
     )
@@ -156,8 +158,23 @@ class AdaptiveCapacity:
 
 
 def _resolve_backend(backend: str) -> str:
+    """The backend "auto" stands for: $UHAP_RASTER_BACKEND if set, else the CUDA kernels on an NVIDIA GPU with nvcc,
+    else Pallas on a GPU, else the jnp reference."""
+    from kernels import cuda_ops
+
     if backend == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "reference"
+        backend = os.environ.get("UHAP_RASTER_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"rasterize: UHAP_RASTER_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if jax.default_backend() != "gpu":
+            return "reference"
+        return "cuda" if cuda_ops.available() else "pallas"
+    if backend == "cuda" and not cuda_ops.available():
+        raise ValueError(
+            "rasterize: backend='cuda' needs an NVIDIA GPU as JAX's default device and nvcc (set UHAP_NVCC or put "
+            f"the CUDA toolkit on PATH); JAX's default backend is {jax.default_backend()!r}"
+        )
     return backend
 
 
@@ -182,6 +199,10 @@ def _compositor(backend: str):
         from kernels import pallas_composite
 
         return pallas_composite
+    if backend == "cuda":
+        from kernels import cuda_ops
+
+        return cuda_ops
     return reference
 
 
@@ -202,7 +223,10 @@ def build_pairs(
         height=height,
         antialiased=mode == "antialiased",
     )
-    bins = binning.bin_pairs(proj, width, height, capacity, align=_compositor(backend).ALIGN)
+    compositor = _compositor(backend)
+    bins = binning.bin_pairs(
+        proj, width, height, capacity, align=compositor.ALIGN, expand=getattr(compositor, "EXPAND", "cummax")
+    )
     if colors.ndim == 2:
         colors = jnp.broadcast_to(colors[None], (num_cams, *colors.shape))
     per_gaussian = jnp.concatenate(
@@ -212,7 +236,7 @@ def build_pairs(
     # point past the end and read zeros (opacity 0); in the backward the transposed scatter-add then skips them
     # instead of piling their zero gradients onto Gaussian 0 with contended atomics.
     ids = jnp.where(bins.valid, bins.gaussian_ids, per_gaussian.shape[1])
-    if getattr(_compositor(backend), "PAIR_MAJOR", False):  # [C, P, 10]: one contiguous row per pair
+    if getattr(compositor, "PAIR_MAJOR", False):  # [C, P, 10]: one contiguous row per pair
         return jax.vmap(lambda x, i: jnp.take(x, i, axis=0, mode="fill", fill_value=0))(per_gaussian, ids), bins
     records = jax.vmap(lambda x, i: jnp.take(x, i, axis=1, mode="fill", fill_value=0))(
         jnp.swapaxes(per_gaussian, 1, 2), ids

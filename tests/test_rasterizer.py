@@ -211,7 +211,9 @@ def test_bad_shapes_raise(rng):
         broken[i] = bad
         with pytest.raises(ValueError, match=ORDER[i]):
             kernels.rasterize(*broken, width=16, height=16)
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.rasterize(*args, width=16, height=16, backend="vulkan")
+    with pytest.raises(ValueError, match="backend='cuda' needs an NVIDIA GPU"):  # this CPU machine
         kernels.rasterize(*args, width=16, height=16, backend="cuda")
 
 

@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = [
     "animate",
     "bench",
+    "benchmark",
     "data",
     "demo",
     "eval",

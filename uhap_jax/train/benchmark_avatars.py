@@ -1,0 +1,78 @@
+"""The benchmark's avatars: each test identity personalised from its monocular clip alone (no scan, no multi-view
+frame, no tracked mesh), as `uhap personalize` does without a scan. It lives here, above `uhap_jax.eval`, because
+building an avatar is a fine-tune; `eval.benchmark` only drives and scores them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import ml_collections
+
+from data_pipelines import layout
+from uhap_jax.eval import benchmark
+from uhap_jax.inference import avatar as avatar_lib
+from uhap_jax.train import personalize_stage
+
+logger = logging.getLogger(__name__)
+
+
+def _monocular_only(path: Path) -> None:
+    """An avatar given to the benchmark must have been built without a scan (its avatar.json says so)."""
+    manifest = json.loads((path / avatar_lib.AVATAR_FILE).read_text())
+    details = manifest.get("personalized")
+    if not isinstance(details, dict) or details.get("scan") is not False:
+        raise ValueError(f"{path / avatar_lib.AVATAR_FILE}: not an avatar personalised from a monocular video without "
+                         "a scan; the benchmark's avatars must be (delete it to have it rebuilt)")  # fmt: skip
+
+
+def build(prior: Path, encoder: Path, audio: Path, root: Path, out: Path, config: ml_collections.ConfigDict,
+          subjects: list[str] | None = None) -> dict[str, Path]:  # fmt: skip
+    """`out/avatar_<id>` for every test identity (built once; an existing one is reused if it was built from the
+    monocular video alone), its fine-tune in `out/avatar_<id>.work`."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.use_scan, config.scan, config.workdir = False, "", ""
+    subjects = subjects or benchmark.read_split(root).test_identities
+    avatars = {}
+    for subject in subjects:
+        path = Path(out) / f"avatar_{subject}"
+        if not (path / avatar_lib.AVATAR_FILE).is_file():
+            logger.info("benchmark: personalising %s from its monocular clip alone", subject)
+            work = path.with_name(path.name + ".work")
+            result = personalize_stage.personalize(prior, encoder, layout.subject_dir(root, subject), path, config,
+                                                   audio_workdir=audio, workdir=work)  # fmt: skip
+            if result.preempted:
+                raise RuntimeError(f"preempted while personalising {subject}: run again to resume")
+        _monocular_only(path)
+        avatars[subject] = path
+    return avatars
+
+
+def load(path: Path) -> benchmark.TestAvatar:
+    avatar = personalize_stage.load_personalized_avatar(path)
+    return benchmark.TestAvatar(avatar.prior, avatar.scan_maps, avatar.speech)
+
+
+def run_benchmark(prior: Path, encoder: Path, audio: Path, root: Path, out: Path,
+                  personalize_config: ml_collections.ConfigDict, *, lpips_weights: Path | None = None,
+                  syncnet_weights: Path | None = None, max_lag: int = 5, prior_frames: int = 8) -> dict:  # fmt: skip
+    """The whole protocol: avatars from the monocular clips, the benchmark table with its baselines, the prior's
+    reconstruction by split; written to `out` (benchmark.json / .csv / _table.csv). Returns the result."""
+    from uhap_jax.eval import syncnet
+    from uhap_jax.models import losses
+
+    root, out = Path(root), Path(out)
+    paths = build(prior, encoder, audio, root, out, personalize_config)
+    avatars = {subject: load(path) for subject, path in paths.items()}
+    base, prior_cfg, template, _ = personalize_stage.load_prior(prior)
+    tracked = float(prior_cfg.loss.get("tracked_mesh", 0.0)) > 0
+    lpips_model = losses.load_lpips(lpips_weights) if lpips_weights else None
+    syncnet_model = syncnet.load_syncnet(syncnet_weights) if syncnet_weights else None
+    result = benchmark.run(root, avatars, template, benchmark.Oracle(base, tracked), lpips_model=lpips_model,
+                           syncnet_model=syncnet_model, max_lag=max_lag)  # fmt: skip
+    result["prior_reconstruction"] = benchmark.prior_reconstruction(root, base, template, tracked, frames=prior_frames)
+    result["inputs"] = {"prior": str(prior), "encoder": str(encoder), "audio_model": str(audio), "data": str(root),
+                        "avatars": {s: str(p) for s, p in paths.items()}, "tracked_mesh_oracle": tracked}  # fmt: skip
+    benchmark.write(result, out)
+    return result

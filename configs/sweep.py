@@ -28,6 +28,15 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # Held-in views the expression encoder averages over; 0 keeps the checkpoint's own data.num_views.
     config.settings.num_views = (0,)
 
+    # `uhap benchmark` as a setting: with an encoder workdir, every audio-stage checkpoint is also scored by the
+    # paper's protocol on each dataset (avatars of the held-out identities from their monocular clips, built once
+    # per prior under <workdir>/benchmark/), and ranking.csv orders them by its LVE.
+    config.benchmark = ml_collections.ConfigDict()
+    config.benchmark.encoder = ""  # a `uhap train encoder` workdir trained against the checkpoints' prior
+    config.benchmark.personalize_config = "personalize:tiny"
+    config.benchmark.personalize_overrides = ()  # "a.b=v" strings
+    config.benchmark.max_lag = 5
+
     config.eval = ml_collections.ConfigDict()
     config.eval.num_frames = 8  # frames per job (rounded down to a multiple of batch_size)
     config.eval.batch_size = 4

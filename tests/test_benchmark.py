@@ -2,10 +2,12 @@
 4 cameras at 32², one held out) with a random prior and a random speech model: the test clips are the held-out
 identities' held-out sentences at the held-out camera; constant neutral codes score exactly the zero-motion
 baseline; a random speech model does not pass the bars against shuffled audio; a one-frame shift of the audio
-moves the sync offset by one frame; the outputs carry every row and n/a for missing weights."""
+moves the sync offset by one frame; the outputs carry every row and n/a for missing weights; a NeRSemble NVS
+submission written from the synthetic data reads back."""
 
 import csv
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from test_train_audio import PRIOR_OVERRIDES
 
 from data_pipelines import layout, synth
 from uhap_jax.config_utils import load_config
-from uhap_jax.eval import benchmark, face_metrics, lip_metrics
+from uhap_jax.eval import benchmark, face_metrics, lip_metrics, nersemble_submission
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.models.prior import UHAP, scan_uv_maps
 from uhap_jax.train import audio_stage
@@ -170,3 +172,46 @@ def test_the_prior_is_scored_by_split(setup):
     assert set(metrics) == {"prior_train_ids_heldout_frames/psnr", "prior_train_ids_heldout_frames/ssim",
                             "prior_heldout_ids_scan/psnr", "prior_heldout_ids_scan/ssim"}  # fmt: skip
     assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_the_official_nvs_submission_layout():
+    spec = nersemble_submission.NVS
+    assert (spec.width, spec.height, spec.fps, spec.crf) == (1100, 1604, 73.0, 14)
+    expected = spec.expected()
+    assert len(expected) == 15 and "388/GLASSES/cam_222200046.mp4" in expected
+    assert "475/HAIR/cam_222200039.mp4" in expected and sum(spec.frame_counts.values()) == 3516
+
+
+def test_a_submission_written_from_synthetic_data_reads_back(setup, tmp_path):
+    root, prior = setup["root"], setup["prior"]
+    split = benchmark.read_split(root)
+    serial = split.held_out_cameras[0]
+    calibration = layout.read_calibration(layout.subject_dir(root, "id001"))
+    frames = layout.read_sequence_meta(layout.sequence_dir(root, "id001", "sen_11"))["num_frames"]
+    spec = nersemble_submission.SubmissionSpec(48, 64, 25.0, {7: "sen_11"}, (serial,), {7: frames})
+    renders = list(nersemble_submission.render_sequence(
+        prior, setup["avatars"]["id001"].scan_maps, setup["template"], True, root, "id001", "sen_11",
+        [calibration[serial]], split.held_in_cameras, spec,
+    ))  # fmt: skip
+    assert [s for s, _ in renders] == [serial] and renders[0][1].shape == (frames, 64, 48, 3)
+    out = nersemble_submission.write_submission(tmp_path / "nvs.zip", [(7, "sen_11", iter(renders))], spec)
+    assert nersemble_submission.check_submission(out, spec) == []
+    with zipfile.ZipFile(out) as archive:
+        assert archive.namelist() == [f"007/sen_11/cam_{serial}.mp4"]
+        decoded, fps = nersemble_submission.read_video(archive.read(archive.namelist()[0]))
+    assert fps == 25.0 and decoded.shape == renders[0][1].shape
+    error = np.mean((decoded.astype(float) - renders[0][1]) ** 2)
+    assert 10 * np.log10(255.0**2 / max(error, 1e-9)) > 30.0  # crf 14: near-lossless
+    # A wrong camera, size or length is refused, and leaves no zip behind.
+    good = renders[0][1]
+    for args, message in (
+        ((7, "sen_11", "nope", good), "hold-out"),
+        ((7, "sen_11", serial, good[:, :32]), "uint8"),
+        ((7, "sen_11", serial, good[:-1]), "frames"),
+        ((8, "sen_11", serial, good), "benchmark"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            with nersemble_submission.SubmissionWriter(tmp_path / "bad.zip", spec) as writer:
+                writer.add_video(*args)
+        assert not (tmp_path / "bad.zip").exists()
+    assert nersemble_submission.check_submission(out, nersemble_submission.NVS)[0].endswith("missing")

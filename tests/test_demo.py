@@ -1,5 +1,6 @@
-"""`uhap demo` end to end at toy size (3 identities, 4 cameras at 32², a few steps per stage): every stage runs
-through the real code, the outputs the README promises are there and sound, and a second run skips every stage."""
+"""`uhap demo` end to end at toy size (3 identities, two of them held out, 4 cameras at 32², a few steps per stage):
+every stage runs through the real code, the outputs the README promises are there and sound (the benchmark's
+numbers among them), and a second run skips every stage."""
 
 import json
 import re
@@ -15,7 +16,7 @@ from test_train_audio import PRIOR_OVERRIDES  # UV 32²: the 24-row template has
 from uhap_jax import cli
 from uhap_jax.train import personalize_stage
 
-SYNTH = ("num_identities=3", "num_held_out_identities=1", "sentences_per_identity=2", "max_seconds=0.8",
+SYNTH = ("num_identities=3", "num_held_out_identities=2", "sentences_per_identity=2", "max_seconds=0.8",
          "num_cameras=4", "held_out_cameras=(1,)", "image_size=32", "template_resolution=24",
          "gaussian_uv_resolution=32")  # fmt: skip
 # Batches are multiples of the 8 test devices.
@@ -33,8 +34,12 @@ OVERRIDES = [
     f"--config.personalize_overrides={PERSONALIZE}",
     "--config.video_size=32", "--config.report_frames=2",
 ]  # fmt: skip
-METRICS = ("prior/heldout_view_psnr", "audio/lve", "audio/lve_zero_motion", "audio/lve_shuffled_audio",
-           "audio/sync_offset_frames", "personalize/heldout_view_psnr")  # fmt: skip
+METRICS = ("benchmark/prior_train_ids_heldout_frames/psnr", "benchmark/prior_heldout_ids_scan/psnr",
+           "benchmark/lve_mm2", "benchmark/lve_mm2_zero_motion", "benchmark/lve_mm2_shuffled_audio",
+           "benchmark/lve_mm2_oracle_codes", "benchmark/mouth_psnr", "benchmark/mouth_psnr_shuffled_audio",
+           "benchmark/psnr", "benchmark/psnr_oracle_codes", "benchmark/sync_offset_frames", "benchmark/sync_confidence",
+           "benchmark/sync_confidence_shuffled_audio", "benchmark/fdd_mm2", "oracle_inputs/prior_train_frames_psnr",
+           "oracle_inputs/audio_lve_vs_prior_codes", "oracle_inputs/personalize/heldout_view_psnr")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +53,27 @@ def test_demo_writes_metrics_avatar_video_and_report(demo):
     metrics = json.loads((demo / "metrics.json").read_text())
     for name in METRICS:
         assert name in metrics and np.isfinite(metrics[name]), name
-    assert 3.0 < metrics["prior/heldout_view_psnr"] < 60.0 and metrics["audio/lve_zero_motion"] > 0.0
+    assert 3.0 < metrics["benchmark/psnr"] < 60.0 and metrics["benchmark/lve_mm2_zero_motion"] > 0.0
     assert metrics["demo/minutes"] > 0.0
+    assert not any(name.startswith(("prior/heldout", "audio/", "personalize/")) for name in metrics)  # renamed
+    assert "benchmark/lpips" not in metrics  # no weights: unknown, not 0
 
-    avatars = list(demo.glob("avatar_*"))
-    assert [a.name for a in avatars] == ["avatar_id002"]  # the held-out identity
+    avatars = sorted(a for a in demo.glob("avatar_*") if (a / "avatar.json").is_file())
+    assert [a.name for a in avatars] == ["avatar_id001", "avatar_id002"]  # the held-out identities, phone-built
     avatar = personalize_stage.load_personalized_avatar(avatars[0])
-    assert avatar.subject == "id002"
+    assert avatar.subject == "id001"
+    rows = json.loads((demo / "benchmark" / "benchmark.json").read_text())["rows"]
+    assert {(r["subject"], r["condition"]) for r in rows} == {
+        (s, c) for s in ("id001", "id002") for c in ("audio", "zero_motion", "shuffled_audio", "oracle_codes")
+    }
 
     video = demo / "talking_head.mp4"
     probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(video)], capture_output=True, text=True)
     assert re.search(r"Stream #0:\d.*: Video: h264", probe.stderr) and re.search(r"Stream #0:\d.*: Audio", probe.stderr)
 
     page = (demo / "report.html").read_text()
-    for name in ("prior held-out-view PSNR", "speech LVE vs zero motion", "lip-sync offset", "personalised PSNR"):
+    for name in ("Benchmark: audio-driven avatars", "LVE (GT meshes) vs zero motion", "audio-mouth sync offset",
+                 "PSNR vs oracle codes", "oracle_codes (upper bound)", "n/a (no weights: --lpips-weights)"):
         assert name in page
     linked = re.findall(r"(?:src)='([^']+)'", page)
     assert "talking_head.mp4" in linked and len(linked) >= 4
@@ -73,5 +85,5 @@ def test_demo_run_again_skips_every_stage(demo, capsys):
     before = (demo / "metrics.json").read_text()
     assert cli.main(["demo", "--workdir", str(demo), *OVERRIDES]) == 0
     out = capsys.readouterr().out
-    assert len(re.findall(r"done earlier", out)) == 7
+    assert len(re.findall(r"done earlier", out)) == 8
     assert (demo / "metrics.json").read_text() == before

@@ -38,7 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from uhap_jax.eval.sweep import run_sweep  # after distributed start-up: it imports the models
 
     config = load_config(args.config, args.config_overrides)
-    rows = run_sweep(config, args.workdir)
+    benchmark_fn = None
+    if config.benchmark.encoder:
+        from uhap_jax.train.benchmark_avatars import sweep_benchmark
+
+        benchmark_fn = sweep_benchmark(config.benchmark, args.workdir / "benchmark")
+    rows = run_sweep(config, args.workdir, benchmark_fn)
     if rows is not None:
         print(f"wrote {args.workdir / 'results.csv'} ({len(rows)} rows), results.html and plots/")
     return 0

@@ -105,7 +105,7 @@ class Clip:
         return len(self.head_pose)
 
 
-def _camera_frames(seq_dir: Path, serials: Sequence[str], frames: np.ndarray, kind: str) -> np.ndarray:
+def camera_frames(seq_dir: Path, serials: Sequence[str], frames: np.ndarray, kind: str) -> np.ndarray:
     return np.stack([np.stack([layout.read_image(layout.frame_path(seq_dir, s, int(f), kind=kind)) for s in serials])
                      for f in frames])  # fmt: skip
 
@@ -130,12 +130,12 @@ def read_clip(root: Path, subject: str, sequence: str, cameras: Sequence[str], i
     waveform, _ = layout.read_audio(seq_dir / layout.AUDIO_FILE)
     needed = math.ceil(count * SAMPLE_RATE / float(meta["fps"]))
     waveform = np.pad(waveform, (0, max(needed - waveform.size, 0)))
-    inputs = _camera_frames(seq_dir, input_cameras, frames, "images") if input_cameras else None
+    inputs = camera_frames(seq_dir, input_cameras, frames, "images") if input_cameras else None
     return Clip(
         subject, sequence, info.get("sentence_index", sequence), info.get("split", ""), float(meta["fps"]), waveform,
         pose[frames].astype(np.float32), layout.read_vertices(seq_dir, num_frames=count)[frames],
-        tuple(calibration[s] for s in cameras), _camera_frames(seq_dir, cameras, frames, "images"),
-        _camera_frames(seq_dir, cameras, frames, "masks"), tuple(calibration[s] for s in input_cameras), inputs,
+        tuple(calibration[s] for s in cameras), camera_frames(seq_dir, cameras, frames, "images"),
+        camera_frames(seq_dir, cameras, frames, "masks"), tuple(calibration[s] for s in input_cameras), inputs,
     )  # fmt: skip
 
 
@@ -289,7 +289,10 @@ def encode_clip(prior: UHAP, clip: Clip, scan_maps: np.ndarray, template: templa
     if clip.input_images is None or not len(clip.input_cameras):
         raise ValueError(f"{clip.key}: no held-in views to encode")
     graphdef, state = nnx.split(prior)
-    tracked = face_metrics.surface_at_texels(clip.vertices, template, prior.layout).astype(np.float32)
+    if tracked_mesh:
+        tracked = face_metrics.surface_at_texels(clip.vertices, template, prior.layout).astype(np.float32)
+    else:  # not read by the encoder
+        tracked = np.zeros((clip.num_frames, prior.layout.num_gaussians, 3), np.float32)
     encode, maps = _encode_fn(graphdef, tracked_mesh), jnp.asarray(scan_maps, jnp.float32)
     count, codes = clip.num_frames, []
     for start in range(0, count, batch_size):

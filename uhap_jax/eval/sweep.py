@@ -42,7 +42,12 @@ logger = logging.getLogger(__name__)
 SETTING_FIELDS = ("image_scale", "num_views")
 # psnr, ssim and scan_chamfer come from prior workdirs and bundles; lve and sync_offset from audio-stage workdirs.
 METRICS = ("psnr", "ssim", "scan_chamfer", "lve", "sync_offset")
-COLUMNS = ("job", "checkpoint", "kind", "step", "dataset", *SETTING_FIELDS, *METRICS, "process", "seconds")
+# With config.benchmark.encoder set, audio-stage checkpoints are also scored by `uhap benchmark`'s protocol
+# (`uhap_jax.train.benchmark_avatars.sweep_benchmark`); ranking.csv orders them by its LVE.
+BENCHMARK_COLUMNS = ("benchmark_lve_mm2", "benchmark_lve_mm2_shuffled_audio", "benchmark_mouth_psnr",
+                     "benchmark_psnr", "benchmark_sync_offset_frames", "benchmark_sync_confidence")  # fmt: skip
+COLUMNS = ("job", "checkpoint", "kind", "step", "dataset", *SETTING_FIELDS, *METRICS, *BENCHMARK_COLUMNS, "process",
+           "seconds")  # fmt: skip
 PLOTTED = ("psnr", "ssim", "scan_chamfer", "lve")
 
 
@@ -199,8 +204,11 @@ def evaluate_speech(checkpoint: SpeechCheckpoint, root: Path, records, codes_cac
     return {"lve": metrics["eval/lve"], "sync_offset": int(metrics["eval/sync_offset_frames"])}, step
 
 
-def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict] | None:
-    """Runs this process's share of the sweep; process 0 returns the merged rows (others None)."""
+def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path, benchmark_fn=None) -> list[dict] | None:
+    """Runs this process's share of the sweep; process 0 returns the merged rows (others None).
+
+    `benchmark_fn(audio_checkpoint, dataset_root, out) -> {column: value}` adds `BENCHMARK_COLUMNS` to the rows
+    of audio-stage checkpoints (it builds avatars, which is training: the command passes it in)."""
     workdir = Path(workdir)
     jobs = plan_jobs(config)
     index, count = jax.process_index(), jax.process_count()
@@ -222,6 +230,10 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> list[di
                 if job.dataset not in by_dataset:
                     cache = workdir / "expression_codes" / f"job{job.index}.npz"
                     by_dataset[job.dataset] = evaluate_speech(speech_checkpoint, *datasets[job.dataset], cache, mesh)
+                    if benchmark_fn is not None:
+                        out = workdir / "benchmark" / f"job{job.index}"
+                        extra = benchmark_fn(Path(checkpoint), datasets[job.dataset][0], out)
+                        by_dataset[job.dataset] = ({**by_dataset[job.dataset][0], **extra}, by_dataset[job.dataset][1])
                 metrics, step = by_dataset[job.dataset]
                 rows.append(_row(job, config, "audio", step, metrics, start))
             continue
@@ -239,6 +251,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> list[di
         return None
     merged = merge_parts(parts, count, len(jobs))
     write_csv(merged, workdir / "results.csv")
+    ranked = [row for row in merged if row.get("benchmark_lve_mm2") is not None]
+    if ranked:  # best first: the benchmark's LVE against the ground-truth meshes
+        write_csv(sorted(ranked, key=lambda row: row["benchmark_lve_mm2"]), workdir / "ranking.csv")
     write_html(merged, workdir / "results.html")
     write_plots(merged, workdir / "plots")
     return merged

@@ -4,13 +4,16 @@ building an avatar is a fine-tune; `eval.benchmark` only drives and scores them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_collections
 
 from data_pipelines import layout
+from uhap_jax.config_utils import load_config, read_config
 from uhap_jax.eval import benchmark
 from uhap_jax.inference import avatar as avatar_lib
 from uhap_jax.train import personalize_stage
@@ -56,14 +59,16 @@ def load(path: Path) -> benchmark.TestAvatar:
 
 def run_benchmark(prior: Path, encoder: Path, audio: Path, root: Path, out: Path,
                   personalize_config: ml_collections.ConfigDict, *, lpips_weights: Path | None = None,
-                  syncnet_weights: Path | None = None, max_lag: int = 5, prior_frames: int = 8) -> dict:  # fmt: skip
-    """The whole protocol: avatars from the monocular clips, the benchmark table with its baselines, the prior's
-    reconstruction by split; written to `out` (benchmark.json / .csv / _table.csv). Returns the result."""
+                  syncnet_weights: Path | None = None, max_lag: int = 5, prior_frames: int = 8,
+                  avatars_dir: Path | None = None) -> dict:  # fmt: skip
+    """The whole protocol: avatars from the monocular clips (in `avatars_dir`, default `out`), the benchmark table
+    with its baselines, the prior's reconstruction by split; written to `out` (benchmark.json / .csv /
+    _table.csv). Returns the result."""
     from uhap_jax.eval import syncnet
     from uhap_jax.models import losses
 
     root, out = Path(root), Path(out)
-    paths = build(prior, encoder, audio, root, out, personalize_config)
+    paths = build(prior, encoder, audio, root, Path(avatars_dir or out), personalize_config)
     avatars = {subject: load(path) for subject, path in paths.items()}
     base, prior_cfg, template, _ = personalize_stage.load_prior(prior)
     tracked = float(prior_cfg.loss.get("tracked_mesh", 0.0)) > 0
@@ -76,3 +81,34 @@ def run_benchmark(prior: Path, encoder: Path, audio: Path, root: Path, out: Path
                         "avatars": {s: str(p) for s, p in paths.items()}, "tracked_mesh_oracle": tracked}  # fmt: skip
     benchmark.write(result, out)
     return result
+
+
+def sweep_benchmark(settings: ml_collections.ConfigDict, out: Path) -> Callable[[Path, Path, Path], dict]:
+    """`uhap sweep`'s benchmark setting: `fn(audio_checkpoint, dataset_root, job_out)` scores a speech-model
+    checkpoint by the protocol. The held-out identities' avatars are built once per (prior, dataset) under `out`
+    from their monocular clips; each checkpoint's speech model then drives them."""
+    personalize_config = load_config(settings.personalize_config, list(settings.personalize_overrides))
+
+    def score(checkpoint: Path, root: Path, job_out: Path) -> dict[str, float]:
+        prior_path = Path(read_config(Path(checkpoint) / "config.json").prior_workdir)
+        key = hashlib.sha256(f"{prior_path.resolve()}|{Path(root).resolve()}".encode()).hexdigest()[:12]
+        paths = build(prior_path, Path(settings.encoder), Path(checkpoint), Path(root), Path(out) / f"avatars_{key}",
+                      personalize_config)  # fmt: skip
+        base, prior_cfg, template, _ = personalize_stage.load_prior(prior_path)
+        avatars = {}
+        for subject, path in paths.items():
+            avatar = load(path)
+            speech, _ = avatar_lib.restore_speech(checkpoint, base, avatar.speech.config.fps)
+            avatars[subject] = benchmark.TestAvatar(avatar.prior, avatar.scan_maps, speech)
+        tracked = float(prior_cfg.loss.get("tracked_mesh", 0.0)) > 0
+        result = benchmark.run(Path(root), avatars, template, benchmark.Oracle(base, tracked),
+                               max_lag=settings.max_lag)  # fmt: skip
+        benchmark.write(result, job_out)
+        means = result["means"]
+        return {"benchmark_lve_mm2": means["audio"]["lve_mm2"],
+                "benchmark_lve_mm2_shuffled_audio": means["shuffled_audio"]["lve_mm2"],
+                "benchmark_mouth_psnr": means["audio"]["mouth_psnr"], "benchmark_psnr": means["audio"]["psnr"],
+                "benchmark_sync_offset_frames": means["audio"]["sync_offset_frames"],
+                "benchmark_sync_confidence": means["audio"]["sync_confidence"]}  # fmt: skip
+
+    return score

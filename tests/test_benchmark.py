@@ -16,6 +16,7 @@ from test_prior import randomise
 from test_train_audio import PRIOR_OVERRIDES
 
 from data_pipelines import layout, synth
+from uhap_jax import cli
 from uhap_jax.config_utils import load_config
 from uhap_jax.eval import benchmark, face_metrics, lip_metrics, nersemble_submission
 from uhap_jax.geometry import template as template_lib
@@ -215,3 +216,18 @@ def test_a_submission_written_from_synthetic_data_reads_back(setup, tmp_path):
                 writer.add_video(*args)
         assert not (tmp_path / "bad.zip").exists()
     assert nersemble_submission.check_submission(out, nersemble_submission.NVS)[0].endswith("missing")
+
+
+def test_the_command_names_a_missing_weights_file(tmp_path, capsys):
+    args = ["benchmark", "--prior", str(tmp_path), "--audio-model", str(tmp_path), "--encoder", str(tmp_path),
+            "--data", str(tmp_path), "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"--lpips-weights .*nowhere\.safetensors: no such file"):
+        cli.main([*args, "--lpips-weights", str(tmp_path / "nowhere.safetensors")])
+    with pytest.raises(ValueError, match="dataset.json|benchmark"):
+        benchmark.read_split(_empty_layout(tmp_path))
+
+
+def _empty_layout(root):
+    layout.write_dataset_info(root, {"cameras": ["a"], "held_out_cameras": [], "held_out_sentences": [],
+                                     "identities": {"train": [], "held_out": []}})  # fmt: skip
+    return root

@@ -1,4 +1,4 @@
-"""`uhap demo` end to end at toy size (3 identities, two of them held out, 4 cameras at 32², a few steps per stage):
+"""`uhap demo` end to end at toy size (4 identities, two of them held out, 4 cameras at 32², a few steps per stage):
 every stage runs through the real code, the outputs the README promises are there and sound (the benchmark's
 numbers among them), and a second run skips every stage."""
 
@@ -16,7 +16,7 @@ from test_train_audio import PRIOR_OVERRIDES  # UV 32²: the 24-row template has
 from uhap_jax import cli
 from uhap_jax.train import personalize_stage
 
-SYNTH = ("num_identities=3", "num_held_out_identities=2", "sentences_per_identity=2", "max_seconds=0.8",
+SYNTH = ("num_identities=4", "num_held_out_identities=2", "sentences_per_identity=2", "max_seconds=0.8",
          "num_cameras=4", "held_out_cameras=(1,)", "image_size=32", "template_resolution=24",
          "gaussian_uv_resolution=32")  # fmt: skip
 # Batches are multiples of the 8 test devices.
@@ -59,12 +59,12 @@ def test_demo_writes_metrics_avatar_video_and_report(demo):
     assert "benchmark/lpips" not in metrics  # no weights: unknown, not 0
 
     avatars = sorted(a for a in demo.glob("avatar_*") if (a / "avatar.json").is_file())
-    assert [a.name for a in avatars] == ["avatar_id001", "avatar_id002"]  # the held-out identities, phone-built
+    assert [a.name for a in avatars] == ["avatar_id002", "avatar_id003"]  # the held-out identities, phone-built
     avatar = personalize_stage.load_personalized_avatar(avatars[0])
-    assert avatar.subject == "id001"
+    assert avatar.subject == "id002"
     rows = json.loads((demo / "benchmark" / "benchmark.json").read_text())["rows"]
     assert {(r["subject"], r["condition"]) for r in rows} == {
-        (s, c) for s in ("id001", "id002") for c in ("audio", "zero_motion", "shuffled_audio", "oracle_codes")
+        (s, c) for s in ("id002", "id003") for c in ("audio", "zero_motion", "shuffled_audio", "oracle_codes")
     }
 
     video = demo / "talking_head.mp4"
@@ -72,8 +72,14 @@ def test_demo_writes_metrics_avatar_video_and_report(demo):
     assert re.search(r"Stream #0:\d.*: Video: h264", probe.stderr) and re.search(r"Stream #0:\d.*: Audio", probe.stderr)
 
     page = (demo / "report.html").read_text()
-    for name in ("Benchmark: audio-driven avatars", "LVE (GT meshes) vs zero motion", "audio-mouth sync offset",
-                 "PSNR vs oracle codes", "oracle_codes (upper bound)", "n/a (no weights: --lpips-weights)"):
+    for name in (
+        "Benchmark: audio-driven avatars",
+        "LVE (GT meshes) vs zero motion",
+        "audio-mouth sync offset",
+        "PSNR vs oracle codes",
+        "oracle_codes (upper bound)",
+        "n/a (no weights: --lpips-weights)",
+    ):
         assert name in page
     linked = re.findall(r"(?:src)='([^']+)'", page)
     assert "talking_head.mp4" in linked and len(linked) >= 4

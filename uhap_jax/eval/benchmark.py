@@ -67,8 +67,8 @@ DESCRIPTIONS = {
     "fdd_mm2": ("FDD (mm²): upper-face dynamics of the ground truth minus the prediction's", None),
     "sync_offset_frames": ("audio-mouth offset (frames, + = mouth lags) pooled over clips", None),
     "sync_confidence": ("audio-mouth confidence: peak minus median correlation over lags, pooled", True),
-    "lse_d": ("SyncNet LSE-D (lower is better)", False),
-    "lse_c": ("SyncNet LSE-C (higher is better)", True),
+    "lse_d": ("SyncNet LSE-D on the first held-out camera's face crop (lower is better)", False),
+    "lse_c": ("SyncNet LSE-C on the first held-out camera's face crop (higher is better)", True),
 }
 MISSING = {"lpips": face_metrics.LPIPS_MISSING, "mouth_lpips": face_metrics.LPIPS_MISSING,
            "lse_d": face_metrics.SYNCNET_MISSING, "lse_c": face_metrics.SYNCNET_MISSING}  # fmt: skip

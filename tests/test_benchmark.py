@@ -231,3 +231,11 @@ def _empty_layout(root):
     layout.write_dataset_info(root, {"cameras": ["a"], "held_out_cameras": [], "held_out_sentences": [],
                                      "identities": {"train": [], "held_out": []}})  # fmt: skip
     return root
+
+
+def test_the_nersemble_command_names_missing_benchmark_sequences(tmp_path):
+    args = ["nersemble", "--prior", str(tmp_path), "--data", str(tmp_path), "--nersemble", str(tmp_path), "--out",
+            str(tmp_path / "nvs.zip")]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"388/sequences/GLASSES.*import them first"):
+        cli.main(args)
+    assert not (tmp_path / "nvs.zip").exists()

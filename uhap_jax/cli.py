@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "demo",
     "eval",
     "export",
+    "nersemble",
     "personalize",
     "sweep",
     "train",

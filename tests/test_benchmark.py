@@ -79,7 +79,7 @@ def test_the_test_clips_are_held_out_identities_sentences_and_cameras(setup):
 
 def test_constant_neutral_codes_score_exactly_the_zero_motion_baseline(setup):
     def neutral(avatar, waveform, frames):
-        return np.zeros((frames, avatar.prior.z_dim), np.float32)
+        return np.broadcast_to(benchmark.rest_code(avatar), (frames, avatar.prior.z_dim))
 
     result = benchmark.run(setup["root"], setup["avatars"], setup["template"], None, drive=neutral, max_lag=3,
                            clips=setup["clips"])  # fmt: skip

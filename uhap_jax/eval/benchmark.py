@@ -11,7 +11,9 @@ head_pose): audio cannot know where the head is, so every condition gets the cap
 
 Conditions, on the same frames and cameras, in one table:
 - `audio`: the speech model on the clip's own audio (what a user gets);
-- `zero_motion`: the avatar held at its neutral code (z = 0);
+- `zero_motion`: the avatar held at its neutral code, the rest face its speech model gives for silence
+  (`rest_code`; z = 0 is no face the data has: decoded, its lips sit ~10x further from the data's than the mean
+  code's, a baseline that easy would make the bars easy);
 - `shuffled_audio`: the speech model on another test sentence's audio (looped or cut to the clip's length);
 - `oracle_codes`: an upper bound, not a method: the prior's own codes from the clip's held-in multi-view images,
   the true neutral scan and (if the prior was trained with them) the tracked meshes, rendered by the same avatar.
@@ -64,7 +66,11 @@ DESCRIPTIONS = {
     "mouth_ssim": ("SSIM of the mouth crop", True),
     "mouth_lpips": ("LPIPS-VGG of the mouth crop", False),
     "lve_mm2": ("LVE (mm²) vs the ground-truth tracked meshes: max squared lip-point error per frame, mean", False),
-    "fdd_mm2": ("FDD (mm²): upper-face dynamics of the ground truth minus the prediction's", None),
+    "fdd_mm2": (
+        "FDD (mm²): upper-face dynamics of the ground truth minus the prediction's (each from its own "
+        "neutral: the neutral scan; the avatar at its neutral code)",
+        None,
+    ),
     "sync_offset_frames": ("audio-mouth offset (frames, + = mouth lags) pooled over clips", None),
     "sync_confidence": ("audio-mouth confidence: peak minus median correlation over lags, pooled", True),
     "lse_d": ("SyncNet LSE-D on the first held-out camera's face crop (lower is better)", False),
@@ -421,6 +427,14 @@ class Oracle:
 Driver = Callable[[TestAvatar, np.ndarray, int], np.ndarray]
 
 
+def rest_code(avatar: TestAvatar, seconds: float = 1.0) -> np.ndarray:
+    """The avatar's neutral code [z]: its speech model's mean code over `seconds` of silence (what the avatar
+    shows when nobody speaks); also the neutral that FDD measures the prediction's motion from."""
+    frames = max(1, round(seconds * avatar.speech.config.fps))
+    silence = np.zeros(math.ceil(frames * SAMPLE_RATE / avatar.speech.config.fps), np.float32)
+    return speech_codes(avatar.speech, silence, frames).mean(0).astype(np.float32)
+
+
 def audio_driver(avatar: TestAvatar, waveform: np.ndarray, num_frames: int) -> np.ndarray:
     """The user's path: the avatar's speech model on audio."""
     return speech_codes(avatar.speech, waveform, num_frames)
@@ -449,13 +463,14 @@ def run(root: Path, avatars: dict[str, TestAvatar], template: template_lib.Templ
         scorer = Scorer(clip, template, avatar.prior.layout, lpips_model, syncnet_model, max_lag)
         ids = {"lips": scorer.lip_ids, "upper": scorer.upper_ids}
         renderer = Renderer(avatar.prior, avatar.scan_maps, clip.cameras, batch_size, ids)
-        neutral = renderer.points(np.zeros((1, avatar.prior.z_dim), np.float32))
+        rest = rest_code(avatar)
+        neutral = renderer.points(rest[None])
         halves = face_metrics.lip_halves(neutral["lips"][0])
         scan_vertices, _, _ = layout.read_neutral_scan(layout.subject_dir(root, clip.subject))
         gt_neutral_upper = scorer.gt_neutral_upper(scan_vertices)
         codes = {
             "audio": drive(avatar, clip.waveform, clip.num_frames),
-            "zero_motion": np.zeros((clip.num_frames, avatar.prior.z_dim), np.float32),
+            "zero_motion": np.broadcast_to(rest, (clip.num_frames, avatar.prior.z_dim)),
             "shuffled_audio": drive(avatar, shuffled_waveform(clips, index), clip.num_frames),
         }
         if oracle is not None:
@@ -499,7 +514,8 @@ NOTES = (
     "sentences (never heard by the speech model), scored at held-out cameras. Each avatar is made from its "
     "identity's monocular clip alone (no scan, no multi-view frame, no tracked mesh) and driven by the sentence's "
     "audio through the speech model; only the rigid head pose comes from the capture (audio cannot know it). "
-    "zero_motion: the avatar at its neutral code (z = 0); shuffled_audio: another test sentence's audio; "
+    "zero_motion: the avatar held at its neutral code (the rest face its speech model gives for silence); "
+    "shuffled_audio: another test sentence's audio; "
     "oracle_codes: an UPPER BOUND, the prior's codes from the held-in multi-view images, the true scan and the "
     "tracked meshes, rendered by the same avatar. sync_offset_frames and sync_confidence are pooled over clips "
     "(the correlation-per-lag curves averaged); LVE and FDD are against the ground-truth tracked meshes."

@@ -12,8 +12,9 @@ head_pose): audio cannot know where the head is, so every condition gets the cap
 Conditions, on the same frames and cameras, in one table:
 - `audio`: the speech model on the clip's own audio (what a user gets);
 - `zero_motion`: the avatar held at its neutral code, the rest face its speech model gives for silence
-  (`rest_code`; z = 0 is no face the data has: decoded, its lips sit ~10x further from the data's than the mean
-  code's, a baseline that easy would make the bars easy);
+  (`rest_code`). z = 0 is not the data's neutral (the audio stage's eval on the demo: LVE 130 mm² at z = 0 vs 12
+  at the mean code, true scans); on the demo's phone-built avatars, though, z = 0 scored 76/233 mm² against the
+  rest code's 82/263, so which static face is the harder baseline depends on the avatar;
 - `shuffled_audio`: the speech model on another test sentence's audio (looped or cut to the clip's length);
 - `oracle_codes`: an upper bound, not a method: the prior's own codes from the clip's held-in multi-view images,
   the true neutral scan and (if the prior was trained with them) the tracked meshes, rendered by the same avatar.

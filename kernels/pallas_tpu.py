@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,33 @@ def interpret_params() -> pltpu.InterpretParams | bool:
     return False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
 
 
+def _interpret_mode(interpret, dtype):
+    """The `interpret` argument of pallas_call. In interpret mode the kernels' memory and DMA operations run as
+    callbacks on XLA's threads, which do not see a thread-local `jax.enable_x64` context: with float64 records they
+    would move float32 and wait forever for the rest of the bytes, so that case is a clear error instead."""
+    interpret = interpret_params() if interpret is None else interpret
+    if interpret is not False and jnp.dtype(dtype) == jnp.float64:
+        seen = []
+        probe = threading.Thread(target=lambda: seen.append(bool(jax.config.jax_enable_x64)))
+        probe.start()
+        probe.join()
+        if not seen[0]:
+            raise ValueError(
+                "rasterize(backend='pallas_tpu') in TPU interpret mode with float64 needs x64 on for the whole "
+                "process: call jax.config.update('jax_enable_x64', True) instead of the `jax.enable_x64` context"
+            )
+    return interpret
+
+
+def _div(x, y):
+    """Integer division of non-negative values (lax's truncating form: jnp's floor division lowers through sign)."""
+    return jax.lax.div(x, jnp.asarray(y, jnp.int32))
+
+
+def _rem(x, y):
+    return jax.lax.rem(x, jnp.asarray(y, jnp.int32))
+
+
 def _dot(a, b):
     return jax.lax.dot(a, b, precision=_HIGHEST, preferred_element_type=a.dtype)
 
@@ -81,8 +109,8 @@ def _block_geometry(rec, tile, tiles_x, block):
     col = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
     cols = _dot_nt((row == col).astype(dtype), rec)  # [B, 10]
     lane = jax.lax.broadcasted_iota(jnp.int32, (1, TILE_PIXELS), 1)
-    px = ((tile % tiles_x) * TILE + lane % TILE).astype(dtype) + 0.5
-    py = ((tile // tiles_x) * TILE + lane // TILE).astype(dtype) + 0.5
+    px = (_rem(tile, tiles_x) * TILE + _rem(lane, TILE)).astype(dtype) + 0.5
+    py = (_div(tile, tiles_x) * TILE + _div(lane, TILE)).astype(dtype) + 0.5
     field = [cols[:, f : f + 1] for f in range(NUM_FIELDS)]
     dx = field[MX] - px
     dy = field[MY] - py
@@ -100,7 +128,7 @@ def _triangle(block, dtype, keep):
 def _forward_kernel(start_ref, end_ref, rec_hbm, acc_ref, trans_ref, last_ref, buf, sem, *, tiles_x, n_tiles, block):
     cam, tile = pl.program_id(0), pl.program_id(1)
     start, end = start_ref[cam * n_tiles + tile], end_ref[cam * n_tiles + tile]
-    n_blocks = (end - start + block - 1) // block
+    n_blocks = _div(end - start + block - 1, block)
     dtype = buf.dtype
     prefix = _triangle(block, dtype, lambda i, j: j <= i)  # inclusive prefix sum over the block's pairs
     pair = jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
@@ -120,7 +148,7 @@ def _forward_kernel(start_ref, end_ref, rec_hbm, acc_ref, trans_ref, last_ref, b
 
     def body(carry):
         k, cum_row, log_t, acc, last = carry
-        slot = k % 2
+        slot = _rem(k, 2)
         copy(k, slot).wait()
 
         @pl.when(k + 1 < n_blocks)
@@ -148,7 +176,7 @@ def _forward_kernel(start_ref, end_ref, rec_hbm, acc_ref, trans_ref, last_ref, b
 
     @pl.when(k < n_blocks)  # stopped early: the prefetch of block k is still in flight
     def _():
-        copy(k, k % 2).wait()
+        copy(k, _rem(k, 2)).wait()
 
     acc_ref[...] = acc
     trans_ref[...] = jnp.exp(log_t)
@@ -177,10 +205,10 @@ def _backward_kernel(
 ):
     cam, tile = pl.program_id(0), pl.program_id(1)
     start, end = start_ref[cam * n_tiles + tile], end_ref[cam * n_tiles + tile]
-    n_blocks = (end - start + block - 1) // block
+    n_blocks = _div(end - start + block - 1, block)
     last = last_ref[...]  # [1, 256] last contributing slot of each pixel (-1: none)
     final = jnp.max(last)
-    walk = jnp.where(final >= start, (final - start) // block + 1, 0)  # blocks [0, walk) hold contributing pairs
+    walk = jnp.where(final >= start, _div(final - start, block) + 1, 0)  # blocks [0, walk) hold contributing pairs
     dtype = buf.dtype
 
     # Blocks behind the last contributing pair: zero gradients.
@@ -214,7 +242,7 @@ def _backward_kernel(
     def body(step, carry):
         suffix_row, behind_row = carry  # log (1 - a) summed over, and colour behind, the later blocks
         k = walk - 1 - step
-        slot = step % 2
+        slot = _rem(step, 2)
         read(k, slot).wait()
 
         @pl.when(k > 0)
@@ -273,11 +301,11 @@ def _backward_kernel(
     # Drain: the last two block writes and every zero write.
     @pl.when(walk >= 1)
     def _():
-        write(0, (walk - 1) % 2).wait()
+        write(0, _rem(walk - 1, 2)).wait()
 
     @pl.when(walk >= 2)
     def _():
-        write(1, walk % 2).wait()
+        write(1, _rem(walk, 2)).wait()
 
     jax.lax.fori_loop(walk, n_blocks, lambda k, c: (zero_copy(k).wait(), c)[1], 0)
 
@@ -290,8 +318,9 @@ def _params():
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
 
 
-def _forward(records, tile_start, tile_end, tiles_x):
-    """acc [C,T,4,256] (background not included), T_final [C,T,1,256], last contributing slot [C,T,1,256]."""
+def _forward(records, tile_start, tile_end, tiles_x, interpret=None):
+    """acc [C,T,4,256] (background not included), T_final [C,T,1,256], last contributing slot [C,T,1,256].
+    `interpret`: None picks TPU interpret mode off a TPU; False forces the Mosaic lowering."""
     num_cams, num_fields, _ = records.shape
     n_tiles = tile_start.shape[1]
     dtype = records.dtype
@@ -312,12 +341,12 @@ def _forward(records, tile_start, tile_end, tiles_x):
             jax.ShapeDtypeStruct(pixels, jnp.int32),
         ],
         compiler_params=_params(),
-        interpret=interpret_params(),
+        interpret=_interpret_mode(interpret, dtype),
         name="gaussian_composite_fwd_tpu",
     )(tile_start.reshape(-1), tile_end.reshape(-1), records)
 
 
-def _backward(records, tile_start, tile_end, trans, last, g_acc, g_base, tiles_x):
+def _backward(records, tile_start, tile_end, trans, last, g_acc, g_base, tiles_x, interpret=None):
     """Per-pair gradients [C, 10, P] from the output gradient of acc [C,T,4,256] and g_base = T_final x (the
     gradient of T_final plus the background's share) [C,T,1,256]."""
     num_cams, num_fields, _ = records.shape
@@ -342,7 +371,7 @@ def _backward(records, tile_start, tile_end, trans, last, g_acc, g_base, tiles_x
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct(records.shape, dtype),
         compiler_params=_params(),
-        interpret=interpret_params(),
+        interpret=_interpret_mode(interpret, dtype),
         name="gaussian_composite_bwd_tpu",
     )(tile_start.reshape(-1), tile_end.reshape(-1), records, trans, last, g_acc, g_base)
 

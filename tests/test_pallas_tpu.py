@@ -57,12 +57,16 @@ def _pairs(scene, width, height, dtype=jnp.float32):
     return args, capacity, records, bins
 
 
-@pytest.mark.parametrize("width,height,num_cams", [(37, 21, 3)])
-def test_matches_reference(rng, width, height, num_cams):
+def test_matches_reference_under_vmap(rng):
+    """Two frames under jax.vmap (as the prior renders a batch), three cameras, an odd image size: images and the
+    gradients of every Gaussian attribute against the reference backend."""
+    width, height, num_cams = 37, 21, 3
     scene = _scene(rng, width, height, num_cams)
     args, capacity, _, bins = _pairs(scene, width, height)
     counts = np.asarray(bins.tile_end - bins.tile_start)
     assert counts.max() > pallas_tpu.BLOCK and (counts == 0).any()  # multi-block tiles and empty tiles
+    frames = jnp.stack([args[0], args[0] + jnp.asarray(rng.normal(0, 0.002, args[0].shape), jnp.float32)])
+    capacity = max(kernels.capacity_for(m, *args[1:4], *args[5:], width=width, height=height) for m in frames)
     background = jnp.asarray(rng.uniform(0, 1, 3), jnp.float32)
     weights = jnp.asarray(rng.normal(size=(num_cams, height, width, 3)), jnp.float32)
     results = {}
@@ -73,18 +77,20 @@ def test_matches_reference(rng, width, height, num_cams):
                                     backend=backend, capacity=capacity)  # fmt: skip
             return jnp.sum(out.rgb * weights) + jnp.sum(out.alpha) + 0.3 * jnp.sum(out.depth), out
 
-        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True))(*args[:5])
+        per_frame = jax.value_and_grad(loss, argnums=range(5), has_aux=True)
+        (_, out), grads = jax.jit(jax.vmap(per_frame, in_axes=(0, None, None, None, None)))(frames, *args[1:5])
         results[backend] = (out, grads)
     (ref, ref_grads), (tpu, tpu_grads) = results["reference"], results["pallas_tpu"]
     assert float(jnp.max(tpu.alpha)) > 0.999 and float(jnp.min(tpu.alpha)) == 0.0  # saturated and empty pixels
-    for name in ("rgb", "alpha", "depth"):  # full arrays: every pixel of every camera was written
+    for name in ("rgb", "alpha", "depth"):  # full arrays: every pixel of every camera and frame was written
         want = np.asarray(getattr(ref, name))
         # Depth in float32 rounding units of its scale, as the oracle tests do (the far camera sees depths of ~60).
         atol = 1e-5 * max(1.0, float(want.max())) if name == "depth" else 1e-5
         np.testing.assert_allclose(np.asarray(getattr(tpu, name)), want, atol=atol, rtol=0)
-    for name, want, got in zip(ORDER, ref_grads, tpu_grads):
-        relative = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-        assert relative <= 1e-4, (name, relative)
+    for frame in range(2):
+        for name, want, got in zip(ORDER, ref_grads, tpu_grads):
+            relative = float(jnp.linalg.norm(got[frame] - want[frame]) / jnp.linalg.norm(want[frame]))
+            assert relative <= 1e-4, (frame, name, relative)
 
 
 def test_kernels_write_every_slot_and_skip_saturated_blocks(rng):

@@ -132,7 +132,6 @@ def _forward_kernel(start_ref, end_ref, rec_hbm, acc_ref, trans_ref, last_ref, b
     dtype = buf.dtype
     prefix = _triangle(block, dtype, lambda i, j: j <= i)  # inclusive prefix sum over the block's pairs
     pair = jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
-    log_eps = jnp.log(jnp.asarray(T_EPSILON, dtype))
 
     def copy(k, slot):
         return pltpu.make_async_copy(rec_hbm.at[cam, :, pl.ds(start + k * block, block)], buf.at[slot], sem.at[slot])
@@ -143,8 +142,8 @@ def _forward_kernel(start_ref, end_ref, rec_hbm, acc_ref, trans_ref, last_ref, b
 
     def cond(carry):
         k, cum_row = carry[0], carry[1]
-        # Every pixel saturated: no later pair can be taken (T only falls), so the tile is done.
-        return (k < n_blocks) & (jnp.max(cum_row) > log_eps)
+        # Every pixel saturated (the same test as `take`): no later pair can be taken (T only falls), so stop.
+        return (k < n_blocks) & (jnp.max(jnp.exp(cum_row)) > T_EPSILON)
 
     def body(carry):
         k, cum_row, log_t, acc, last = carry
@@ -171,7 +170,13 @@ def _forward_kernel(start_ref, end_ref, rec_hbm, acc_ref, trans_ref, last_ref, b
         return k + 1, cum[block - 1 :], log_t, acc, last
 
     zeros = jnp.zeros((1, TILE_PIXELS), dtype)
-    init = (jnp.int32(0), zeros, zeros, jnp.zeros((NUM_FEATURES, TILE_PIXELS), dtype), jnp.full(zeros.shape, -1))
+    init = (
+        jnp.int32(0),
+        zeros,
+        zeros,
+        jnp.zeros((NUM_FEATURES, TILE_PIXELS), dtype),
+        jnp.full(zeros.shape, -1, jnp.int32),
+    )
     k, _, log_t, acc, last = jax.lax.while_loop(cond, body, init)
 
     @pl.when(k < n_blocks)  # stopped early: the prefetch of block k is still in flight

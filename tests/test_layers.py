@@ -254,7 +254,7 @@ def test_checker_skips_type_checking_blocks_only(tmp_path, guard):
         tmp_path,
         {
             "kernels/__init__.py": "",
-            "kernels/a.py": f"import typing\nif {guard}:\n    import uhap_jax.train.loop\nelse:\n    import kernels.b\n",
+            "kernels/a.py": f"import typing\nif {guard}:\n    import uhap_jax.train.loop\nelse:\n    import kernels.b",
             "kernels/b.py": "",
             "uhap_jax/__init__.py": "",
             "uhap_jax/train/__init__.py": "",

@@ -81,7 +81,7 @@ sweep-scaling() {
   bash scripts/sweep_scaling.sh "$GPUS"
 }
 
-[ $# -gt 0 ] || { sed -n '2,12p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,13p' "$0"; exit 2; }
 for task in "$@"; do
   declare -F "$task" >/dev/null || { echo "error: unknown task '$task' (see the list at the top of scripts/device.sh)"; exit 2; }
   echo "=== $task ($((SECONDS - START)) s into the call)"

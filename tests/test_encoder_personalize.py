@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from test_prior import randomise
 
-from data_pipelines import layout, synth
+from data_pipelines import layout, monocular, synth
 from uhap_jax import cli, export
 from uhap_jax.config_utils import load_config, save_config
 from uhap_jax.geometry import rotations
@@ -194,10 +194,10 @@ def test_bad_video_folders_name_the_path(pipeline, tmp_path):
     root = pipeline["root"]
     multiview = layout.sequence_dir(root, HELD_OUT, "sen_10")
     with pytest.raises(layout.LayoutError, match=rf"{multiview}: no monocular sequence"):
-        personalize_stage.read_monocular(multiview)
+        monocular.read_monocular(multiview)
     with pytest.raises(layout.LayoutError, match=rf"no sequence has images of camera 'mono' \(looked for "
                                                  rf"{multiview / 'images' / 'cam_mono'}\)"):  # fmt: skip
-        personalize_stage.read_monocular(multiview, camera="mono")
+        monocular.read_monocular(multiview, camera="mono")
 
     subject = tmp_path / "subjects" / HELD_OUT
     shutil.copytree(layout.subject_dir(root, HELD_OUT) / "calibration", subject / "calibration")

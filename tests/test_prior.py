@@ -10,8 +10,9 @@ from safetensors.numpy import save_file
 from uhap_jax.eval import image_metrics
 from uhap_jax.geometry import cameras, rotations
 from uhap_jax.geometry import template as template_lib
+from uhap_jax.geometry.texels import scan_uv_maps
 from uhap_jax.models import losses
-from uhap_jax.models.prior import UHAP, scan_uv_maps
+from uhap_jax.models.prior import UHAP
 
 
 def small_model_config() -> ml_collections.ConfigDict:

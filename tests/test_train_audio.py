@@ -16,7 +16,8 @@ from data_pipelines import layout
 from uhap_jax import cli
 from uhap_jax.config_utils import load_config
 from uhap_jax.geometry import template as template_lib
-from uhap_jax.models.prior import UHAP, TexelLayout
+from uhap_jax.geometry.texels import TexelLayout
+from uhap_jax.models.prior import UHAP
 from uhap_jax.train import audio_stage, prior_stage
 from uhap_jax.train.loop import Trainer
 from uhap_jax.train.mesh import make_mesh

@@ -12,6 +12,7 @@ from flax import nnx
 from PIL import Image
 from test_prior import random_cameras, small_model_config
 
+from data_pipelines import dataset as dataset_lib
 from data_pipelines import layout
 from uhap_jax import cli
 from uhap_jax.config_utils import load_config
@@ -124,7 +125,7 @@ def test_bad_split_file_names_the_file(tmp_path):
     layout.write_dataset_info(tmp_path, {"identities": {"train": ["id000"]}})
     records = prior_stage.loaders.FrameRecords(source=None, sequences=[])
     with pytest.raises(ValueError, match=r"dataset\.json: needs identities\.train, held_out_cameras"):
-        prior_stage.read_split(tmp_path, records, num_views=2)
+        dataset_lib.read_split(tmp_path, records, num_views=2)
 
 
 def test_same_loss_on_one_and_eight_devices(tmp_path, rng):

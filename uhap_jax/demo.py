@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from data_pipelines import dataset as dataset_lib
 from data_pipelines import layout, loaders, synth
 from uhap_jax import export, report
 from uhap_jax.config_utils import apply_override, load_config, save_config
@@ -220,11 +221,11 @@ class Demo:
         """Held-out camera views of a training identity (the prior) and of the personalised identity (its
         avatar), each decoded from the codes the prior's encoder gives their held-in views."""
         base, config, _ = export.restore_prior(self.workdir / "prior")
-        root = prior_stage.dataset_root(config)
-        records = prior_stage.prepared_records(root, config)
-        split = prior_stage.read_split(root, records, config.data.num_views)
+        root = dataset_lib.dataset_root(config)
+        records = dataset_lib.prepared_records(root, config)
+        split = dataset_lib.read_split(root, records, config.data.num_views)
         template = template_lib.procedural_head(config.model.template_resolution)
-        tables = prior_stage.subject_tables(root, records, base, template, config)
+        tables = dataset_lib.subject_tables(root, records, base.layout, template, config)
         subject = self.held_out_subject()
         avatar = personalize_stage.load_personalized_avatar(self.avatar_dir())
         shown = []
@@ -240,8 +241,8 @@ class Demo:
                        "held-out cameras")  # fmt: skip
             shown.append((caption, report.image_rows([(name, renders, views["target"])], out / f"{name}.png")))
         return shown
-def held_out_views(prior: UHAP, records: loaders.FrameRecords, split: prior_stage.Split,
-                   tables: prior_stage.SubjectTables, subject: str, count: int) -> dict[str, np.ndarray]:  # fmt: skip
+def held_out_views(prior: UHAP, records: loaders.FrameRecords, split: dataset_lib.Split,
+                   tables: dataset_lib.SubjectTables, subject: str, count: int) -> dict[str, np.ndarray]:  # fmt: skip
     """`count` frames of a subject's multi-view sequences: the prior's codes from their held-in views (and tracked
     meshes), head poses, the first held-out camera and its foreground image on black [K, H, W, 3] in [0, 1]."""
     cameras = set(split.held_in_cameras) | set(split.held_out_cameras)

@@ -7,8 +7,8 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from data_pipelines import dataset as dataset_lib
 from uhap_jax.eval import sweep
-from uhap_jax.train import prior_stage
 
 
 def _data(config: ml_collections.ConfigDict, data: Path | None, cache_dir: Path | None) -> ml_collections.ConfigDict:
@@ -30,14 +30,14 @@ def evaluate_checkpoint(path: str | Path, *, data: Path | None = None, cache_dir
     if sweep.checkpoint_kind(path) == "audio":
         checkpoint = sweep.load_speech_checkpoint(path, mesh)
         config = _data(checkpoint.prior_config, data, cache_dir)
-        root = prior_stage.dataset_root(config)
-        records = prior_stage.prepared_records(root, config)
+        root = dataset_lib.dataset_root(config)
+        records = dataset_lib.prepared_records(root, config)
         metrics, step = sweep.speech_metrics(checkpoint, root, records, path / "eval_codes.npz", mesh)
     else:
         model, train_config, step, kind, template = sweep.load_checkpoint(path, mesh)
         config = _data(train_config, data, cache_dir)
-        root = prior_stage.dataset_root(config)
-        records = prior_stage.prepared_records(root, config)
+        root = dataset_lib.dataset_root(config)
+        records = dataset_lib.prepared_records(root, config)
         job = sweep.Job(0, str(path), str(root), {"image_scale": 1.0, "num_views": 0})
         sweep_config = ml_collections.ConfigDict({"eval": {"num_frames": config.eval.num_frames,
                                                            "batch_size": config.eval.batch_size}})  # fmt: skip

@@ -30,6 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from data_pipelines import dataset as dataset_lib
 from uhap_jax.config_utils import read_config
 from uhap_jax.export import BUNDLE_FILE, load_bundle, load_template, restore_prior
 from uhap_jax.geometry import template as template_lib
@@ -100,7 +101,7 @@ def _as_tuple(value) -> tuple:
 
 
 def data_config(config: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
-    """What `prior_stage.dataset_root` and `prepared_records` read: where the data is and where to cache it."""
+    """What `dataset_lib.dataset_root` and `prepared_records` read: where the data is and where to cache it."""
     return ml_collections.ConfigDict(
         {"data": {"root": dataset, "synth_preset": config.synth_preset, "cache_dir": config.cache_dir}}
     )
@@ -148,8 +149,8 @@ def evaluate_job(job: Job, model: UHAP, train_config: ml_collections.ConfigDict,
         config.data.num_views = int(job.setting["num_views"])
     config.eval.num_frames = sweep_config.eval.num_frames
     config.eval.batch_size = sweep_config.eval.batch_size
-    split = prior_stage.read_split(root, records, config.data.num_views)
-    tables = prior_stage.subject_tables(root, records, model, template, config)
+    split = dataset_lib.read_split(root, records, config.data.num_views)
+    tables = dataset_lib.subject_tables(root, records, model.layout, template, config)
     eval_set = scale_views(
         prior_stage.build_eval_set(records, split, tables, config), float(job.setting["image_scale"])
     )
@@ -183,7 +184,7 @@ def speech_metrics(checkpoint: SpeechCheckpoint, root: Path, records, codes_cach
     """The audio stage's eval metrics (`eval/lve`, its baselines, sync offset...) of the latest speech model on
     the dataset's held-out sequences; and the speech model's step."""
     config, prior_cfg, prior = checkpoint.config, checkpoint.prior_config, checkpoint.prior
-    fps = audio_stage.training_fps(root, records)
+    fps = dataset_lib.training_fps(root, records)
     speech, step = restore_speech(checkpoint.path, prior, fps)
     sequences, scan_maps = audio_stage.speech_targets(config, prior_cfg, prior, checkpoint.prior_step, root, records,
                                                       fps, codes_cache)  # fmt: skip
@@ -210,8 +211,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> list[di
     datasets = {}
     for dataset in dict.fromkeys(job.dataset for job in jobs):  # collective: every process, same order
         data = data_config(config, dataset)
-        root = prior_stage.dataset_root(data)
-        datasets[dataset] = (root, prior_stage.prepared_records(root, data))
+        root = dataset_lib.dataset_root(data)
+        datasets[dataset] = (root, dataset_lib.prepared_records(root, data))
     rows = []
     for checkpoint in dict.fromkeys(job.checkpoint for job in jobs):  # loading may synchronise processes
         if checkpoint_kind(Path(checkpoint)) == "audio":

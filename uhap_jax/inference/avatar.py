@@ -37,10 +37,11 @@ from kernels import binning
 from uhap_jax import export
 from uhap_jax.config_utils import read_config
 from uhap_jax.geometry import template as template_lib
+from uhap_jax.geometry.texels import scan_uv_maps
 from uhap_jax.inference import camera_paths, ply, video
 from uhap_jax.models.audio_encoder import SAMPLE_RATE, AudioEncoder, AudioEncoderConfig
 from uhap_jax.models.audio_to_latent import AudioToLatent, AudioToLatentConfig, FrozenParam
-from uhap_jax.models.prior import UHAP, scan_uv_maps
+from uhap_jax.models.prior import UHAP
 from uhap_jax.train import audio_stage, prior_stage
 from uhap_jax.train.checkpoint import restore_latest
 

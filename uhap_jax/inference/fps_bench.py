@@ -276,7 +276,7 @@ def benchmark_end_to_end(
 def build_prior(config, seed: int = 0) -> tuple[UHAP, np.ndarray]:
     """An untrained prior of `config` (a prior stage config) and one identity's scan maps (the template)."""
     from uhap_jax.geometry import template as template_lib
-    from uhap_jax.models.prior import scan_uv_maps
+    from uhap_jax.geometry.texels import scan_uv_maps
 
     template = template_lib.procedural_head(config.model.template_resolution)
     model = UHAP(template, config.model, rngs=nnx.Rngs(seed))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
 from pathlib import Path
 
 import grain
@@ -35,10 +34,12 @@ import transformers
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from data_pipelines import dataset as dataset_lib
 from data_pipelines import layout, loaders
 from uhap_jax.config_utils import apply_override, load_config
 from uhap_jax.eval import lip_metrics
 from uhap_jax.geometry import template as template_lib
+from uhap_jax.geometry.texels import TexelLayout
 from uhap_jax.models.audio_encoder import SAMPLE_RATE
 from uhap_jax.models.audio_to_latent import (
     AudioToLatent,
@@ -48,7 +49,7 @@ from uhap_jax.models.audio_to_latent import (
     latent_mse,
     velocity_loss,
 )
-from uhap_jax.models.prior import UHAP, TexelLayout
+from uhap_jax.models.prior import UHAP
 from uhap_jax.train import prior_stage
 from uhap_jax.train.checkpoint import restore_latest
 from uhap_jax.train.loop import Trainer, TrainResult
@@ -57,7 +58,6 @@ from uhap_jax.train.mesh import batch_sharding, make_mesh
 logger = logging.getLogger(__name__)
 
 CODES_FILE = "expression_codes.npz"
-EVAL_SPLITS = ("held_out_sentence", "held_out_identity")
 _MM = 1e3  # metres -> millimetres
 
 
@@ -127,67 +127,15 @@ class SpeechWithPrior(nnx.Module):
 # ------------------------------------------------------------------------------------- data
 
 
-@dataclasses.dataclass(frozen=True)
-class Sequence:
-    """One multi-view sequence: its audio at 16 kHz mono, padded to cover every frame, and its target codes."""
-
-    subject: str
-    name: str
-    subject_id: int
-    split: str
-    sentence: int | str  # dataset.json's sentence_index, or the sequence name when it has none
-    first_record: int
-    num_frames: int
-    waveform: np.ndarray
-    codes: np.ndarray | None = None  # [num_frames, z_dim] once encoded
-
-    @property
-    def key(self) -> str:
-        return f"{self.subject}/{self.name}"
-
-
-def read_sequences(root: Path, records: loaders.FrameRecords, held_in: list[str], fps: float) -> list[Sequence]:
-    """The train, held-out-sentence and held-out-identity sequences that every held-in camera saw, with audio."""
-    info = layout.read_dataset_info(root)
-    train_subjects = set(info["identities"]["train"])
-    splits = ("train", *EVAL_SPLITS)
-    sequences = []
-    for row in records.sequences:
-        entry = info["sequences"].get(row["subject"], {}).get(row["sequence"], {})
-        split = entry.get("split")
-        if split not in splits or (split == "train" and row["subject"] not in train_subjects):
-            continue
-        if set(held_in) - set(row["serials"]):
-            continue  # monocular or partial captures carry no multi-view target
-        seq_dir = layout.sequence_dir(root, row["subject"], row["sequence"])
-        if row["fps"] != fps:
-            raise ValueError(f"{seq_dir / layout.META_FILE}: fps {row['fps']}, but the training sequences are at {fps}")
-        waveform, notes = layout.read_audio(seq_dir / layout.AUDIO_FILE)
-        for note in notes:
-            logger.info("audio input: %s", note)
-        needed = math.ceil(row["num_frames"] * SAMPLE_RATE / fps)
-        waveform = np.pad(waveform, (0, max(needed - waveform.size, 0)))
-        sentence = entry.get("sentence_index", row["sequence"])
-        sequences.append(
-            Sequence(row["subject"], row["sequence"], row["subject_id"], split, sentence, row["first_record"],
-                     row["num_frames"], waveform)
-        )  # fmt: skip
-    if not any(s.split == "train" for s in sequences):
-        raise ValueError(f"{root / layout.DATASET_FILE}: no train-split multi-view sequence with audio")
-    if not any(s.split != "train" for s in sequences):
-        raise ValueError(f"{root / layout.DATASET_FILE}: no held-out sentence or identity to evaluate on")
-    return sequences
-
-
 def _codes_key(prior_workdir: Path, prior_step: int, root: Path, held_in: list[str]) -> str:
     digest = hashlib.sha256((root / layout.DATASET_FILE).read_bytes()).hexdigest()[:16]
     return f"{prior_workdir.resolve()}@{prior_step}|{root.resolve()}|{digest}|{','.join(held_in)}"
 
 
 def expression_codes(
-    prior: UHAP, records: loaders.FrameRecords, tables: prior_stage.SubjectTables, sequences: list[Sequence],
+    prior: UHAP, records: loaders.FrameRecords, tables: dataset_lib.SubjectTables, sequences: list[dataset_lib.Sequence],
     held_in: list[str], batch_size: int, cache: Path, key: str,
-) -> list[Sequence]:  # fmt: skip
+) -> list[dataset_lib.Sequence]:  # fmt: skip
     """Each sequence with its targets: the prior's posterior mean per frame, from all held-in views (and the
     frame's tracked mesh where the capture has one).
 
@@ -238,7 +186,7 @@ def _window_audio(waveform: np.ndarray, start_frame: int, num_samples: int, fps:
 class CutWindow(grain.transforms.Map):
     """(sequence index, first frame) -> audio [S], target codes [K, z_dim] and the subject's scan UV maps."""
 
-    sequences: tuple[Sequence, ...]
+    sequences: tuple[dataset_lib.Sequence, ...]
     scan_maps: np.ndarray  # [subjects, R, R, 6]
     window_frames: int
     fps: float
@@ -255,7 +203,7 @@ class CutWindow(grain.transforms.Map):
 
 
 def window_loader(
-    sequences: list[Sequence], scan_maps: np.ndarray, window_frames: int, fps: float, mesh,
+    sequences: list[dataset_lib.Sequence], scan_maps: np.ndarray, window_frames: int, fps: float, mesh,
     options: loaders.LoaderOptions,
 ) -> loaders.GlobalBatchIterator:  # fmt: skip
     """Shuffled windows at every start frame of every sequence, batched into global arrays; checkpointable."""
@@ -328,7 +276,7 @@ class Evaluator:
     """
 
     def __init__(
-        self, sequences: list[Sequence], mean_codes: dict[int, np.ndarray], scan_maps: np.ndarray,
+        self, sequences: list[dataset_lib.Sequence], mean_codes: dict[int, np.ndarray], scan_maps: np.ndarray,
         config: ml_collections.ConfigDict, fps: float, lip_ids: np.ndarray, lip_halves: tuple[np.ndarray, np.ndarray],
     ):  # fmt: skip
         self.sequences = sequences
@@ -442,32 +390,22 @@ class Evaluator:
             "eval/sync_confidence": confidence,
             "eval/sync_offset_frames_target": float(self._sync(target)[0]),
         }
-        for split in EVAL_SPLITS:
+        for split in dataset_lib.EVAL_SPLITS:
             which = [s.split == split for s in self.sequences]
             if any(which):
                 metrics[f"eval/lve_{split}"] = self._lve(predicted, target, which)
         return metrics
 
 
-def training_fps(root: Path, records: loaders.FrameRecords) -> float:
-    """The frame rate of the training identities' sequences: the speech model's output rate on this data."""
-    info = layout.read_dataset_info(root)
-    train_subjects = set(info.get("identities", {}).get("train", ()))
-    fps = next((float(row["fps"]) for row in records.sequences if row["subject"] in train_subjects), None)
-    if fps is None:
-        raise ValueError(f"{root / layout.DATASET_FILE}: no sequence of a training identity (identities.train)")
-    return fps
-
-
 def speech_targets(
     config: ml_collections.ConfigDict, prior_cfg: ml_collections.ConfigDict, prior: UHAP, prior_step: int,
     root: Path, records: loaders.FrameRecords, fps: float, codes_cache: Path,
-) -> tuple[list[Sequence], np.ndarray]:  # fmt: skip
+) -> tuple[list[dataset_lib.Sequence], np.ndarray]:  # fmt: skip
     """The train and eval sequences with the prior's codes as targets, and the subjects' scan UV maps."""
     template = template_lib.procedural_head(prior_cfg.model.template_resolution)
-    split = prior_stage.read_split(root, records, prior_cfg.data.num_views)
-    tables = prior_stage.subject_tables(root, records, prior, template, prior_cfg)
-    sequences = read_sequences(root, records, split.held_in_cameras, fps)
+    split = dataset_lib.read_split(root, records, prior_cfg.data.num_views)
+    tables = dataset_lib.subject_tables(root, records, prior.layout, template, prior_cfg)
+    sequences = dataset_lib.read_sequences(root, records, split.held_in_cameras, fps)
     key = _codes_key(Path(config.prior_workdir), prior_step, root, split.held_in_cameras)
     sequences = expression_codes(prior, records, tables, sequences, split.held_in_cameras,
                                  config.data.code_batch_size, codes_cache, key)  # fmt: skip
@@ -475,7 +413,7 @@ def speech_targets(
 
 
 def make_evaluator(
-    config: ml_collections.ConfigDict, prior_cfg: ml_collections.ConfigDict, prior: UHAP, sequences: list[Sequence],
+    config: ml_collections.ConfigDict, prior_cfg: ml_collections.ConfigDict, prior: UHAP, sequences: list[dataset_lib.Sequence],
     scan_maps: np.ndarray, fps: float,
 ) -> Evaluator:  # fmt: skip
     """The evaluator of the held-out sequences; the zero-motion baseline is each identity's mean code."""
@@ -499,9 +437,9 @@ def train_audio(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple
     prior_cfg = prior_config(config)
     prior, prior_step = restore_prior(prior_cfg, config.prior_workdir, mesh)
     logger.info("prior: step %d of %s", prior_step, config.prior_workdir)
-    root = prior_stage.dataset_root(prior_cfg)
-    records = prior_stage.prepared_records(root, prior_cfg)
-    fps = training_fps(root, records)
+    root = dataset_lib.dataset_root(prior_cfg)
+    records = dataset_lib.prepared_records(root, prior_cfg)
+    fps = dataset_lib.training_fps(root, records)
     sequences, scan_maps = speech_targets(config, prior_cfg, prior, prior_step, root, records, fps,
                                           workdir / CODES_FILE)  # fmt: skip
     multihost_utils.sync_global_devices("uhap audio targets")

@@ -39,6 +39,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 import kernels
+from data_pipelines import dataset as dataset_lib
 from data_pipelines import layout, loaders
 from kernels import binning
 from uhap_jax import export
@@ -59,7 +60,6 @@ logger = logging.getLogger(__name__)
 
 CODES_FILE = "expression_codes.npz"
 INFO_FILE = "encoder_info.json"
-EVAL_SPLITS = ("held_out_sentence", "held_out_identity")
 _DEG = 180.0 / np.pi
 _MM = 1e3
 
@@ -83,36 +83,15 @@ def restore_frozen_prior(prior_workdir: str | Path, mesh) -> tuple[UHAP, ml_coll
     return export.restore_prior(prior_workdir, mesh)
 
 
-def coded_sequences(root: Path, records: loaders.FrameRecords, held_in: list[str]) -> list[audio_stage.Sequence]:
-    """The train, held-out-sentence and held-out-identity sequences that every held-in camera saw."""
-    info = layout.read_dataset_info(root)
-    train_subjects = set(info["identities"]["train"])
-    chosen = []
-    for row in records.sequences:
-        entry = info["sequences"].get(row["subject"], {}).get(row["sequence"], {})
-        split = entry.get("split")
-        if split not in ("train", *EVAL_SPLITS) or (split == "train" and row["subject"] not in train_subjects):
-            continue
-        if set(held_in) - set(row["serials"]):
-            continue  # monocular or partial captures carry no multi-view target
-        chosen.append(audio_stage.Sequence(
-            row["subject"], row["sequence"], row["subject_id"], split, entry.get("sentence_index", row["sequence"]),
-            row["first_record"], row["num_frames"], np.zeros(0, np.float32),
-        ))  # fmt: skip
-    if not any(s.split == "train" for s in chosen):
-        raise ValueError(f"{root / layout.DATASET_FILE}: no train-split multi-view sequence of a training identity")
-    return chosen
-
-
 def code_targets(
     prior: UHAP, prior_step: int, prior_workdir: str | Path, root: Path, records: loaders.FrameRecords,
-    tables: prior_stage.SubjectTables, held_in: list[str], batch_size: int, cache: Path,
-    keep: Callable[[audio_stage.Sequence], bool] | None = None,
-) -> tuple[list[audio_stage.Sequence], np.ndarray]:  # fmt: skip
+    tables: dataset_lib.SubjectTables, held_in: list[str], batch_size: int, cache: Path,
+    keep: Callable[[dataset_lib.Sequence], bool] | None = None,
+) -> tuple[list[dataset_lib.Sequence], np.ndarray]:  # fmt: skip
     """The coded sequences (those `keep` accepts), and per record the prior's code [num_records, z_dim] (zero for
     uncoded records). The codes are the audio stage's (`audio_stage.expression_codes`): one definition of them.
     """
-    sequences = [s for s in coded_sequences(root, records, held_in) if keep is None or keep(s)]
+    sequences = [s for s in dataset_lib.coded_sequences(root, records, held_in) if keep is None or keep(s)]
     digest = hashlib.sha256((root / layout.DATASET_FILE).read_bytes()).hexdigest()[:16]
     key = f"{Path(prior_workdir).resolve()}@{prior_step}|{root.resolve()}|{digest}|{','.join(held_in)}"
     sequences = audio_stage.expression_codes(
@@ -136,12 +115,12 @@ class Tables:
     scan_maps: np.ndarray  # [num_subjects, R, R, 6]
 
 
-class EncoderBatches(prior_stage.GatheredBatches):
+class EncoderBatches(dataset_lib.GatheredBatches):
     """The multi-view loader's one-view batches, squeezed to [B, ...], with each frame's targets and scan."""
 
     def __init__(self, inner: loaders.GlobalBatchIterator, tables: Tables, mesh: jax.sharding.Mesh):
         replicated = NamedSharding(mesh, PartitionSpec())
-        super().__init__(inner, jax.tree.map(lambda x: jax.device_put(x, replicated), tables), mesh)
+        super().__init__(inner, jax.tree.map(lambda x: jax.device_put(x, replicated), tables), batch_sharding(mesh))
 
     @staticmethod
     def _attach(tables: Tables, batch: dict) -> dict:
@@ -294,7 +273,7 @@ class EvalFrames:
     scan_maps: np.ndarray  # [E, R, R, 6]
 
 
-def build_eval_frames(records: loaders.FrameRecords, sequences: list[audio_stage.Sequence], split: str,
+def build_eval_frames(records: loaders.FrameRecords, sequences: list[dataset_lib.Sequence], split: str,
                       held_in: list[str], tables: Tables, count: int, seed: int) -> EvalFrames | None:  # fmt: skip
     """`count` frames spread evenly over the split's sequences, each with a random held-in camera."""
     frames = [(s, f) for s in sequences if s.split == split for f in range(s.num_frames)]
@@ -400,11 +379,11 @@ def train_encoder(config: ml_collections.ConfigDict, workdir: str | Path) -> tup
     prior, prior_cfg, prior_step = restore_frozen_prior(config.prior_workdir, mesh)
     logger.info("prior: step %d of %s", prior_step, config.prior_workdir)
     data_cfg = data_config(config, prior_cfg)
-    root = prior_stage.dataset_root(data_cfg)
-    records = prior_stage.prepared_records(root, data_cfg)
-    split = prior_stage.read_split(root, records, 1)
+    root = dataset_lib.dataset_root(data_cfg)
+    records = dataset_lib.prepared_records(root, data_cfg)
+    split = dataset_lib.read_split(root, records, 1)
     template = template_lib.procedural_head(prior_cfg.model.template_resolution)
-    subjects = prior_stage.subject_tables(root, records, prior, template, prior_cfg)
+    subjects = dataset_lib.subject_tables(root, records, prior.layout, template, prior_cfg)
     sequences, codes = code_targets(
         prior, prior_step, config.prior_workdir, root, records, subjects, split.held_in_cameras,
         config.data.code_batch_size, workdir / CODES_FILE,
@@ -416,7 +395,7 @@ def train_encoder(config: ml_collections.ConfigDict, workdir: str | Path) -> tup
 
     frame_sets = [
         f for f in (build_eval_frames(records, sequences, s, split.held_in_cameras, tables, config.eval.num_frames,
-                                      config.train.seed) for s in (*EVAL_SPLITS, "train")) if f is not None
+                                      config.train.seed) for s in (*dataset_lib.EVAL_SPLITS, "train")) if f is not None
     ]  # fmt: skip
     if not frame_sets:
         raise ValueError(f"{root / layout.DATASET_FILE}: no held-out sentence or identity to evaluate on")
@@ -435,7 +414,7 @@ def train_encoder(config: ml_collections.ConfigDict, workdir: str | Path) -> tup
         global_batch=config.data.batch_size, seed=config.train.seed, num_threads=config.data.num_threads,
         prefetch=config.data.prefetch,
     )  # fmt: skip
-    train_records = loaders.FrameRecords(prior_stage.RecordSubset(records.source, split.train_records),
+    train_records = loaders.FrameRecords(dataset_lib.RecordSubset(records.source, split.train_records),
                                          records.sequences)  # fmt: skip
     frames = loaders.multiview_loader(train_records, batch_sharding(mesh), options, num_views=1,
                                       serials=split.held_in_cameras)  # fmt: skip

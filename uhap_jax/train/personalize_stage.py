@@ -41,17 +41,19 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import kernels
-from data_pipelines import layout, loaders, synth
+from data_pipelines import dataset as dataset_lib
+from data_pipelines import layout, loaders, monocular, synth
 from uhap_jax import export
 from uhap_jax.config_utils import save_config
 from uhap_jax.eval import image_metrics
 from uhap_jax.geometry import template as template_lib
+from uhap_jax.geometry.texels import scan_uv_maps
 from uhap_jax.inference import avatar as avatar_lib
 from uhap_jax.models import losses
 from uhap_jax.models.audio_to_latent import FrozenParam, freeze
 from uhap_jax.models.mono_encoder import MonoEncoder
 from uhap_jax.models.population import POPULATION_FILE, AlbedoPopulation
-from uhap_jax.models.prior import UHAP, scan_uv_maps
+from uhap_jax.models.prior import UHAP
 from uhap_jax.train import encoder_stage, prior_stage
 from uhap_jax.train.encoder_stage import grow_capacity, probe_capacity, targets
 from uhap_jax.train.loop import Trainer, TrainResult
@@ -268,129 +270,7 @@ def load_population(path: str | Path) -> AlbedoPopulation | None:
     return None
 
 
-@dataclasses.dataclass(frozen=True)
-class MonoVideo:
-    """The frames of one camera, from one or more sequences of a subject, in memory."""
-
-    subject: str
-    subject_dir: Path
-    camera: layout.Camera
-    fps: float
-    frames: tuple[tuple[str, int], ...]  # (sequence, frame index) of each frame
-    images: np.ndarray  # [F, H, W, 3] uint8
-    masks: np.ndarray  # [F, H, W] uint8, 255 where the sequence has no masks
-    has_mask: np.ndarray  # [F] float32
-
-
-def _camera_folders(seq_dir: Path) -> list[str]:
-    return sorted(p.name.removeprefix("cam_") for p in (seq_dir / "images").glob("cam_*") if p.is_dir())
-
-
-def _check_frames(seq_dir: Path, serial: str, num_frames: int, kind: str) -> None:
-    for index in range(num_frames):
-        path = layout.frame_path(seq_dir, serial, index, kind=kind)
-        if not path.is_file():
-            raise layout.LayoutError(f"{path}: missing ({kind[:-1]} {index} of the {num_frames} that meta.json says)")
-    found = len(layout.frame_paths(seq_dir, serial, kind=kind))
-    if found != num_frames:
-        raise layout.LayoutError(f"{seq_dir / kind / f'cam_{serial}'}: {found} frames, but meta.json says {num_frames}")
-
-
-def read_monocular(video_dir: str | Path, camera: str = "", sequences: tuple[str, ...] = (),
-                   max_frames: int = 0) -> MonoVideo:  # fmt: skip
-    """A capture-layout subject folder (all sequences of `camera`) or one sequence folder, checked and loaded.
-
-    `camera` "" takes the sequences with a single camera folder. A missing camera, frame or calibration entry
-    is a `LayoutError` that names the path.
-    """
-    video_dir = Path(video_dir)
-    if (video_dir / "images").is_dir():
-        if video_dir.parent.name != "sequences":
-            raise layout.LayoutError(f"{video_dir}: a sequence folder must sit in <subject>/sequences/")
-        subject_dir, names = video_dir.parent.parent, [video_dir.name]
-    elif (video_dir / "sequences").is_dir():
-        subject_dir, names = video_dir, layout.list_sequences(video_dir)
-    else:
-        raise layout.LayoutError(f"{video_dir}: neither a capture-layout subject folder (calibration/, sequences/) "
-                                 "nor a sequence folder (images/cam_<serial>/)")  # fmt: skip
-    if sequences:
-        missing = sorted(set(sequences) - set(names))
-        if missing:
-            raise layout.LayoutError(f"{video_dir}: no sequences {missing} (has {names})")
-        names = [n for n in names if n in sequences]
-    seq_dirs = {n: subject_dir / "sequences" / n for n in names}
-    if camera:
-        chosen = [n for n in names if camera in _camera_folders(seq_dirs[n])]
-        if not chosen:
-            looked = ", ".join(str(seq_dirs[n] / "images" / f"cam_{camera}") for n in names)
-            raise layout.LayoutError(f"{video_dir}: no sequence has images of camera {camera!r} (looked for {looked})")
-    else:
-        chosen = [n for n in names if len(_camera_folders(seq_dirs[n])) == 1]
-        serials = sorted({_camera_folders(seq_dirs[n])[0] for n in chosen})
-        if not serials:
-            raise layout.LayoutError(f"{video_dir}: no monocular sequence (one images/cam_<serial> folder) among "
-                                     f"{names}; name the camera with camera=<serial>")  # fmt: skip
-        if len(serials) > 1:
-            raise layout.LayoutError(f"{video_dir}: monocular sequences of several cameras {serials}; name one")
-        camera = serials[0]
-    calibration = layout.read_calibration(subject_dir)
-    if camera not in calibration:
-        raise layout.LayoutError(f"{subject_dir / layout.CALIBRATION_FILE}: no camera {camera!r} (has "
-                                 f"{sorted(calibration)})")  # fmt: skip
-    chosen_camera = calibration[camera]
-    frames, has_masks, rates = [], {}, set()
-    for name in chosen:
-        seq_dir = seq_dirs[name]
-        meta = layout.read_sequence_meta(seq_dir)
-        rates.add(float(meta["fps"]))
-        _check_frames(seq_dir, camera, meta["num_frames"], "images")
-        has_masks[name] = (seq_dir / "masks" / f"cam_{camera}").is_dir()
-        if has_masks[name]:
-            _check_frames(seq_dir, camera, meta["num_frames"], "masks")
-        frames += [(name, i) for i in range(meta["num_frames"])]
-    if len(rates) != 1:
-        raise layout.LayoutError(f"{video_dir}: the sequences' meta.json give different fps {sorted(rates)}")
-    if max_frames and len(frames) > max_frames:
-        frames = [frames[i] for i in np.linspace(0, len(frames) - 1, max_frames).round().astype(int)]
-    images, masks = [], []
-    size = (chosen_camera.height, chosen_camera.width)
-    for name, index in frames:
-        path = layout.frame_path(seq_dirs[name], camera, index)
-        image = layout.read_image(path)
-        if image.shape != (*size, 3):
-            raise layout.LayoutError(f"{path}: image of shape {list(image.shape)}, calibration says {[*size, 3]}")
-        images.append(image)
-        if has_masks[name]:
-            mask_path = layout.frame_path(seq_dirs[name], camera, index, kind="masks")
-            mask = layout.read_image(mask_path)
-            if mask.shape != size:
-                raise layout.LayoutError(
-                    f"{mask_path}: mask of shape {list(mask.shape)}, calibration says {list(size)}"
-                )
-            masks.append(mask)
-        else:
-            masks.append(np.full(size, 255, np.uint8))
-    return MonoVideo(
-        subject_dir.name, subject_dir, chosen_camera, rates.pop(), tuple(frames), np.stack(images), np.stack(masks),
-        np.asarray([has_masks[name] for name, _ in frames], np.float32),
-    )  # fmt: skip
-
-
-def read_scan(config: ml_collections.ConfigDict, video: MonoVideo) -> tuple[np.ndarray, ...] | None:
-    """The neutral scan to start from: `config.scan`, else the subject's own when `use_scan`, else None."""
-    if config.scan:
-        path = Path(config.scan)
-        if (path / layout.SCAN_DIR).is_dir():
-            return (*layout.read_neutral_scan(path), str(path / layout.SCAN_DIR))
-        if path.name == layout.SCAN_DIR:
-            return (*layout.read_neutral_scan(path.parent), str(path))
-        raise layout.LayoutError(f"{path}: scan must be a neutral_scan folder or a subject folder holding one")
-    if config.use_scan and (video.subject_dir / layout.SCAN_DIR).is_dir():
-        return (*layout.read_neutral_scan(video.subject_dir), str(video.subject_dir / layout.SCAN_DIR))
-    return None
-
-
-def encode_video(encoder: MonoEncoder, video: MonoVideo, batch_size: int) -> tuple[np.ndarray, ...]:
+def encode_video(encoder: MonoEncoder, video: monocular.MonoVideo, batch_size: int) -> tuple[np.ndarray, ...]:
     """The MonoEncoder's code [F, z_dim], rotation vector and translation [F, 3] of every frame."""
     graphdef, state = nnx.split(encoder)
     run = jax.jit(lambda state, images, views, ks: nnx.merge(graphdef, state)(images / 255.0, views, ks))
@@ -416,7 +296,7 @@ def template_maps(prior: UHAP, template: template_lib.Template, albedo: float = 
     return scan_uv_maps(prior.layout, template, template.vertices, colours, "the template")
 
 
-def video_albedo(prior: UHAP, template: template_lib.Template, video: MonoVideo, codes: np.ndarray,
+def video_albedo(prior: UHAP, template: template_lib.Template, video: monocular.MonoVideo, codes: np.ndarray,
                  rotation: np.ndarray, translation: np.ndarray, maps: np.ndarray, config: ml_collections.ConfigDict,
                  population: AlbedoPopulation | None = None) -> np.ndarray:  # fmt: skip
     """`maps` with the albedo read off the video. Each Gaussian's colour is its mean over the frames where it is
@@ -483,7 +363,7 @@ def video_albedo(prior: UHAP, template: template_lib.Template, video: MonoVideo,
 class VideoFrame(grain.transforms.Map):
     """A frame index -> its image, mask, the encoder's code and pose, and the camera."""
 
-    video: MonoVideo
+    video: monocular.MonoVideo
     codes: np.ndarray
     rotation: np.ndarray
     translation: np.ndarray
@@ -498,7 +378,7 @@ class VideoFrame(grain.transforms.Map):
         }  # fmt: skip
 
 
-def frame_loader(video: MonoVideo, codes, rotation, translation, mesh,
+def frame_loader(video: monocular.MonoVideo, codes, rotation, translation, mesh,
                  options: loaders.LoaderOptions) -> loaders.GlobalBatchIterator:  # fmt: skip
     """Shuffled frames of the video, repeated, in global batches; its position goes into checkpoints."""
     count = jax.process_count() if options.process_count is None else options.process_count
@@ -584,12 +464,12 @@ def identity_maps(prior: UHAP, template: template_lib.Template, scan, population
 
 
 def fit_identity(prior: UHAP, prior_cfg: ml_collections.ConfigDict, template: template_lib.Template,
-                 encoder: MonoEncoder, video: MonoVideo, config: ml_collections.ConfigDict, workdir: str | Path,
+                 encoder: MonoEncoder, video: monocular.MonoVideo, config: ml_collections.ConfigDict, workdir: str | Path,
                  scan=None, population: AlbedoPopulation | None = None,
                  ) -> tuple[PersonalIdentity, TrainResult]:  # fmt: skip
     """Fine-tunes the identity conditioning on the video in `workdir` (resuming from its checkpoints).
 
-    `prior` is not modified. `scan` is `read_scan`'s (vertices, faces, colours, source) or None; `population`
+    `prior` is not modified. `scan` is `monocular.read_scan`'s (vertices, faces, colours, source) or None; `population`
     the prior's (`load_population`), for the albedo when there is no scan.
     """
     tune = config.tune
@@ -658,7 +538,7 @@ def _save_bundle(params: dict, config: ml_collections.ConfigDict, template: temp
 
 
 def write_avatar(out: Path, identity: PersonalIdentity, prior_cfg: ml_collections.ConfigDict,
-                 template: template_lib.Template, speech, speech_step: int, video: MonoVideo,
+                 template: template_lib.Template, speech, speech_step: int, video: monocular.MonoVideo,
                  config: ml_collections.ConfigDict, sources: dict, details: dict) -> Path:  # fmt: skip
     """The avatar folder (`load_avatar`'s format plus the bias maps); `out` is replaced only once complete."""
     staging = out.with_name(f".{out.name}.partial")
@@ -726,8 +606,8 @@ def personalize(prior: str | Path, encoder_workdir: str | Path, video_dir: str |
     if info_file.is_file() and json.loads(info_file.read_text()).get("prior_step") != prior_step:
         logger.warning("%s: the encoder was trained against another prior step than %s's %d; its codes may be off",
                        info_file, prior, prior_step)  # fmt: skip
-    video = read_monocular(video_dir, config.camera, tuple(config.sequences), config.max_frames)
-    scan = read_scan(config, video)
+    video = monocular.read_monocular(video_dir, config.camera, tuple(config.sequences), config.max_frames)
+    scan = monocular.read_scan(config, video)
     speech, speech_step = avatar_lib.restore_speech(audio_workdir, nnx.clone(base), video.fps)
     if speech.config.latent_dim != base.z_dim:
         raise ValueError(f"{audio_workdir}: the speech model predicts {speech.config.latent_dim}-d codes, the prior "
@@ -830,20 +710,20 @@ def heldout_quality(prior_workdir: str | Path, encoder_workdir: str | Path, conf
     workdir = Path(workdir)
     base, prior_cfg, template, prior_step = load_prior(prior_workdir)
     encoder, _ = encoder_stage.restore_encoder(encoder_workdir, base)
-    root = prior_stage.dataset_root(prior_cfg)
-    records = prior_stage.prepared_records(root, prior_cfg)
-    split = prior_stage.read_split(root, records, 1)
+    root = dataset_lib.dataset_root(prior_cfg)
+    records = dataset_lib.prepared_records(root, prior_cfg)
+    split = dataset_lib.read_split(root, records, 1)
     subject = subject or layout.read_dataset_info(root)["identities"]["held_out"][0]
     mono = ml_collections.ConfigDict(config.to_dict())
     mono.use_scan, mono.scan = False, ""
     mono.camera = config.camera or synth.MONO_SERIAL
-    video = read_monocular(layout.subject_dir(root, subject), mono.camera, tuple(mono.sequences), mono.max_frames)
+    video = monocular.read_monocular(layout.subject_dir(root, subject), mono.camera, tuple(mono.sequences), mono.max_frames)
     identity, result = fit_identity(base, prior_cfg, template, encoder, video, mono, workdir, None,
                                     load_population(prior_workdir))  # fmt: skip
     if result.preempted:
         raise RuntimeError(f"preempted at step {result.step}: run again to resume from {workdir}")
 
-    subjects = prior_stage.subject_tables(root, records, base, template, prior_cfg)
+    subjects = dataset_lib.subject_tables(root, records, base.layout, template, prior_cfg)
     held_in, held_out = split.held_in_cameras, split.held_out_cameras
     sequences, codes = encoder_stage.code_targets(
         base, prior_step, prior_workdir, root, records, subjects, held_in, config.eval.batch_size,

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -31,16 +29,17 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 import kernels
-from data_pipelines import layout, loaders, synth, tfds_builder
+from data_pipelines import dataset as dataset_lib
+from data_pipelines import loaders, synth
 from uhap_jax.eval import image_metrics
 from uhap_jax.geometry import template as template_lib
+from uhap_jax.geometry.texels import scan_uv_maps
 from uhap_jax.models import losses
 from uhap_jax.models.population import POPULATION_FILE, AlbedoPopulation
-from uhap_jax.models.prior import UHAP, scan_uv_maps
+from uhap_jax.models.prior import UHAP
 from uhap_jax.train.loop import Trainer, TrainResult
 from uhap_jax.train.mesh import batch_sharding, make_mesh
 from uhap_jax.train.sharding import place
@@ -53,229 +52,16 @@ _DROPPED_FIELDS = ("audio", "audio_valid")  # the prior does not listen
 # ------------------------------------------------------------------------------------- data
 
 
-def cache_dir(config: ml_collections.ConfigDict) -> Path:
-    return Path(config.data.cache_dir or os.environ.get("UHAP_CACHE", Path.home() / ".cache" / "uhap"))
-
-
-def dataset_root(config: ml_collections.ConfigDict) -> Path:
-    """`data.root`, or the synthetic dataset of `data.synth_preset`, generated once into the cache."""
-    if config.data.root:
-        root = Path(config.data.root)
-        if not (root / layout.DATASET_FILE).is_file():
-            raise FileNotFoundError(f"{root / layout.DATASET_FILE}: data.root has no dataset.json (split file)")
-        return root
-    root = cache_dir(config) / "synth" / config.data.synth_preset
-    if not (root / layout.DATASET_FILE).is_file():
-        if jax.process_index() == 0:
-            logger.info("generating the synthetic %s dataset into %s (once)", config.data.synth_preset, root)
-            synth.generate(root, synth.synth_config(config.data.synth_preset), progress=False)
-        multihost_utils.sync_global_devices("uhap synthetic dataset")
-    return root
-
-
-def prepared_records(root: Path, config: ml_collections.ConfigDict) -> loaders.FrameRecords:
-    """The layout's frame records, prepared once per layout (keyed by its path and dataset.json)."""
-    key = hashlib.sha256(str(root.resolve()).encode() + (root / layout.DATASET_FILE).read_bytes()).hexdigest()
-    data_dir = cache_dir(config) / "records" / key[:16]
-    if jax.process_index() == 0:
-        tfds_builder.prepare(root, data_dir)
-    multihost_utils.sync_global_devices("uhap prior records")
-    return loaders.open_records(tfds_builder.prepare(root, data_dir))  # prepared: this only finds it
-
-
-@dataclasses.dataclass(frozen=True)
-class RecordSubset:
-    """The records at `indices` of a random-access source, as a random-access source."""
-
-    source: object
-    indices: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.source[int(self.indices[index])]
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """Who and what trains and evaluates, from dataset.json."""
-
-    train_subjects: list[str]
-    held_in_cameras: list[str]
-    held_out_cameras: list[str]
-    train_records: np.ndarray  # record indices of the train-split sequences of training identities
-
-
-def read_split(root: Path, records: loaders.FrameRecords, num_views: int) -> Split:
-    info = layout.read_dataset_info(root)
-    where = root / layout.DATASET_FILE
-    try:
-        train_subjects = list(info["identities"]["train"])
-        held_out = list(info["held_out_cameras"])
-        splits = {(s, q): row["split"] for s, seqs in info["sequences"].items() for q, row in seqs.items()}
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"{where}: needs identities.train, held_out_cameras and sequences.<id>.<seq>.split "
-                         f"({error!r} is missing)") from error  # fmt: skip
-    train_rows = [
-        row for row in records.sequences if row["subject"] in train_subjects and splits.get(
-            (row["subject"], row["sequence"])) == "train"
-    ]  # fmt: skip
-    if not train_rows:
-        raise ValueError(f"{where}: no sequence of a training identity has split 'train'")
-    held_in = sorted(set(train_rows[0]["serials"]) - set(held_out))
-    for row in train_rows:
-        missing = set(held_in) - set(row["serials"])
-        if missing:
-            raise ValueError(f"{root}/subjects/{row['subject']}/sequences/{row['sequence']}: lacks cameras "
-                             f"{sorted(missing)} that the other training sequences have")  # fmt: skip
-    if len(held_in) < num_views:
-        raise ValueError(f"{where}: {len(held_in)} held-in cameras, but data.num_views is {num_views}")
-    indices = np.concatenate([np.arange(r["first_record"], r["first_record"] + r["num_frames"]) for r in train_rows])
-    return Split(train_subjects, held_in, held_out, indices)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SubjectTables:
-    """Per-subject and per-record data that the records do not hold, indexed by subject_id / record index.
-
-    scan_maps [S, R, R, 6]: the neutral scan in UV; scan_points/normals/colours [S, M, 3]: points sampled
-    on the scan; head_pose [num_records, 6]: rotation vector and translation (meta.json `head_pose`).
-    """
-
-    scan_maps: np.ndarray
-    scan_points: np.ndarray
-    scan_normals: np.ndarray
-    scan_colours: np.ndarray
-    head_pose: np.ndarray
-    first_record: np.ndarray  # [num_sequences]
-    tracked_points: np.ndarray  # [num_records, N, 3] tracked surface at each Gaussian's texel (world), or [0, N, 3]
-    tracked_valid: np.ndarray  # [num_records] 1 where the sequence has tracked meshes
-
-    def rows(self, subject_id: np.ndarray, sequence_id: np.ndarray, frame_index: np.ndarray) -> dict:
-        """The per-example fields of a batch (numpy tables on the host, or device arrays under jit)."""
-        return self.record_rows(subject_id, self.first_record[sequence_id] + frame_index)
-
-    def record_rows(self, subject_id: np.ndarray, record: np.ndarray) -> dict:
-        """`rows` by record index."""
-        pose = self.head_pose[record]
-        tracked = {}
-        if self.tracked_points.shape[0]:
-            tracked = {"tracked_points": self.tracked_points[record], "tracked_valid": self.tracked_valid[record]}
-        return tracked | {
-            "scan_maps": self.scan_maps[subject_id],
-            "scan_points": self.scan_points[subject_id],
-            "scan_normals": self.scan_normals[subject_id],
-            "scan_colours": self.scan_colours[subject_id],
-            "head_rotation": pose[..., :3],
-            "head_translation": pose[..., 3:],
-        }
-
-
-def sample_scan(vertices, faces, colours, count: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    """`count` area-weighted points on a mesh with their face normals and interpolated colours."""
-    corners = vertices[faces]
-    cross = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
-    area = np.linalg.norm(cross, axis=-1)
-    face = rng.choice(len(faces), count, p=area / area.sum())
-    u, v = rng.random(count), rng.random(count)
-    flip = u + v > 1
-    u, v = np.where(flip, 1 - u, u), np.where(flip, 1 - v, v)
-    barys = np.stack([1 - u - v, u, v], -1)[..., None]
-    points = np.sum(corners[face] * barys, axis=1)
-    normals = cross[face] / np.maximum(area[face, None], 1e-12)
-    return points, normals, np.sum(colours[faces[face]] * barys, axis=1)
-
-
-def subject_tables(root: Path, records: loaders.FrameRecords, model: UHAP, template: template_lib.Template,
-                   config: ml_collections.ConfigDict) -> SubjectTables:  # fmt: skip
-    subjects = sorted({row["subject"] for row in records.sequences})
-    maps, points, normals, colours = [], [], [], []
-    for index, subject in enumerate(subjects):
-        subject_path = layout.subject_dir(root, subject)
-        vertices, faces, vertex_colours = layout.read_neutral_scan(subject_path)
-        maps.append(scan_uv_maps(model.layout, template, vertices, vertex_colours, str(subject_path / layout.SCAN_DIR)))
-        sample = sample_scan(vertices, faces, vertex_colours, config.loss.scan_points, np.random.default_rng(index))
-        for table, values in zip((points, normals, colours), sample):
-            table.append(values)
-    poses, first, tracked, valid = [], [], [], []
-    texels = model.layout
-    for row in records.sequences:
-        seq_dir = layout.sequence_dir(root, row["subject"], row["sequence"])
-        pose = layout.read_sequence_meta(seq_dir).get("head_pose")
-        if pose is None:
-            raise ValueError(f"{seq_dir / layout.META_FILE}: no head_pose (rotation_vector, translation per frame)")
-        pose = np.concatenate([np.asarray(pose["rotation_vector"]), np.asarray(pose["translation"])], -1)
-        if pose.shape != (row["num_frames"], 6):
-            raise ValueError(f"{seq_dir / layout.META_FILE}: head_pose has shape {list(pose.shape)}, expected "
-                             f"[{row['num_frames']}, 3] rotation vectors and translations")  # fmt: skip
-        first.append(sum(len(p) for p in poses))
-        poses.append(pose)
-        if config.loss.tracked_mesh > 0:
-            surface = _tracked_points(seq_dir, row["num_frames"], template, texels)
-            valid.append(np.full(row["num_frames"], surface is not None, np.float32))
-            tracked.append(surface if surface is not None else np.zeros((row["num_frames"], texels.num_gaussians, 3)))
-    if config.loss.tracked_mesh > 0 and not any(v[0] for v in valid):
-        logger.warning("loss.tracked_mesh > 0 but no sequence of %s has %s: the term is zero", root,
-                       layout.VERTICES_FILE)  # fmt: skip
-    if [row["first_record"] for row in records.sequences] != first:
-        raise ValueError(f"{root}: the records' sequence table is not in record order")
-    return SubjectTables(
-        *(np.stack(table).astype(np.float32) for table in (maps, points, normals, colours)),
-        head_pose=np.concatenate(poses).astype(np.float32), first_record=np.asarray(first, np.int32),
-        tracked_points=(np.concatenate(tracked).astype(np.float32) if tracked
-                        else np.zeros((0, texels.num_gaussians, 3), np.float32)),
-        tracked_valid=np.concatenate(valid) if valid else np.zeros((0,), np.float32),
-    )  # fmt: skip
-
-
-def _tracked_points(seq_dir: Path, num_frames: int, template: template_lib.Template, texels) -> np.ndarray | None:
-    """The tracked meshes of a sequence at each Gaussian's (face, barycentric) point [F, N, 3], or None."""
-    if not (seq_dir / layout.VERTICES_FILE).is_file():
-        return None
-    vertices = layout.read_vertices(seq_dir, num_frames=num_frames)
-    if vertices.shape[1] != texels.num_vertices:
-        raise ValueError(f"{seq_dir / layout.VERTICES_FILE}: {vertices.shape[1]} vertices per frame, but the "
-                         f"template (model.template_resolution) has {texels.num_vertices}")  # fmt: skip
-    corners = vertices[:, template.faces[texels.face_ids]]  # [F, N, 3, 3]
-    return np.einsum("nk,fnkd->fnd", texels.barys, corners)
-
-
-class GatheredBatches:
-    """A global-batch iterator whose batches gain per-example rows from tables kept on device (`_attach`, jitted);
-    its state (for checkpoints) is the inner iterator's. Subclasses place the tables and define `_attach`."""
-
-    def __init__(self, inner: loaders.GlobalBatchIterator, placed_tables, mesh: jax.sharding.Mesh):
-        self._inner = inner
-        self._tables = placed_tables
-        self._gather = jax.jit(self._attach, out_shardings=batch_sharding(mesh))
-
-    def _attach(self, tables, batch: dict) -> dict:
-        raise NotImplementedError
-
-    def __iter__(self) -> GatheredBatches:
-        return self
-
-    def __next__(self) -> dict:
-        return self._gather(self._tables, next(self._inner))
-
-    def get_state(self) -> dict:
-        return self._inner.get_state()
-
-    def set_state(self, state: dict) -> None:
-        self._inner.set_state(state)
-
-
-class PriorBatches(GatheredBatches):
+class PriorBatches(dataset_lib.GatheredBatches):
     """The multi-view loader's global batches plus each example's scan and head pose, gathered on device."""
 
-    def __init__(self, inner: loaders.GlobalBatchIterator, tables: SubjectTables, mesh: jax.sharding.Mesh):
+    def __init__(self, inner: loaders.GlobalBatchIterator, tables: dataset_lib.SubjectTables, mesh: jax.sharding.Mesh):
         replicated = NamedSharding(mesh, PartitionSpec())
-        fields = {f.name: getattr(tables, f.name) for f in dataclasses.fields(SubjectTables)}
-        super().__init__(inner, SubjectTables(**place(fields, jax.tree.map(lambda _: replicated, fields))), mesh)
+        fields = {f.name: getattr(tables, f.name) for f in dataclasses.fields(dataset_lib.SubjectTables)}
+        placed = dataset_lib.SubjectTables(**place(fields, jax.tree.map(lambda _: replicated, fields)))
+        super().__init__(inner, placed, batch_sharding(mesh))
 
-    def _attach(self, tables: SubjectTables, batch: dict) -> dict:
+    def _attach(self, tables: dataset_lib.SubjectTables, batch: dict) -> dict:
         rows = tables.rows(batch["subject_id"], batch["sequence_id"], batch["frame_index"])
         return {k: v for k, v in batch.items() if k not in _DROPPED_FIELDS} | rows
 
@@ -425,7 +211,7 @@ class EvalSet:
     target_masks: np.ndarray  # [E, Vo, H, W] uint8
     world_to_cam: np.ndarray  # [E, Vo, 4, 4] held-out cameras
     intrinsics: np.ndarray  # [E, Vo, 3, 3]
-    rows: dict  # SubjectTables.rows of the frames
+    rows: dict  # dataset_lib.SubjectTables.rows of the frames
     scan_subjects: np.ndarray  # subject ids of the training identities
 
     def probe(self, count: int) -> dict:
@@ -434,7 +220,7 @@ class EvalSet:
                 "intrinsics": self.intrinsics[:count], **{k: v[:count] for k, v in self.rows.items()}}  # fmt: skip
 
 
-def build_eval_set(records: loaders.FrameRecords, split: Split, tables: SubjectTables,
+def build_eval_set(records: loaders.FrameRecords, split: dataset_lib.Split, tables: dataset_lib.SubjectTables,
                    config: ml_collections.ConfigDict) -> EvalSet:  # fmt: skip
     count = config.eval.num_frames - config.eval.num_frames % config.eval.batch_size
     if count <= 0:
@@ -469,7 +255,7 @@ def _render_frames(model: UHAP, batch: dict, world_to_cam, intrinsics, width: in
 class Evaluator:
     """Jitted eval of a model state on an EvalSet: held-out-view PSNR/SSIM and the neutral-scan Chamfer."""
 
-    def __init__(self, eval_set: EvalSet, tables: SubjectTables, capacity: kernels.AdaptiveCapacity,
+    def __init__(self, eval_set: EvalSet, tables: dataset_lib.SubjectTables, capacity: kernels.AdaptiveCapacity,
                  config: ml_collections.ConfigDict):  # fmt: skip
         self.eval_set, self.tables, self.capacity = eval_set, tables, capacity
         self.batch_size = config.eval.batch_size
@@ -534,8 +320,8 @@ class Evaluator:
 # ------------------------------------------------------------------------------------- the stage
 
 
-def write_population(workdir: Path, model: UHAP, records: loaders.FrameRecords, split: Split,
-                     tables: SubjectTables) -> None:  # fmt: skip
+def write_population(workdir: Path, model: UHAP, records: loaders.FrameRecords, split: dataset_lib.Split,
+                     tables: dataset_lib.SubjectTables) -> None:  # fmt: skip
     """The training identities' albedo population (`population.POPULATION_FILE`), for personalisation."""
     if jax.process_index() != 0:
         return
@@ -551,17 +337,17 @@ def train_prior(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple
     """Trains (or resumes) the prior in `workdir`; returns the Trainer's result and the last eval metrics."""
     workdir = Path(workdir)
     mesh = make_mesh(config.train.mesh.data, config.train.mesh.fsdp)
-    root = dataset_root(config)
-    records = prepared_records(root, config)
-    split = read_split(root, records, config.data.num_views)
+    root = dataset_lib.dataset_root(config)
+    records = dataset_lib.prepared_records(root, config)
+    split = dataset_lib.read_split(root, records, config.data.num_views)
     template = template_lib.procedural_head(config.model.template_resolution)
     model = UHAP(template, config.model, rngs=nnx.Rngs(config.train.seed))
-    tables = subject_tables(root, records, model, template, config)
+    tables = dataset_lib.subject_tables(root, records, model.layout, template, config)
     options = loaders.LoaderOptions(
         global_batch=config.data.batch_size, seed=config.train.seed, num_threads=config.data.num_threads,
         prefetch=config.data.prefetch,
     )  # fmt: skip
-    train_records = loaders.FrameRecords(RecordSubset(records.source, split.train_records), records.sequences)
+    train_records = loaders.FrameRecords(dataset_lib.RecordSubset(records.source, split.train_records), records.sequences)
     frames = loaders.multiview_loader(
         train_records, batch_sharding(mesh), options, num_views=config.data.num_views, serials=split.held_in_cameras
     )
@@ -597,7 +383,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, model: UHAP, template: te
     batch_size, views, size = config.data.batch_size, config.data.num_views, synth_config.image_size
     albedo = rng.uniform(0.2, 0.8, template.vertices.shape).astype(np.float32)
     maps = scan_uv_maps(model.layout, template, template.vertices, albedo, "the template")
-    points = sample_scan(template.vertices, template.faces, albedo, config.loss.scan_points, rng)
+    points = dataset_lib.sample_scan(template.vertices, template.faces, albedo, config.loss.scan_points, rng)
     chosen = [rng.choice(len(rig), views, replace=False) for _ in range(batch_size)]
     tile = lambda x: np.broadcast_to(np.asarray(x, np.float32), (batch_size, *np.shape(x))).copy()  # noqa: E731
     return {

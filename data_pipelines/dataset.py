@@ -18,6 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from data_pipelines import layout, loaders, synth, tfds_builder
+from uhap_jax.config_utils import apply_override
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.geometry.texels import TexelLayout, scan_uv_maps
 
@@ -45,6 +46,17 @@ def dataset_root(config: ml_collections.ConfigDict) -> Path:
             synth.generate(root, synth.synth_config(config.data.synth_preset), progress=False)
         multihost_utils.sync_global_devices("uhap synthetic dataset")
     return root
+
+
+def with_data_of(prior_cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                 source: str) -> ml_collections.ConfigDict:  # fmt: skip
+    """A copy of the prior's config with the data fields (root, synth_preset, cache_dir) that a later stage's
+    `config.data` sets; `source` names that config in errors."""
+    merged = ml_collections.ConfigDict(prior_cfg.to_dict())
+    for field in ("root", "synth_preset", "cache_dir"):
+        if config.data.get(field):
+            apply_override(merged, f"data.{field}={config.data[field]}", source=source)
+    return merged
 
 
 def prepared_records(root: Path, config: ml_collections.ConfigDict) -> loaders.FrameRecords:
@@ -108,6 +120,17 @@ def read_split(root: Path, records: loaders.FrameRecords, num_views: int) -> Spl
         raise ValueError(f"{where}: {len(held_in)} held-in cameras, but data.num_views is {num_views}")
     indices = np.concatenate([np.arange(r["first_record"], r["first_record"] + r["num_frames"]) for r in train_rows])
     return Split(train_subjects, held_in, held_out, indices)
+
+
+def loader_options(config: ml_collections.ConfigDict) -> loaders.LoaderOptions:
+    """A stage config's loader settings: `data.batch_size` (global), `train.seed`, `data.num_threads`/`prefetch`."""
+    return loaders.LoaderOptions(global_batch=config.data.batch_size, seed=config.train.seed,
+                                 num_threads=config.data.num_threads, prefetch=config.data.prefetch)  # fmt: skip
+
+
+def train_frames(records: loaders.FrameRecords, split: Split) -> loaders.FrameRecords:
+    """The records of the split's training frames (train-split sequences of the training identities)."""
+    return loaders.FrameRecords(RecordSubset(records.source, split.train_records), records.sequences)
 
 
 @jax.tree_util.register_dataclass
@@ -316,3 +339,10 @@ def training_fps(root: Path, records: loaders.FrameRecords) -> float:
     if fps is None:
         raise ValueError(f"{root / layout.DATASET_FILE}: no sequence of a training identity (identities.train)")
     return fps
+
+
+def window_audio(waveform: np.ndarray, start_frame: int, num_samples: int, fps: float) -> np.ndarray:
+    """`num_samples` of the waveform from frame `start_frame` on (at `fps`), zero-padded past its end."""
+    start = round(start_frame * layout.AUDIO_RATE / fps)
+    window = waveform[start : start + num_samples]
+    return np.pad(window, (0, num_samples - window.size))

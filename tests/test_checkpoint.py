@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import optax
 import pytest
+from helpers.models import host_tree, small_config
 from jax.sharding import NamedSharding, PartitionSpec
-from test_train_loop import host_tree, small_config
 from train_toy_main import ToyData, loss_fn, make_model
 
-from uhap_jax.train.checkpoint import Checkpointer, abstract_like
+from uhap_jax.artifacts.checkpoints import Checkpointer, abstract_like
 from uhap_jax.train.loop import Trainer
 from uhap_jax.train.mesh import make_mesh
 

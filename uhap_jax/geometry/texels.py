@@ -69,3 +69,28 @@ def scan_uv_maps(
     template_points = template_lib.surface_points(template.vertices, template.faces, layout.face_ids, layout.barys)
     albedo = template_lib.surface_points(colours, template.faces, layout.face_ids, layout.barys)
     return layout.scatter(np.concatenate([np.asarray(scan_points - template_points), np.asarray(albedo)], -1))
+
+
+def lip_gaussian_ids(texels: TexelLayout, template: template_lib.Template) -> np.ndarray:
+    """Gaussians whose texel lies nearest (largest barycentric) to a vertex of the template's "lips" region."""
+    nearest_vertex = template.faces[texels.face_ids, np.argmax(texels.barys, axis=1)]
+    ids = np.flatnonzero(template.region_mask("lips")[nearest_vertex])
+    if ids.size == 0:
+        raise ValueError(f"no Gaussian of the {texels.resolution}² UV layout lies on the template's lips region")
+    return ids
+
+
+def split_lips(
+    texels: TexelLayout, template: template_lib.Template, lip_ids: np.ndarray, up_axis: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in `lip_ids` of the upper- and lower-lip Gaussians: above or below the mouth's mid-height.
+
+    The mouth opening is the distance between the two groups' centroids; it needs no landmark Gaussian, which a
+    coarse UV layout may not have (the procedural lips are two texel rows high at 32²).
+    """
+    points = template_lib.surface_points(template.vertices, template.faces, texels.face_ids, texels.barys)
+    height = np.asarray(points)[lip_ids, up_axis]
+    upper = height > 0.5 * (height.min() + height.max())
+    if upper.all() or not upper.any():
+        raise ValueError(f"the lips of the {texels.resolution}² UV layout do not split into upper and lower lip")
+    return np.flatnonzero(upper), np.flatnonzero(~upper)

@@ -344,3 +344,8 @@ class UHAP(nnx.Module):
 
 def _unbatch(gaussians: Gaussians) -> list[Gaussians]:
     return [Gaussians(*(field[b] for field in gaussians)) for b in range(gaussians.means.shape[0])]
+
+
+def build_prior(template: template_lib.Template, config: ml_collections.ConfigDict) -> UHAP:
+    """A freshly initialised prior of a prior config (`config.model`, seeded by `config.train.seed`)."""
+    return UHAP(template, config.model, rngs=nnx.Rngs(config.train.seed))

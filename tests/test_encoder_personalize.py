@@ -51,6 +51,8 @@ PERSONALIZE_OVERRIDES = [
     "--config.albedo.frames=4", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
     "--config.tune.shape_grid=3",
 ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory):
     """A persistent XLA cache for this module: resumed runs compile the same steps again."""

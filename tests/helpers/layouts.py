@@ -11,7 +11,8 @@ from data_pipelines import layout
 from helpers.models import random_cameras
 from uhap_jax.geometry import template as template_lib
 
-SIZE, FRAMES, NUM_CAMERAS = 32, 4, 4
+SIZE, FRAMES, NUM_CAMERAS, FPS = 32, 4, 4, 25.0
+HELD_OUT_CAMERA = "cam2"
 TINY_MODEL = [
     "--config.model.template_resolution=24",
     "--config.model.uv_resolution=16",
@@ -26,32 +27,49 @@ TINY_MODEL = [
 
 def write_prior_layout(root: Path, rng: np.random.Generator) -> None:
     """Two subjects (one held out) with one 4-frame sequence seen by 4 cameras (one held out), 32x32 images."""
+    sequences = (("id000", "sen_00", "train", None), ("id001", "sen_00", "held_out_identity", None))
+    write_capture(root, rng, sequences, frames=FRAMES, mask_keep=0.5, audio=False)
+
+
+def write_capture(root: Path, rng: np.random.Generator, sequences, *, frames: int, mask_keep: float,
+                  audio: bool) -> None:  # fmt: skip
+    """Subjects id000 (training) and id001 (held out) on one rig of 4 random cameras (cam2 held out), each with
+    the template plus noise as its neutral scan; `sequences` (subject, sequence, split, sentence index or None) of
+    `frames` random 32x32 images, masks keeping about `mask_keep` of the pixels, head poses and, with `audio`,
+    speech-like audio (the STEREO sequence's a 44.1 kHz stereo file)."""
     head = template_lib.procedural_head(24)
     views, intrinsics = random_cameras(rng, NUM_CAMERAS, SIZE)
     serials = [f"cam{i}" for i in range(NUM_CAMERAS)]
     rig = [layout.Camera(s, v.astype(np.float64), k.astype(np.float64), SIZE, SIZE)
            for s, v, k in zip(serials, views, intrinsics)]  # fmt: skip
-    sequences = {}
-    for subject, split in (("id000", "train"), ("id001", "held_out_identity")):
+    info = {}
+    for subject in ("id000", "id001"):
         subject_dir = layout.subject_dir(root, subject)
         layout.write_calibration(subject_dir, rig)
         scan = head.vertices + rng.normal(0.0, 0.002, head.vertices.shape)
         layout.write_neutral_scan(subject_dir, scan, head.faces, rng.uniform(0.0, 1.0, head.vertices.shape))
-        seq_dir = layout.sequence_dir(root, subject, "sen_00")
-        for frame in range(FRAMES):
+    for subject, sequence, split, sentence in sequences:
+        seq_dir = layout.sequence_dir(root, subject, sequence)
+        for frame in range(frames):
             for serial in serials:
                 layout.write_image(layout.frame_path(seq_dir, serial, frame),
                                    rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))  # fmt: skip
-                mask = np.where(rng.uniform(size=(SIZE, SIZE)) > 0.5, 255, 0).astype(np.uint8)
+                mask = np.where(rng.uniform(size=(SIZE, SIZE)) > 1.0 - mask_keep, 255, 0).astype(np.uint8)
                 layout.write_image(layout.frame_path(seq_dir, serial, frame, kind="masks"), mask)
-        head_pose = {"rotation_vector": rng.normal(0.0, 0.03, (FRAMES, 3)).tolist(),
-                     "translation": rng.normal(0.0, 0.002, (FRAMES, 3)).tolist()}  # fmt: skip
-        layout.write_sequence_meta(seq_dir, fps=25.0, num_frames=FRAMES, head_pose=head_pose)
-        sequences[subject] = {"sen_00": {"split": split}}
+        if audio and (subject, sequence) == STEREO:
+            left, right = speech_like(rng, frames / FPS, 44_100), speech_like(rng, frames / FPS, 44_100)
+            write_stereo_wav(seq_dir / layout.AUDIO_FILE, left, right, 44_100)
+        elif audio:
+            layout.write_audio(seq_dir / layout.AUDIO_FILE, speech_like(rng, frames / FPS, layout.AUDIO_RATE))
+        head_pose = {"rotation_vector": rng.normal(0.0, 0.03, (frames, 3)).tolist(),
+                     "translation": rng.normal(0.0, 0.002, (frames, 3)).tolist()}  # fmt: skip
+        layout.write_sequence_meta(seq_dir, fps=FPS, num_frames=frames, head_pose=head_pose)
+        entry = {"split": split} if sentence is None else {"split": split, "sentence_index": sentence}
+        info.setdefault(subject, {})[sequence] = entry
     layout.write_dataset_info(
         root,
         {"identities": {"train": ["id000"], "held_out": ["id001"]}, "cameras": serials,
-         "held_out_cameras": [serials[2]], "sequences": sequences},
+         "held_out_cameras": [HELD_OUT_CAMERA], "sequences": info},
     )  # fmt: skip
 
 
@@ -60,9 +78,7 @@ def rows(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-SPEECH_SIZE, SPEECH_FRAMES, FPS = 32, 12, 25.0
-HELD_OUT_CAMERA = "cam2"
-# (subject, sequence, split, sentence); the stereo 44.1 kHz file is the held-out sentence's.
+SPEECH_FRAMES = 12
 # (subject, sequence, split, sentence); the stereo 44.1 kHz file is the held-out sentence's.
 SEQUENCES = (
     ("id000", "sen_00", "train", 0),
@@ -113,37 +129,4 @@ def write_stereo_wav(path: Path, left: np.ndarray, right: np.ndarray, rate: int)
 
 def write_speech_layout(root: Path, rng: np.random.Generator) -> None:
     """Two subjects with random 32x32 frames from 4 cameras (one held out), audio, head pose and a split."""
-    head = template_lib.procedural_head(24)
-    views, intrinsics = random_cameras(rng, NUM_CAMERAS, SPEECH_SIZE)
-    serials = [f"cam{i}" for i in range(NUM_CAMERAS)]
-    rig = [layout.Camera(s, v.astype(np.float64), k.astype(np.float64), SPEECH_SIZE, SPEECH_SIZE)
-           for s, v, k in zip(serials, views, intrinsics)]  # fmt: skip
-    info = {}
-    for subject in ("id000", "id001"):
-        subject_dir = layout.subject_dir(root, subject)
-        layout.write_calibration(subject_dir, rig)
-        scan = head.vertices + rng.normal(0.0, 0.002, head.vertices.shape)
-        layout.write_neutral_scan(subject_dir, scan, head.faces, rng.uniform(0.0, 1.0, head.vertices.shape))
-    for subject, sequence, split, sentence in SEQUENCES:
-        seq_dir = layout.sequence_dir(root, subject, sequence)
-        for frame in range(SPEECH_FRAMES):
-            for serial in serials:
-                layout.write_image(layout.frame_path(seq_dir, serial, frame),
-                                   rng.integers(0, 256, (SPEECH_SIZE, SPEECH_SIZE, 3), dtype=np.uint8))  # fmt: skip
-                mask = np.where(rng.uniform(size=(SPEECH_SIZE, SPEECH_SIZE)) > 0.3, 255, 0).astype(np.uint8)
-                layout.write_image(layout.frame_path(seq_dir, serial, frame, kind="masks"), mask)
-        seconds = SPEECH_FRAMES / FPS
-        if (subject, sequence) == STEREO:
-            left, right = speech_like(rng, seconds, 44_100), speech_like(rng, seconds, 44_100)
-            write_stereo_wav(seq_dir / layout.AUDIO_FILE, left, right, 44_100)
-        else:
-            layout.write_audio(seq_dir / layout.AUDIO_FILE, speech_like(rng, seconds, layout.AUDIO_RATE))
-        head_pose = {"rotation_vector": rng.normal(0.0, 0.03, (SPEECH_FRAMES, 3)).tolist(),
-                     "translation": rng.normal(0.0, 0.002, (SPEECH_FRAMES, 3)).tolist()}  # fmt: skip
-        layout.write_sequence_meta(seq_dir, fps=FPS, num_frames=SPEECH_FRAMES, head_pose=head_pose)
-        info.setdefault(subject, {})[sequence] = {"split": split, "sentence_index": sentence}
-    layout.write_dataset_info(
-        root,
-        {"identities": {"train": ["id000"], "held_out": ["id001"]}, "cameras": serials,
-         "held_out_cameras": [HELD_OUT_CAMERA], "sequences": info},
-    )  # fmt: skip
+    write_capture(root, rng, SEQUENCES, frames=SPEECH_FRAMES, mask_keep=0.7, audio=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -167,19 +166,16 @@ def write_avatar(out: Path, write_prior: Callable[[Path], object], scan_maps: np
     """An avatar folder: `write_prior(folder)` writes the prior's bundle, then the identity (scan maps, and a
     personalised avatar's bias maps), the speech model, the cameras and `manifest` (avatar.json). `out` is
     replaced only once complete."""
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    write_prior(staging / PRIOR_DIR)
-    (staging / SCAN_MAPS_FILE).parent.mkdir(parents=True)
-    np.save(staging / SCAN_MAPS_FILE, np.asarray(scan_maps, np.float32))
-    if bias_maps is not None:
-        np.savez(staging / BIAS_MAPS_FILE, **{f"bias_{i}": np.asarray(b, np.float32) for i, b in enumerate(bias_maps)})
-    save_speech(speech, staging)
-    layout.write_calibration(staging, cameras)
-    (staging / AVATAR_FILE).write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    with layout.staged_dir(out) as staging:
+        write_prior(staging / PRIOR_DIR)
+        (staging / SCAN_MAPS_FILE).parent.mkdir(parents=True)
+        np.save(staging / SCAN_MAPS_FILE, np.asarray(scan_maps, np.float32))
+        if bias_maps is not None:
+            maps = {f"bias_{i}": np.asarray(b, np.float32) for i, b in enumerate(bias_maps)}
+            np.savez(staging / BIAS_MAPS_FILE, **maps)
+        save_speech(speech, staging)
+        layout.write_calibration(staging, cameras)
+        (staging / AVATAR_FILE).write_text(json.dumps(manifest, indent=1))
     return out
 
 

@@ -34,8 +34,9 @@ DTYPES = ("float32", "bfloat16")
 
 def save_bundle(params: dict, config: ml_collections.ConfigDict, template: template_lib.Template, out: Path,
                 manifest: dict) -> None:  # fmt: skip
-    """A bundle folder `out` (new) of these parameters (a pure dict), their config and template, and `manifest`."""
-    out.mkdir(parents=True)
+    """A bundle in the folder `out` (created if missing) of these parameters (a pure dict), their config and
+    template, and `manifest`."""
+    out.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out.absolute() / "params", params)
     save_config(config, out / "config.json")

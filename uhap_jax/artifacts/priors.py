@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from data_pipelines import layout
 from uhap_jax.artifacts.bundles import BUNDLE_FILE, DTYPES, load_bundle, load_template, save_bundle
 from uhap_jax.artifacts.checkpoints import restore_latest, single_device_mesh
 from uhap_jax.config_utils import read_config
@@ -64,16 +65,12 @@ def export_bundle(workdir: str | Path, out: str | Path, dtype: str = "float32") 
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if dtype == "bfloat16":
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-    out = Path(out)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
     manifest = {"kind": "uhap_prior", "step": step, "dtype": dtype, "source": str(Path(workdir).absolute())}
-    save_bundle(params, config, template, staging, manifest)
-    if (Path(workdir) / POPULATION_FILE).is_file():
-        shutil.copy(Path(workdir) / POPULATION_FILE, staging / POPULATION_FILE)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return out
+    with layout.staged_dir(Path(out)) as staging:
+        save_bundle(params, config, template, staging, manifest)
+        if (Path(workdir) / POPULATION_FILE).is_file():
+            shutil.copy(Path(workdir) / POPULATION_FILE, staging / POPULATION_FILE)
+    return Path(out)
 
 
 def restore_speech(audio_workdir: str | Path, prior: UHAP, fps: float) -> tuple[AudioToLatent, int]:

@@ -50,6 +50,9 @@ _DEG = 180.0 / np.pi
 _MM = 1e3
 
 
+# ------------------------------------------------------------------------------------- data
+
+
 class EncoderBatches(dataset_lib.GatheredBatches):
     """The multi-view loader's one-view batches, squeezed to [B, ...], with each frame's targets and scan."""
 

@@ -1,7 +1,8 @@
 """Checkpoints in `<workdir>/checkpoints/<step>/`: the train state plus each process's data-iterator state.
 
 Built on orbax's asynchronous `CheckpointManager`. Restoring takes abstract targets that carry shardings,
-so a checkpoint written on one mesh loads onto any other (a different device count or mesh shape).
+so a checkpoint written on one mesh loads onto any other (a different device count or mesh shape). The Trainer
+resumes the whole state; `restore_latest` reads only the parameters, for inference and evaluation (no optimiser).
 """
 
 from __future__ import annotations

@@ -199,12 +199,14 @@ def shard_for_process(dataset: grain.MapDataset, options: LoaderOptions) -> grai
     return dataset[index::count]
 
 
-def _build(
+def build_loader(
     elements: grain.MapDataset,
     transform: Callable[[grain.MapDataset], grain.MapDataset],
     sharding: jax.sharding.Sharding,
     options: LoaderOptions,
 ) -> GlobalBatchIterator:
+    """`elements`, this process's share, shuffled (options.shuffle), repeated, `transform`ed and stacked into
+    global batches of `options.global_batch` with `sharding`; checkpointable."""
     count = jax.process_count() if options.process_count is None else options.process_count
     if options.global_batch % count:
         raise ValueError(f"global batch {options.global_batch} does not split over {count} processes")
@@ -228,7 +230,7 @@ def multiview_loader(
     """Frames with `num_views` sampled cameras each: images [B,V,H,W,3], masks, cameras, audio window."""
     sampler = SampleViews(num_views, None if serials is None else tuple(serials))
     frames = grain.MapDataset.source(records.source)
-    return _build(frames, lambda d: d.random_map(sampler), sharding, options)
+    return build_loader(frames, lambda d: d.random_map(sampler), sharding, options)
 
 
 def monocular_loader(
@@ -239,7 +241,7 @@ def monocular_loader(
     serial: str | None = None,
 ) -> GlobalBatchIterator:
     """Single-camera frames: image [B,H,W,3], mask, camera, audio window, indices."""
-    return _build(grain.MapDataset.source(records.source), lambda d: d.map(SingleView(serial)), sharding, options)
+    return build_loader(grain.MapDataset.source(records.source), lambda d: d.map(SingleView(serial)), sharding, options)
 
 
 def audio_window_loader(
@@ -253,4 +255,4 @@ def audio_window_loader(
     """Runs of `num_frames` consecutive frames: audio [B,K,S] (each frame's window), frame_index [B,K]."""
     starts = grain.MapDataset.source(window_starts(records.sequences, num_frames, stride))
     windows = ConsecutiveFrames(records.source, num_frames)
-    return _build(starts, lambda d: d.map(windows), sharding, options)
+    return build_loader(starts, lambda d: d.map(windows), sharding, options)

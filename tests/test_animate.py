@@ -6,36 +6,26 @@ import re
 import subprocess
 from pathlib import Path
 
-import grain
 import imageio_ffmpeg
 import numpy as np
 import pytest
 from flax import nnx
-from test_prior import random_cameras, randomise
-from test_train_audio import PRIOR_OVERRIDES, SMALL_SPEECH_MODEL, speech_like, write_stereo_wav
+from helpers.layouts import PRIOR_OVERRIDES, SMALL_SPEECH_MODEL, speech_like, write_stereo_wav
+from helpers.models import random_cameras, randomise, save_step_zero
 
 from data_pipelines import layout
 from uhap_jax import cli
-from uhap_jax.config_utils import load_config, save_config
+from uhap_jax.artifacts import avatars
+from uhap_jax.config_utils import load_config
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.inference import avatar as avatar_lib
 from uhap_jax.inference import camera_paths
 from uhap_jax.inference.ply import read_ply
+from uhap_jax.models.frozen_prior import build_speech_model
 from uhap_jax.models.prior import UHAP
-from uhap_jax.train import audio_stage, prior_stage
-from uhap_jax.train.loop import Trainer
 
 FPS, SIZE, SUBJECT = 25.0, 64, "id007"
 SECONDS = 1.02  # not a whole number of frames: the video must still match the audio within one frame
-
-
-def _save_step_zero(config, model, optimizer, loss_fn, workdir: Path) -> None:
-    """A checkpoint as `uhap train` writes it (sharded over the 8 test devices), with its config.json."""
-    trainer = Trainer(config.train, model, optimizer, loss_fn, iter(grain.MapDataset.range(1).to_iter_dataset()),
-                      workdir)  # fmt: skip
-    trainer.save()
-    trainer.close()
-    save_config(config, workdir / "config.json")
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +48,13 @@ def avatar_dir(tmp_path_factory) -> Path:
     prior_cfg = load_config("configs/prior.py:tiny", PRIOR_OVERRIDES)
     prior = UHAP(head, prior_cfg.model, rngs=nnx.Rngs(seed))
     randomise(prior.decoder.out, rng, scale=0.1)
-    loss = prior_stage.make_loss_fn(prior_cfg, capacity=1)
-    _save_step_zero(prior_cfg, prior, prior_stage.make_optimizer(prior_cfg), loss, base / "prior")
+    save_step_zero(prior_cfg, prior, base / "prior")
 
     speech_overrides = [o.removeprefix("--config.") for o in SMALL_SPEECH_MODEL]
     speech_cfg = load_config("configs/audio.py:tiny", [*speech_overrides, f"prior_workdir={base / 'prior'}"])
-    model = audio_stage.build_model(speech_cfg, prior, FPS)
+    model = build_speech_model(speech_cfg, prior, FPS)
     randomise(model.speech.head, rng)
-    lip_ids = audio_stage.lip_gaussian_ids(prior.layout, head)
-    loss = audio_stage.make_loss_fn(speech_cfg, lip_ids)
-    _save_step_zero(speech_cfg, model, prior_stage.make_optimizer(speech_cfg), loss, base / "audio")
+    save_step_zero(speech_cfg, model, base / "audio")
 
     out = base / "avatar"
     assert cli.main(["avatar", "make", "--prior-workdir", str(base / "prior"), "--audio-workdir",
@@ -106,7 +93,7 @@ def test_animate_writes_video_with_audio_and_one_ply_per_frame(avatar_dir, tmp_p
 
     files = sorted(ply_dir.glob("*.ply"))
     assert len(files) == expected_frames
-    avatar = avatar_lib.load_avatar(avatar_dir)
+    avatar = avatars.load_avatar(avatar_dir)
     first, last = read_ply(files[0]), read_ply(files[-1])
     assert first.means.shape == (avatar.prior.layout.num_gaussians, 3)
     assert np.all(np.isfinite(first.means)) and np.all((first.opacities > 0) & (first.opacities < 1))
@@ -114,7 +101,7 @@ def test_animate_writes_video_with_audio_and_one_ply_per_frame(avatar_dir, tmp_p
 
 
 def test_avatar_round_trips_its_parts(avatar_dir, rng):
-    avatar = avatar_lib.load_avatar(avatar_dir)
+    avatar = avatars.load_avatar(avatar_dir)
     assert avatar.subject == SUBJECT and avatar.fps == FPS and avatar.image_size == (SIZE, SIZE)
     audio = speech_like(rng, 0.4, 16_000)
     codes = avatar_lib.predict_codes(avatar.speech, audio, avatar.fps)
@@ -123,7 +110,7 @@ def test_avatar_round_trips_its_parts(avatar_dir, rng):
 
 
 def test_renderer_grows_an_overflowing_capacity_and_renders_the_same_frames(avatar_dir, rng):
-    avatar = avatar_lib.load_avatar(avatar_dir)
+    avatar = avatars.load_avatar(avatar_dir)
     codes = rng.normal(0.0, 1.0, (3, avatar.prior.z_dim)).astype(np.float32)
     path = camera_paths.front(3, width=32, height=32)
     ample = avatar_lib.FrameRenderer(avatar, path, batch_size=4, capacity=1 << 13)
@@ -142,4 +129,4 @@ def test_missing_avatar_file_is_named(avatar_dir, tmp_path, part):
     subprocess.run(["cp", "-r", str(avatar_dir), str(broken)], check=True)
     (broken / part).unlink()
     with pytest.raises(FileNotFoundError, match=re.escape(str(broken / part))):
-        avatar_lib.load_avatar(broken)
+        avatars.load_avatar(broken)

@@ -44,7 +44,8 @@ def _log_to_stdout() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from uhap_jax.inference.avatar import animate, load_avatar
+    from uhap_jax.artifacts.avatars import load_avatar
+    from uhap_jax.inference.avatar import animate
 
     _log_to_stdout()
     if (args.size is not None and args.size <= 0) or args.batch_size <= 0:
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_make(args: argparse.Namespace) -> int:
-    from uhap_jax.inference.avatar import make_avatar
+    from uhap_jax.artifacts.avatars import make_avatar
 
     _log_to_stdout()
     out = make_avatar(args.prior_workdir, args.audio_workdir, args.data, args.subject, args.out, fps=args.fps,

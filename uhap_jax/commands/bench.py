@@ -56,7 +56,7 @@ def run_train(args: argparse.Namespace) -> int:
     import jax
 
     from uhap_jax.config_utils import load_config
-    from uhap_jax.train.prior_stage import benchmark_step
+    from uhap_jax.train.prior_bench import benchmark_step
 
     config = load_config(args.config, args.config_overrides)
     with tempfile.TemporaryDirectory() as workdir:

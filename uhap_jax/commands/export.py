@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from uhap_jax.export import DTYPES
+from uhap_jax.artifacts.bundles import DTYPES
 
 
 def register(subparsers) -> None:
@@ -17,7 +17,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from uhap_jax.export import export_bundle
+    from uhap_jax.artifacts.priors import export_bundle
 
     out = export_bundle(args.workdir, args.out, dtype=args.dtype)
     print(f"wrote {out}")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from uhap_jax.eval.image_metrics import ssim
+from uhap_jax.models.image_metrics import ssim
 
 
 def masked_l1(pred: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Array:
@@ -171,3 +171,9 @@ def load_lpips(path: str | Path) -> LPIPS:
     for level, head in enumerate(model.heads):
         head.kernel[...] = jnp.asarray(weights[f"lin{level}.model.1.weight"].transpose(2, 3, 1, 0), jnp.float32)
     return model
+
+
+def tracked_mesh_loss(means: jax.Array, tracked: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean squared distance (m²) of posed Gaussians [B, N, 3] to their tracked points, over valid frames."""
+    per_frame = jnp.mean(jnp.sum((means - tracked) ** 2, axis=-1), axis=-1)
+    return jnp.sum(valid * per_frame) / jnp.maximum(jnp.sum(valid), 1.0)

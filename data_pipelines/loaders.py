@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,16 +58,20 @@ def _decode_png(data: bytes, record: dict, serial: str) -> np.ndarray:
 
 def _views(record: dict, indices: Sequence[int]) -> Batch:
     """The chosen cameras of one record: uint8 images [V,H,W,3], masks [V,H,W] (255 where none), cameras."""
-    serials = [s.decode() for s in record["serials"]]
-    images = [_decode_png(record["images"][i], record, serials[i]) for i in indices]
-    has_mask = np.array([len(record["masks"][i]) > 0 for i in indices])
-    masks = [
-        _decode_png(record["masks"][i], record, serials[i]) if present else np.full(image.shape[:2], 255, np.uint8)
-        for i, present, image in zip(indices, has_mask, images)
-    ]
+    if "decoded" in record:  # a frame_cache record: the pixels are decoded already, one row per camera
+        images, masks = record["decoded"].images(indices), record["decoded"].masks(indices)
+        has_mask = record["has_mask"][list(indices)]
+    else:
+        serials = [s.decode() for s in record["serials"]]
+        images = np.stack([_decode_png(record["images"][i], record, serials[i]) for i in indices])
+        has_mask = np.array([len(record["masks"][i]) > 0 for i in indices])
+        masks = np.stack([
+            _decode_png(record["masks"][i], record, serials[i]) if present else np.full(image.shape[:2], 255, np.uint8)
+            for i, present, image in zip(indices, has_mask, images)
+        ])  # fmt: skip
     return {
-        "images": np.stack(images),
-        "masks": np.stack(masks),
+        "images": images,
+        "masks": masks,
         "has_mask": has_mask,
         "camera_index": np.asarray(indices, np.int32),
         "world_to_cam": record["world_to_cam"][list(indices)],
@@ -157,25 +163,85 @@ def _stack(elements: Sequence[Batch]) -> Batch:
     return batch
 
 
-class GlobalBatchIterator:
-    """Global jax.Arrays from a per-process grain pipeline; its state restores the exact data order."""
+class _End:
+    """The producer thread's last item: the data ended, or `error` stopped it."""
 
-    def __init__(self, dataset: grain.MapDataset, sharding: jax.sharding.Sharding, read_options: grain.ReadOptions):
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+
+class GlobalBatchIterator:
+    """Global jax.Arrays from a per-process grain pipeline; its state restores the exact data order.
+
+    With `device_prefetch` > 0 a thread keeps that many batches ahead, already copied to the devices, so the
+    host's batching and the host-to-device copy overlap the step. `get_state()` is the state after the last
+    batch handed out (not after those waiting in the queue), so a checkpoint resumes exactly after it.
+    """
+
+    def __init__(self, dataset: grain.MapDataset, sharding: jax.sharding.Sharding, read_options: grain.ReadOptions,
+                 device_prefetch: int = 0):  # fmt: skip
         self._iterator = iter(dataset.to_iter_dataset(read_options))
         self._sharding = sharding
+        self._ahead = device_prefetch
+        self._state = self._iterator.get_state()
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __iter__(self) -> GlobalBatchIterator:
         return self
 
-    def __next__(self) -> dict[str, jax.Array]:
-        local = next(self._iterator)
+    def _global(self, local: Batch) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in local.items()}
 
+    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                item = (self._global(next(self._iterator)), self._iterator.get_state())
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.05)
+                        break
+                    except queue.Full:
+                        continue
+        except StopIteration:
+            out.put(_End())
+        except BaseException as error:  # handed to the consumer, raised there
+            out.put(_End(error))
+
+    def __next__(self) -> dict[str, jax.Array]:
+        if self._ahead <= 0:
+            batch = self._global(next(self._iterator))
+            self._state = self._iterator.get_state()
+            return batch
+        if self._thread is None:
+            self._queue, self._stop = queue.Queue(self._ahead), threading.Event()
+            self._thread = threading.Thread(target=self._produce, args=(self._queue, self._stop), daemon=True,
+                                            name="device-prefetch")  # fmt: skip
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, _End):
+            self._queue.put(item)  # later calls end (or fail) the same way
+            if item.error is not None:
+                raise item.error
+            raise StopIteration
+        batch, self._state = item
+        return batch
+
+    def close(self) -> None:
+        """Stops the prefetch thread (batches it read ahead are dropped; `get_state` does not count them)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
     def get_state(self) -> dict:
-        return self._iterator.get_state()
+        return self._state
 
     def set_state(self, state: dict) -> None:
+        self.close()
         self._iterator.set_state(state)
+        self._state = self._iterator.get_state()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +254,7 @@ class LoaderOptions:
     num_epochs: int | None = None  # None: repeat forever
     num_threads: int = 4
     prefetch: int = 16
+    device_prefetch: int = 0  # global batches kept ready on the devices by a thread (0: none, copied on demand)
     process_index: int | None = None
     process_count: int | None = None
 
@@ -214,7 +281,7 @@ def _build(
     dataset = transform(dataset.repeat(options.num_epochs))
     dataset = dataset.batch(options.global_batch // count, drop_remainder=True, batch_fn=_stack)
     read_options = grain.ReadOptions(num_threads=options.num_threads, prefetch_buffer_size=options.prefetch)
-    return GlobalBatchIterator(dataset, sharding, read_options)
+    return GlobalBatchIterator(dataset, sharding, read_options, options.device_prefetch)
 
 
 def multiview_loader(

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from data_pipelines import frame_cache
 from data_pipelines.tfds_builder import SPLIT
 
 Batch = dict[str, np.ndarray]
@@ -56,10 +57,12 @@ def _decode_png(data: bytes, record: dict, serial: str) -> np.ndarray:
         raise ValueError(f"{_where(record)}: camera {serial} holds an undecodable PNG ({error})") from error
 
 
-def _views(record: dict, indices: Sequence[int]) -> Batch:
-    """The chosen cameras of one record: uint8 images [V,H,W,3], masks [V,H,W] (255 where none), cameras."""
+def _views(record: dict, indices: Sequence[int], lazy: bool = False) -> Batch:
+    """The chosen cameras of one record: uint8 images [V,H,W,3], masks [V,H,W] (255 where none), cameras.
+    `lazy`: from a decoded cache, the pixels stay `frame_cache.Rows` for `_stack` to gather into the batch."""
     if "decoded" in record:  # a frame_cache record: the pixels are decoded already, one row per camera
-        images, masks = record["decoded"].images(indices), record["decoded"].masks(indices)
+        images = record["decoded"].images(indices, lazy=lazy)
+        masks = record["decoded"].masks(indices, lazy=lazy)
         has_mask = record["has_mask"][list(indices)]
     else:
         serials = [s.decode() for s in record["serials"]]
@@ -95,6 +98,7 @@ class SampleViews(grain.transforms.RandomMap):
 
     num_views: int
     serials: tuple[str, ...] | None = None
+    lazy: bool = False  # decoded caches: leave the pixels for the batch to gather (`_views`)
 
     def random_map(self, record: dict, rng: np.random.Generator) -> Batch:
         serials = [s.decode() for s in record["serials"]]
@@ -102,7 +106,7 @@ class SampleViews(grain.transforms.RandomMap):
         if len(allowed) < self.num_views:
             raise ValueError(f"{_where(record)}: {len(allowed)} usable cameras, {self.num_views} views asked")
         chosen = np.sort(rng.choice(allowed, self.num_views, replace=False))
-        return _views(record, chosen) | _frame_fields(record)
+        return _views(record, chosen, self.lazy) | _frame_fields(record)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,13 +157,17 @@ def window_starts(sequences: Sequence[dict], length: int, stride: int = 1) -> np
 
 
 def _stack(elements: Sequence[Batch]) -> Batch:
-    """np.stack per key, with a clear error when frames of different sizes meet in one batch."""
+    """np.stack per key (lazy decoded rows gathered straight into the batch), with a clear error when frames
+    of different sizes meet in one batch."""
     batch = {}
     for key in elements[0]:
         shapes = {np.shape(e[key]) for e in elements}
         if len(shapes) > 1:
             raise ValueError(f"cannot batch {key!r}: shapes {sorted(shapes)} differ (mixed resolutions?)")
-        batch[key] = np.stack([e[key] for e in elements])
+        if isinstance(elements[0][key], frame_cache.Rows):
+            batch[key] = frame_cache.stack_rows([e[key] for e in elements])
+        else:
+            batch[key] = np.stack([e[key] for e in elements])
     return batch
 
 
@@ -175,11 +183,12 @@ class GlobalBatchIterator:
 
     With `device_prefetch` > 0 a thread keeps that many batches ahead, already copied to the devices, so the
     host's batching and the host-to-device copy overlap the step. `get_state()` is the state after the last
-    batch handed out (not after those waiting in the queue), so a checkpoint resumes exactly after it.
+    batch handed out (not after those waiting in the queue), so a checkpoint resumes exactly after it. A
+    `sharding` of None yields this process's numpy batches instead (to time the input pipeline alone).
     """
 
-    def __init__(self, dataset: grain.MapDataset, sharding: jax.sharding.Sharding, read_options: grain.ReadOptions,
-                 device_prefetch: int = 0):  # fmt: skip
+    def __init__(self, dataset: grain.MapDataset, sharding: jax.sharding.Sharding | None,
+                 read_options: grain.ReadOptions, device_prefetch: int = 0):  # fmt: skip
         self._iterator = iter(dataset.to_iter_dataset(read_options))
         self._sharding = sharding
         self._ahead = device_prefetch
@@ -191,7 +200,9 @@ class GlobalBatchIterator:
     def __iter__(self) -> GlobalBatchIterator:
         return self
 
-    def _global(self, local: Batch) -> dict[str, jax.Array]:
+    def _global(self, local: Batch) -> dict[str, jax.Array] | Batch:
+        if self._sharding is None:  # host batches only (timing the input pipeline alone)
+            return local
         return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in local.items()}
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
@@ -269,7 +280,7 @@ def shard_for_process(dataset: grain.MapDataset, options: LoaderOptions) -> grai
 def _build(
     elements: grain.MapDataset,
     transform: Callable[[grain.MapDataset], grain.MapDataset],
-    sharding: jax.sharding.Sharding,
+    sharding: jax.sharding.Sharding | None,
     options: LoaderOptions,
 ) -> GlobalBatchIterator:
     count = jax.process_count() if options.process_count is None else options.process_count
@@ -286,21 +297,21 @@ def _build(
 
 def multiview_loader(
     records: FrameRecords,
-    sharding: jax.sharding.Sharding,
+    sharding: jax.sharding.Sharding | None,
     options: LoaderOptions,
     *,
     num_views: int,
     serials: Sequence[str] | None = None,
 ) -> GlobalBatchIterator:
     """Frames with `num_views` sampled cameras each: images [B,V,H,W,3], masks, cameras, audio window."""
-    sampler = SampleViews(num_views, None if serials is None else tuple(serials))
+    sampler = SampleViews(num_views, None if serials is None else tuple(serials), lazy=True)
     frames = grain.MapDataset.source(records.source)
     return _build(frames, lambda d: d.random_map(sampler), sharding, options)
 
 
 def monocular_loader(
     records: FrameRecords,
-    sharding: jax.sharding.Sharding,
+    sharding: jax.sharding.Sharding | None,
     options: LoaderOptions,
     *,
     serial: str | None = None,
@@ -311,7 +322,7 @@ def monocular_loader(
 
 def audio_window_loader(
     records: FrameRecords,
-    sharding: jax.sharding.Sharding,
+    sharding: jax.sharding.Sharding | None,
     options: LoaderOptions,
     *,
     num_frames: int,

@@ -2,7 +2,7 @@
 
 The records (`tfds_builder`) hold every camera of a frame as PNG bytes. Training reads a record to use four of
 its cameras and decodes their PNGs on every visit: at 512^2 that is most of the input pipeline's time. This
-cache decodes every PNG once (in parallel worker processes) into memory-mapped `.npy` arrays laid out per
+cache decodes every PNG once (in parallel threads) into memory-mapped `.npy` arrays laid out per
 camera-frame, so a loader copies the four rows it needs and decodes nothing. Its records are the same dicts as
 the ArrayRecord source's (same keys and values), except that the pixels come through `record["decoded"]`
 (`DecodedViews`) instead of PNG bytes; `loaders` reads both alike, so batches are bit-identical.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -70,7 +69,7 @@ def _planned_rows(records: Any) -> dict:
 
 
 def _fill(cache: Path, dataset_dir: Path, start: int, stop: int) -> int:
-    """Decodes records [start, stop) into the cache's (pre-allocated) arrays; run by one worker process."""
+    """Decodes records [start, stop) into the cache's (pre-allocated) arrays; one worker thread's share."""
     from data_pipelines import loaders
 
     records = loaders.open_records(dataset_dir)
@@ -115,7 +114,7 @@ _ROW_TABLES = ("row_serial", "row_has_mask", "row_world_to_cam", "row_intrinsics
 
 def build(dataset_dir: Path, cache: Path, *, workers: int | None = None, chunk: int = 64) -> Path:
     """Decodes every record of the prepared dataset at `dataset_dir` into `cache` (once: a complete cache of
-    the same records is kept). `workers` processes decode in parallel (default: the machine's cores)."""
+    the same records is kept). `workers` threads decode in parallel (default: the machine's cores)."""
     from data_pipelines import loaders
 
     dataset_dir, cache = Path(dataset_dir), Path(cache)
@@ -148,15 +147,10 @@ def build(dataset_dir: Path, cache: Path, *, workers: int | None = None, chunk: 
             "serials": plan["serials"], "groups": plan["groups"]}  # fmt: skip
     (partial / "plan.json").write_text(json.dumps(meta))
     spans = [(s, min(s + chunk, num_records)) for s in range(0, num_records, chunk)]
-    workers = min(workers or os.cpu_count() or 1, len(spans))
-    if workers <= 1:
-        for start, stop in spans:
-            _fill(partial, dataset_dir, start, stop)
-    else:  # spawn: the parent may hold JAX's threads, which fork would copy mid-lock
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for done in pool.map(_fill, *zip(*[(partial, dataset_dir, s, e) for s, e in spans])):
-                del done
+    # Threads, not processes: PIL decodes without the GIL, and no process has to import the caller's main module.
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(spans)))) as pool:
+        for _ in pool.map(lambda span: _fill(partial, dataset_dir, *span), spans):
+            pass
     (partial / META_FILE).write_text(json.dumps(meta))
     shutil.rmtree(cache, ignore_errors=True)
     partial.rename(cache)

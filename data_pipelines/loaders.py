@@ -94,11 +94,17 @@ def _frame_fields(record: dict) -> Batch:
 
 @dataclasses.dataclass(frozen=True)
 class SampleViews(grain.transforms.RandomMap):
-    """`num_views` distinct cameras per frame, drawn from `serials` (e.g. the held-in cameras) or all."""
+    """`num_views` distinct cameras per frame, drawn from `serials` (e.g. the held-in cameras) or all.
+
+    `encoder_views` > 0 draws that many more, independently of the first (they may overlap), as
+    `encoder_images` [E,H,W,3] (and `encoder_camera_index`): the views a model encodes, apart from the views
+    its loss renders, so the code it encodes cannot tell which cameras the loss will look through.
+    """
 
     num_views: int
     serials: tuple[str, ...] | None = None
     lazy: bool = False  # decoded caches: leave the pixels for the batch to gather (`_views`)
+    encoder_views: int = 0
 
     def random_map(self, record: dict, rng: np.random.Generator) -> Batch:
         serials = [s.decode() for s in record["serials"]]
@@ -106,7 +112,15 @@ class SampleViews(grain.transforms.RandomMap):
         if len(allowed) < self.num_views:
             raise ValueError(f"{_where(record)}: {len(allowed)} usable cameras, {self.num_views} views asked")
         chosen = np.sort(rng.choice(allowed, self.num_views, replace=False))
-        return _views(record, chosen, self.lazy) | _frame_fields(record)
+        sample = _views(record, chosen, self.lazy) | _frame_fields(record)
+        if self.encoder_views:
+            if len(allowed) < self.encoder_views:
+                raise ValueError(f"{_where(record)}: {len(allowed)} usable cameras, {self.encoder_views} encoder "
+                                 "views asked")  # fmt: skip
+            encoder = np.sort(rng.choice(allowed, self.encoder_views, replace=False))
+            views = _views(record, encoder, self.lazy)
+            sample |= {"encoder_images": views["images"], "encoder_camera_index": views["camera_index"]}
+        return sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,9 +316,11 @@ def multiview_loader(
     *,
     num_views: int,
     serials: Sequence[str] | None = None,
+    encoder_views: int = 0,
 ) -> GlobalBatchIterator:
-    """Frames with `num_views` sampled cameras each: images [B,V,H,W,3], masks, cameras, audio window."""
-    sampler = SampleViews(num_views, None if serials is None else tuple(serials), lazy=True)
+    """Frames with `num_views` sampled cameras each: images [B,V,H,W,3], masks, cameras, audio window; and
+    `encoder_views` more drawn independently, as encoder_images [B,E,H,W,3] (see `SampleViews`)."""
+    sampler = SampleViews(num_views, None if serials is None else tuple(serials), True, encoder_views)
     frames = grain.MapDataset.source(records.source)
     return _build(frames, lambda d: d.random_map(sampler), sharding, options)
 

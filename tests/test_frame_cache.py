@@ -105,3 +105,22 @@ def test_parallel_build_matches_and_a_complete_cache_is_kept(tmp_path, both):
     assert (parallel / frame_cache.META_FILE).stat().st_mtime_ns == stamp  # not decoded again
     with pytest.raises(FileNotFoundError, match="build the decoded cache"):
         frame_cache.DecodedFrames(tmp_path / "nowhere", records.sequences)
+
+
+def test_encoder_views_are_an_independent_draw_that_leaves_the_rendered_views_alone(both):
+    records, decoded = both
+    sharding = NamedSharding(jax.make_mesh((8,), ("data",)), P("data"))
+    plain = jax.device_get(next(loaders.multiview_loader(records, sharding, _options(), num_views=2)))
+    both_sets = jax.device_get(next(loaders.multiview_loader(decoded, sharding, _options(), num_views=2,
+                                                             encoder_views=2)))  # fmt: skip
+    for key in plain:
+        np.testing.assert_array_equal(both_sets[key], plain[key], err_msg=key)
+    assert both_sets["encoder_images"].shape == (8, 2, 12, 16, 3)
+    differs = 0
+    for b in range(8):
+        record = records.source[records.sequences[both_sets["sequence_id"][b]]["first_record"]
+                                + both_sets["frame_index"][b]]  # fmt: skip
+        cameras = both_sets["encoder_camera_index"][b]
+        np.testing.assert_array_equal(both_sets["encoder_images"][b], loaders._views(record, cameras)["images"])
+        differs += not np.array_equal(cameras, both_sets["camera_index"][b])
+    assert differs > 0  # drawn apart from the rendered views (3 cameras, pairs: equal for 1 frame in 3)

@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 import kernels
-from data_pipelines import layout, loaders, synth, tfds_builder
+from data_pipelines import frame_cache, layout, loaders, synth, tfds_builder
 from uhap_jax.eval import image_metrics
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.models import losses
@@ -80,7 +80,19 @@ def prepared_records(root: Path, config: ml_collections.ConfigDict) -> loaders.F
     if jax.process_index() == 0:
         tfds_builder.prepare(root, data_dir)
     multihost_utils.sync_global_devices("uhap prior records")
-    return loaders.open_records(tfds_builder.prepare(root, data_dir))  # prepared: this only finds it
+    dataset_dir = tfds_builder.prepare(root, data_dir)  # prepared: this only finds it
+    records = loaders.open_records(dataset_dir)
+    # --- issue 19: PNGs decoded once into a uint8 cache (data.decoded), so that loaders decode nothing
+    if config.data.get("decoded", False):
+        cache = frame_cache.cache_path(data_dir, dataset_dir)
+        if jax.process_index() == 0:
+            started = time.perf_counter()
+            frame_cache.build(dataset_dir, cache, workers=config.data.get("decode_workers", 0) or None)
+            logger.info("decoded frame cache %s ready in %.1f s", cache, time.perf_counter() - started)
+        multihost_utils.sync_global_devices("uhap decoded frames")
+        records = frame_cache.decoded_records(records, cache)
+    # --- end issue 19
+    return records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,7 +340,9 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
         if geometry is not None:  # some frames encode from images alone, so that the image path learns too
             keep = jax.random.bernoulli(drop_key, 1.0 - config.model.geometry_dropout, (batch_size,))
             geometry = geometry * keep[:, None, None, None]
-        mean, log_var = model.encode_expression(images, geometry)
+        # issue 19: the encoder sees its own views (data.encoder_views), drawn apart from the rendered ones
+        encoder_images = batch["encoder_images"].astype(jnp.float32) / 255.0 if "encoder_images" in batch else images
+        mean, log_var = model.encode_expression(encoder_images, geometry)
         z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(noise_key, mean.shape)
         posed, neutral = decode_frames(model, batch, z)
         rendered = model.render(posed, batch["world_to_cam"], batch["intrinsics"], width=width, height=height,
@@ -342,6 +356,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
             "kl": losses.kl_divergence(mean, log_var),
             "offset": losses.offset_regularizer(posed.offsets),
             "scale": losses.scale_regularizer(posed.scales, weights.max_scale),
+            "view_colour": losses.view_colour_spread(model.colours(posed, batch["world_to_cam"])),  # issue 19
         }
         num_gaussians = neutral.head_means.shape[1]
         subset = (
@@ -362,7 +377,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
             terms["tracked_mesh"] = tracked_mesh_loss(posed.means, batch["tracked_points"], batch["tracked_valid"])
         if lpips is not None:
             terms["lpips"] = jnp.mean(lpips(flat(rendered.rgb), flat(target)))
-        loss = sum(getattr(weights, name) * value for name, value in terms.items())
+        loss = sum(weights.get(name, 0.0) * value for name, value in terms.items())
         aux = dict(terms)
         aux["psnr"] = jnp.mean(image_metrics.psnr(jnp.clip(rendered.rgb, 0.0, 1.0), target))
         aux["raster_overflow"] = jnp.any(rendered.stats.overflow).astype(jnp.float32)
@@ -559,12 +574,13 @@ def train_prior(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple
     tables = subject_tables(root, records, model, template, config)
     options = loaders.LoaderOptions(
         global_batch=config.data.batch_size, seed=config.train.seed, num_threads=config.data.num_threads,
-        prefetch=config.data.prefetch,
+        prefetch=config.data.prefetch, device_prefetch=config.data.get("device_prefetch", 0),
     )  # fmt: skip
     train_records = loaders.FrameRecords(RecordSubset(records.source, split.train_records), records.sequences)
     frames = loaders.multiview_loader(
-        train_records, batch_sharding(mesh), options, num_views=config.data.num_views, serials=split.held_in_cameras
-    )
+        train_records, batch_sharding(mesh), options, num_views=config.data.num_views, serials=split.held_in_cameras,
+        encoder_views=config.data.get("encoder_views", 0),
+    )  # fmt: skip
     data = PriorBatches(frames, tables, mesh)
     write_population(workdir, model, records, split, tables)
     eval_set = build_eval_set(records, split, tables, config)
@@ -602,6 +618,8 @@ def synthetic_batch(config: ml_collections.ConfigDict, model: UHAP, template: te
     tile = lambda x: np.broadcast_to(np.asarray(x, np.float32), (batch_size, *np.shape(x))).copy()  # noqa: E731
     return {
         "images": rng.integers(0, 256, (batch_size, views, size, size, 3), dtype=np.uint8),
+        **({"encoder_images": rng.integers(0, 256, (batch_size, config.data.encoder_views, size, size, 3), np.uint8)}
+           if config.data.get("encoder_views", 0) else {}),  # issue 19
         "masks": np.full((batch_size, views, size, size), 255, np.uint8),
         "world_to_cam": np.asarray([[rig[c].world_to_cam for c in row] for row in chosen], np.float32),
         "intrinsics": np.asarray([[rig[c].intrinsics for c in row] for row in chosen], np.float32),

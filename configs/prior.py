@@ -27,8 +27,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.data.prefetch = 4
     # Views the expression encoder sees, drawn apart from the num_views that the loss renders: were they the
     # same, the code could learn which cameras the loss looks through and the decoder could fit those cameras
-    # alone (held-out-camera PSNR then falls while the training PSNR rises). 0: it sees the rendered views.
-    config.data.encoder_views = 4
+    # alone (held-out-camera PSNR then falls while the training PSNR rises). 0: it sees the rendered views;
+    # -1: as many as num_views.
+    config.data.encoder_views = -1
     config.data.decoded = False  # decode the records' PNGs once into a uint8 cache (frame_cache); ~1 MiB/image at 512^2
     config.data.decode_workers = 0  # processes that build that cache (0: one per core)
     config.data.device_prefetch = 2  # global batches kept ready on the devices by a thread

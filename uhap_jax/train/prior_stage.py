@@ -95,6 +95,12 @@ def prepared_records(root: Path, config: ml_collections.ConfigDict) -> loaders.F
     return records
 
 
+def encoder_views(config: ml_collections.ConfigDict) -> int:
+    """Views the encoder sees apart from the rendered ones (issue 19): data.encoder_views, -1 for num_views."""
+    views = config.data.get("encoder_views", 0)
+    return config.data.num_views if views == -1 else views
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordSubset:
     """The records at `indices` of a random-access source, as a random-access source."""
@@ -579,7 +585,7 @@ def train_prior(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple
     train_records = loaders.FrameRecords(RecordSubset(records.source, split.train_records), records.sequences)
     frames = loaders.multiview_loader(
         train_records, batch_sharding(mesh), options, num_views=config.data.num_views, serials=split.held_in_cameras,
-        encoder_views=config.data.get("encoder_views", 0),
+        encoder_views=encoder_views(config),
     )  # fmt: skip
     data = PriorBatches(frames, tables, mesh)
     write_population(workdir, model, records, split, tables)
@@ -618,8 +624,8 @@ def synthetic_batch(config: ml_collections.ConfigDict, model: UHAP, template: te
     tile = lambda x: np.broadcast_to(np.asarray(x, np.float32), (batch_size, *np.shape(x))).copy()  # noqa: E731
     return {
         "images": rng.integers(0, 256, (batch_size, views, size, size, 3), dtype=np.uint8),
-        **({"encoder_images": rng.integers(0, 256, (batch_size, config.data.encoder_views, size, size, 3), np.uint8)}
-           if config.data.get("encoder_views", 0) else {}),  # issue 19
+        **({"encoder_images": rng.integers(0, 256, (batch_size, encoder_views(config), size, size, 3), np.uint8)}
+           if encoder_views(config) else {}),  # issue 19
         "masks": np.full((batch_size, views, size, size), 255, np.uint8),
         "world_to_cam": np.asarray([[rig[c].world_to_cam for c in row] for row in chosen], np.float32),
         "intrinsics": np.asarray([[rig[c].intrinsics for c in row] for row in chosen], np.float32),

@@ -38,7 +38,7 @@ def _loader(config, records, split, sharding, *, device_prefetch: int) -> loader
     subset = loaders.FrameRecords(prior_stage.RecordSubset(records.source, split.train_records), records.sequences)
     return loaders.multiview_loader(subset, sharding, options, num_views=config.data.num_views,
                                     serials=split.held_in_cameras,
-                                    encoder_views=config.data.get("encoder_views", 0))  # fmt: skip
+                                    encoder_views=prior_stage.encoder_views(config))  # fmt: skip
 
 
 def _peak_bytes() -> int | None:

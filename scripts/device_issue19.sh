@@ -42,8 +42,8 @@ fi
 
 if [[ " $TASKS " == *" bench "* ]]; then
   echo "== uhap bench train --config $CONFIG --real-data DATA (t=$((SECONDS - START)) s)"
-  timeout -k 10 $(( $(left) < 240 ? $(left) : 240 )) python3 -m uhap_jax.cli bench train --config "$CONFIG" \
-    --real-data "$DATA" --steps "${STEPS:-100}" ${BENCH_ARGS:-} 2>&1 | grep -v "$F" | tee "$OUT/bench.log" | tail -8
+  timeout -k 10 $(( $(left) < ${BENCH_S:-240} ? $(left) : ${BENCH_S:-240} )) python3 -m uhap_jax.cli bench train --config "$CONFIG" \
+    --real-data "$DATA" --steps "${STEPS:-100}" ${BENCH_ARGS:-} 2>&1 | grep -v "$F" | tee "$OUT/bench.log" | grep -v "Generating\|Dataset capture\|Downloading\|\[A" | tail -12
 fi
 
 if [[ " $TASKS " == *" curve "* ]]; then

@@ -22,6 +22,7 @@ import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags as absl_flags
 from PIL import Image
 
 from data_pipelines import frame_cache
@@ -202,8 +203,13 @@ class GlobalBatchIterator:
     """
 
     def __init__(self, dataset: grain.MapDataset, sharding: jax.sharding.Sharding | None,
-                 read_options: grain.ReadOptions, device_prefetch: int = 0):  # fmt: skip
-        self._iterator = iter(dataset.to_iter_dataset(read_options))
+                 read_options: grain.ReadOptions, device_prefetch: int = 0, num_workers: int = 0):  # fmt: skip
+        batches = dataset.to_iter_dataset(read_options)
+        if num_workers > 0:  # worker processes build the batches: the training process's GIL stays free
+            if not absl_flags.FLAGS.is_parsed():  # grain's workers read absl flags; the defaults do
+                absl_flags.FLAGS.mark_as_parsed()
+            batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        self._iterator = iter(batches)
         self._sharding = sharding
         self._ahead = device_prefetch
         self._state = self._iterator.get_state()
@@ -280,6 +286,7 @@ class LoaderOptions:
     num_threads: int = 4
     prefetch: int = 16
     device_prefetch: int = 0  # global batches kept ready on the devices by a thread (0: none, copied on demand)
+    num_workers: int = 0  # grain worker processes that build batches (0: threads of this process only)
     process_index: int | None = None
     process_count: int | None = None
 
@@ -306,7 +313,7 @@ def _build(
     dataset = transform(dataset.repeat(options.num_epochs))
     dataset = dataset.batch(options.global_batch // count, drop_remainder=True, batch_fn=_stack)
     read_options = grain.ReadOptions(num_threads=options.num_threads, prefetch_buffer_size=options.prefetch)
-    return GlobalBatchIterator(dataset, sharding, read_options, options.device_prefetch)
+    return GlobalBatchIterator(dataset, sharding, read_options, options.device_prefetch, options.num_workers)
 
 
 def multiview_loader(

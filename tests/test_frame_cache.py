@@ -124,3 +124,16 @@ def test_encoder_views_are_an_independent_draw_that_leaves_the_rendered_views_al
         np.testing.assert_array_equal(both_sets["encoder_images"][b], loaders._views(record, cameras)["images"])
         differs += not np.array_equal(cameras, both_sets["camera_index"][b])
     assert differs > 0  # drawn apart from the rendered views (3 cameras, pairs: equal for 1 frame in 3)
+
+
+def test_worker_processes_yield_the_same_batches(both):
+    _, decoded = both
+    sharding = NamedSharding(jax.make_mesh((8,), ("data",)), P("data"))
+    threads = loaders.multiview_loader(decoded, sharding, _options(), num_views=2, encoder_views=1)
+    workers = loaders.multiview_loader(decoded, sharding, _options(num_workers=2, device_prefetch=2), num_views=2,
+                                       encoder_views=1)  # fmt: skip
+    for _ in range(3):
+        want, got = jax.device_get(next(threads)), jax.device_get(next(workers))
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    workers.close()

@@ -581,6 +581,7 @@ def train_prior(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple
     options = loaders.LoaderOptions(
         global_batch=config.data.batch_size, seed=config.train.seed, num_threads=config.data.num_threads,
         prefetch=config.data.prefetch, device_prefetch=config.data.get("device_prefetch", 0),
+        num_workers=config.data.get("num_workers", 0),
     )  # fmt: skip
     train_records = loaders.FrameRecords(RecordSubset(records.source, split.train_records), records.sequences)
     frames = loaders.multiview_loader(

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 def _loader(config, records, split, sharding, *, device_prefetch: int) -> loaders.GlobalBatchIterator:
     options = loaders.LoaderOptions(
         global_batch=config.data.batch_size, seed=config.train.seed, num_threads=config.data.num_threads,
-        prefetch=config.data.prefetch, device_prefetch=device_prefetch,
+        prefetch=config.data.prefetch, device_prefetch=device_prefetch, num_workers=config.data.get("num_workers", 0),
     )  # fmt: skip
     subset = loaders.FrameRecords(prior_stage.RecordSubset(records.source, split.train_records), records.sequences)
     return loaders.multiview_loader(subset, sharding, options, num_views=config.data.num_views,

@@ -20,12 +20,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # loaders reads this module's rows; it is imported where used
-    from data_pipelines import loaders
+from data_pipelines import loaders
 
 FORMAT = 1
 META_FILE = "meta.json"
@@ -70,8 +69,6 @@ def _planned_rows(records: Any) -> dict:
 
 def _fill(cache: Path, dataset_dir: Path, start: int, stop: int) -> int:
     """Decodes records [start, stop) into the cache's (pre-allocated) arrays; one worker thread's share."""
-    from data_pipelines import loaders
-
     records = loaders.open_records(dataset_dir)
     meta = json.loads((cache / "plan.json").read_text())
     table = {name: np.load(cache / f"{name}.npy", mmap_mode="r+") for name in _RECORD_TABLES + _ROW_TABLES}
@@ -115,8 +112,6 @@ _ROW_TABLES = ("row_serial", "row_has_mask", "row_world_to_cam", "row_intrinsics
 def build(dataset_dir: Path, cache: Path, *, workers: int | None = None, chunk: int = 64) -> Path:
     """Decodes every record of the prepared dataset at `dataset_dir` into `cache` (once: a complete cache of
     the same records is kept). `workers` threads decode in parallel (default: the machine's cores)."""
-    from data_pipelines import loaders
-
     dataset_dir, cache = Path(dataset_dir), Path(cache)
     fingerprint = _fingerprint(dataset_dir)
     if (cache / META_FILE).is_file() and json.loads((cache / META_FILE).read_text()).get("source") == fingerprint:
@@ -163,49 +158,25 @@ def _fingerprint(dataset_dir: Path) -> str:
     return f"{dataset_dir.resolve()}|" + ",".join(f"{p.name}:{p.stat().st_size}" for p in files)
 
 
-class Rows:
-    """Rows of one pixel array, not yet copied: `loaders` gathers a whole batch of them with one copy each
-    (`stack_rows`) instead of copying per frame and again to stack."""
-
-    def __init__(self, array: np.ndarray, rows: np.ndarray):
-        self.array, self.rows = array, rows
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.rows), *self.array.shape[1:])
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self.array[self.rows]
-        return out if dtype is None else out.astype(dtype)
-
-
-def stack_rows(items: list[Rows]) -> np.ndarray:
-    """[len(items), *item.shape]: each item's rows copied once, straight into the batch."""
-    out = np.empty((len(items), *items[0].shape), items[0].array.dtype)
-    for slot, item in zip(out, items):
-        np.take(item.array, item.rows, axis=0, out=slot)
-    return out
-
-
 class DecodedViews:
     """The pixels of one record's cameras: `images([i, ...])` [V, H, W, 3], `masks([i, ...])` [V, H, W];
-    `lazy=True` gives `Rows` to be gathered later (one copy per batch)."""
+    `lazy=True` gives `loaders.Rows` to be gathered later (one copy per batch)."""
 
     def __init__(self, frames: DecodedFrames, rows: np.ndarray):
         self._frames, self._rows = frames, rows
 
-    def _gather(self, kind: str, indices, lazy: bool) -> np.ndarray | Rows:
+    def _gather(self, kind: str, indices, lazy: bool) -> np.ndarray | loaders.Rows:
         rows = self._rows[np.asarray(indices, np.int64)]
         groups = self._frames.table("row_group")[rows]
         if np.any(groups != groups[0]):
             raise ValueError(f"cameras {list(indices)} of one record differ in image size; they cannot stack")
-        selected = Rows(self._frames.pixels(kind, int(groups[0])), self._frames.table("row_index")[rows])
+        selected = loaders.Rows(self._frames.pixels(kind, int(groups[0])), self._frames.table("row_index")[rows])
         return selected if lazy else np.asarray(selected)
 
-    def images(self, indices, *, lazy: bool = False) -> np.ndarray | Rows:
+    def images(self, indices, *, lazy: bool = False) -> np.ndarray | loaders.Rows:
         return self._gather("images", indices, lazy)
 
-    def masks(self, indices, *, lazy: bool = False) -> np.ndarray | Rows:
+    def masks(self, indices, *, lazy: bool = False) -> np.ndarray | loaders.Rows:
         return self._gather("masks", indices, lazy)
 
 
@@ -268,8 +239,6 @@ class DecodedFrames:
 
 def decoded_records(records: loaders.FrameRecords, cache: Path) -> loaders.FrameRecords:
     """`records` (the prepared ArrayRecord dataset) read from its decoded cache `cache` instead."""
-    from data_pipelines import loaders
-
     frames = DecodedFrames(cache, records.sequences)
     if len(frames) != len(records.source):
         raise ValueError(f"{cache}: {len(frames)} decoded records, the prepared dataset has {len(records.source)}")

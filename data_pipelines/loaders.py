@@ -25,7 +25,6 @@ import tensorflow_datasets as tfds
 from absl import flags as absl_flags
 from PIL import Image
 
-from data_pipelines import frame_cache
 from data_pipelines.tfds_builder import SPLIT
 
 Batch = dict[str, np.ndarray]
@@ -50,6 +49,30 @@ def _where(record: dict) -> str:
     return f"record {subject}/{sequence}/frame {int(record['frame_index'])}"
 
 
+class Rows:
+    """Rows of one pixel array (a `frame_cache` table), not yet copied: a batch gathers them with one copy each
+    (`stack_rows`) instead of copying per frame and again to stack."""
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray):
+        self.array, self.rows = array, rows
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.array.shape[1:])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self.array[self.rows]
+        return out if dtype is None else out.astype(dtype)
+
+
+def stack_rows(items: list[Rows]) -> np.ndarray:
+    """[len(items), *item.shape]: each item's rows copied once, straight into the batch."""
+    out = np.empty((len(items), *items[0].shape), items[0].array.dtype)
+    for slot, item in zip(out, items):
+        np.take(item.array, item.rows, axis=0, out=slot)
+    return out
+
+
 def _decode_png(data: bytes, record: dict, serial: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -60,7 +83,7 @@ def _decode_png(data: bytes, record: dict, serial: str) -> np.ndarray:
 
 def _views(record: dict, indices: Sequence[int], lazy: bool = False) -> Batch:
     """The chosen cameras of one record: uint8 images [V,H,W,3], masks [V,H,W] (255 where none), cameras.
-    `lazy`: from a decoded cache, the pixels stay `frame_cache.Rows` for `_stack` to gather into the batch."""
+    `lazy`: from a decoded cache, the pixels stay `Rows` for `_stack` to gather into the batch."""
     if "decoded" in record:  # a frame_cache record: the pixels are decoded already, one row per camera
         images = record["decoded"].images(indices, lazy=lazy)
         masks = record["decoded"].masks(indices, lazy=lazy)
@@ -179,8 +202,8 @@ def _stack(elements: Sequence[Batch]) -> Batch:
         shapes = {np.shape(e[key]) for e in elements}
         if len(shapes) > 1:
             raise ValueError(f"cannot batch {key!r}: shapes {sorted(shapes)} differ (mixed resolutions?)")
-        if isinstance(elements[0][key], frame_cache.Rows):
-            batch[key] = frame_cache.stack_rows([e[key] for e in elements])
+        if isinstance(elements[0][key], Rows):
+            batch[key] = stack_rows([e[key] for e in elements])
         else:
             batch[key] = np.stack([e[key] for e in elements])
     return batch

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 19 on one GPU machine, in one call: synthesise the reduced base dataset (timed), `uhap bench train
+# Issue 19 on one GPU machine, in one call (`bash scripts/device.sh train-pipeline`, or alone): synthesise the reduced base dataset (timed), `uhap bench train
 # --real-data` (step alone, loader alone, end to end, peak memory), a base-preset training run with held-out-camera
 # evals every EVERY steps until the call's time is spent (the curve), then the batch-size search with what is left.
 # Everything goes to $OUT as it happens (synth.log, bench.log, train.log, metrics.jsonl, search.log), so a call
@@ -14,12 +14,12 @@ TASKS=${TASKS:-synth bench curve search}
 OUT=${OUT:-/tmp/out19}
 mkdir -p "$OUT"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then
+if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ] && ! python3 -c "import grain, tensorflow_datasets" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     2>&1 | grep -v WARNING | tail -3
   export PYTHONPATH=$PWD:/tmp/site
 else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # device.sh installed them already, or a CPU machine
 fi
 WORK=${WORK:-/tmp/uhap19}
 export UHAP_CACHE=$WORK/cache

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_tfds import prepare_tiny
+from test_tfds import prepare_tiny, write_tiny_layout
 
-from data_pipelines import frame_cache, loaders
+from data_pipelines import frame_cache, loaders, tfds_builder
+from uhap_jax import cli
 
 
 @pytest.fixture
@@ -137,3 +138,15 @@ def test_worker_processes_yield_the_same_batches(both):
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     workers.close()
+
+
+def test_data_prepare_decoded_writes_the_cache_that_loaders_read(tmp_path, rng):
+    write_tiny_layout(tmp_path / "layout", rng)
+    assert cli.main(["data", "prepare", "--root", str(tmp_path / "layout"), "--data-dir", str(tmp_path / "out"),
+                     "--audio-window", "0.1", "--decoded"]) == 0  # fmt: skip
+    config, version = tfds_builder.config_for(0.1).name, str(tfds_builder.CaptureFrames.VERSION)
+    dataset_dir = tmp_path / "out" / tfds_builder.NAME / config / version
+    records = loaders.open_records(dataset_dir)
+    decoded = frame_cache.decoded_records(records, frame_cache.cache_path(tmp_path / "out", dataset_dir))
+    np.testing.assert_array_equal(decoded.source[4]["decoded"].images([0, 1, 2]),
+                                  loaders._views(records.source[4], [0, 1, 2])["images"])  # fmt: skip

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -17,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from data_pipelines import layout, loaders, synth, tfds_builder
+from data_pipelines import frame_cache, layout, loaders, synth, tfds_builder
 from uhap_jax.config_utils import apply_override
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.geometry.texels import TexelLayout, scan_uv_maps
@@ -66,7 +67,23 @@ def prepared_records(root: Path, config: ml_collections.ConfigDict) -> loaders.F
     if jax.process_index() == 0:
         tfds_builder.prepare(root, data_dir)
     multihost_utils.sync_global_devices("uhap prior records")
-    return loaders.open_records(tfds_builder.prepare(root, data_dir))  # prepared: this only finds it
+    dataset_dir = tfds_builder.prepare(root, data_dir)  # prepared: this only finds it
+    records = loaders.open_records(dataset_dir)
+    if config.data.get("decoded", False):  # PNGs decoded once into a uint8 cache, so that loaders decode nothing
+        cache = frame_cache.cache_path(data_dir, dataset_dir)
+        if jax.process_index() == 0:
+            started = time.perf_counter()
+            frame_cache.build(dataset_dir, cache, workers=config.data.get("decode_workers", 0) or None)
+            logger.info("decoded frame cache %s ready in %.1f s", cache, time.perf_counter() - started)
+        multihost_utils.sync_global_devices("uhap decoded frames")
+        records = frame_cache.decoded_records(records, cache)
+    return records
+
+
+def encoder_views(config: ml_collections.ConfigDict) -> int:
+    """Views the encoder sees apart from the rendered ones: data.encoder_views, -1 for as many as num_views."""
+    views = config.data.get("encoder_views", 0)
+    return config.data.num_views if views == -1 else views
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,10 +139,13 @@ def read_split(root: Path, records: loaders.FrameRecords, num_views: int) -> Spl
     return Split(train_subjects, held_in, held_out, indices)
 
 
-def loader_options(config: ml_collections.ConfigDict) -> loaders.LoaderOptions:
-    """A stage config's loader settings: `data.batch_size` (global), `train.seed`, `data.num_threads`/`prefetch`."""
-    return loaders.LoaderOptions(global_batch=config.data.batch_size, seed=config.train.seed,
-                                 num_threads=config.data.num_threads, prefetch=config.data.prefetch)  # fmt: skip
+def loader_options(config: ml_collections.ConfigDict, **overrides) -> loaders.LoaderOptions:
+    """A stage config's loader settings: `data.batch_size` (global), `train.seed`, `data.num_threads`/`prefetch`,
+    and where set `data.device_prefetch`/`num_workers`; `overrides` replace any of them."""
+    options = dict(global_batch=config.data.batch_size, seed=config.train.seed, num_threads=config.data.num_threads,
+                   prefetch=config.data.prefetch, device_prefetch=config.data.get("device_prefetch", 0),
+                   num_workers=config.data.get("num_workers", 0))  # fmt: skip
+    return loaders.LoaderOptions(**(options | overrides))
 
 
 def train_frames(records: loaders.FrameRecords, split: Split) -> loaders.FrameRecords:

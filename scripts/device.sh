@@ -9,6 +9,9 @@
 #   animate-fps    `uhap bench animate` at 512², base presets (FRAMES, BATCHES, BUDGET_S)
 #   scaling        weak scaling of the train step over 1, 2, 4, ... GPUs (GPU_COUNTS, PER_GPU_FRAMES)
 #   sweep-scaling  weak scaling of `uhap sweep`, one process per GPU (GPU_COUNTS, JOBS_PER_GPU, FRAMES, SIZE)
+#   train-pipeline issue 19: synth (reduced base), `uhap bench train --real-data` (step alone, loader alone, end
+#                  to end), a held-out-PSNR curve, the batch search (scripts/train_pipeline.sh: TASKS, BUDGET_S,
+#                  SYNTH_ARGS, BENCH_ARGS, CURVE_ARGS, EVERY, SEARCH)
 # On a CPU machine the tasks run too (slowly), which is how the script itself is checked.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -81,7 +84,11 @@ sweep-scaling() {
   bash scripts/sweep_scaling.sh "$GPUS"
 }
 
-[ $# -gt 0 ] || { sed -n '2,13p' "$0"; exit 2; }
+train-pipeline() {
+  OUT=$OUT bash scripts/train_pipeline.sh
+}
+
+[ $# -gt 0 ] || { sed -n '2,15p' "$0"; exit 2; }
 for task in "$@"; do
   declare -F "$task" >/dev/null || { echo "error: unknown task '$task' (see the list at the top of scripts/device.sh)"; exit 2; }
   echo "=== $task ($((SECONDS - START)) s into the call)"

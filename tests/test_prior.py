@@ -110,6 +110,16 @@ def test_kl_divergence_known_values(rng):
     assert float(losses.kl_divergence(jnp.zeros((2, 5)), jnp.zeros((2, 5)))) == 0.0
 
 
+def test_view_colour_spread_against_float64_and_zero_for_view_independent_colour(rng):
+    colours = rng.uniform(0.0, 1.0, size=(2, 5, 64, 3))  # [B, C, N, 3]
+    spread = colours - colours.mean(axis=1, keepdims=True)
+    expected = np.mean(np.sum(spread**2, axis=-1))  # over batch, cameras and Gaussians
+    got = float(losses.view_colour_spread(jnp.asarray(colours, jnp.float32)))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    same = np.broadcast_to(colours[:, :1], colours.shape)  # every camera sees the same colour
+    assert float(losses.view_colour_spread(jnp.asarray(same, jnp.float32))) < 1e-12
+
+
 def ssim_float64(x: np.ndarray, y: np.ndarray) -> float:
     """SSIM of two [H, W, C] images by explicit 11x11 windows in float64 (Wang et al. 2004)."""
     g = np.exp(-0.5 * ((np.arange(11) - 5) / 1.5) ** 2)

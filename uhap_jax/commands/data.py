@@ -102,6 +102,9 @@ def _add_prepare_parser(commands) -> None:
     parser.add_argument("--root", required=True, type=Path, help="layout root (holds subjects/)")
     parser.add_argument("--data-dir", required=True, type=Path, help="TFDS data dir to write into")
     parser.add_argument("--audio-window", type=float, default=0.5, help="seconds of audio kept per frame")
+    parser.add_argument("--decoded", action="store_true",
+                        help="also decode every PNG once into uint8 rows per camera-frame (~1 MiB each at 512^2), "
+                             "what `data.decoded` loaders read")  # fmt: skip
     parser.set_defaults(func=run_prepare)
 
 
@@ -115,4 +118,9 @@ def run_prepare(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"prepared {dataset_dir}")
+    if args.decoded:
+        from data_pipelines import frame_cache
+
+        cache = frame_cache.build(dataset_dir, frame_cache.cache_path(args.data_dir, dataset_dir))
+        print(f"decoded {cache}")
     return 0

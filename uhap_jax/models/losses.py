@@ -77,6 +77,16 @@ def offset_regularizer(offsets: jax.Array) -> jax.Array:
     return jnp.mean(jnp.sum(offsets**2, axis=-1))
 
 
+def view_colour_spread(colours: jax.Array) -> jax.Array:
+    """Mean squared deviation of each Gaussian's colour [B, C, N, 3] over the C cameras from its camera mean.
+
+    View-dependent colour lets every Gaussian take a different colour in each training camera; with a rig's
+    handful of fixed cameras that fits the training views (and hides geometry errors) at the expense of the
+    views in between. Penalising the spread keeps the colour view-dependent only where the images demand it.
+    """
+    return jnp.mean(jnp.sum((colours - jnp.mean(colours, axis=1, keepdims=True)) ** 2, axis=-1))
+
+
 def scale_regularizer(scales: jax.Array, max_scale: float) -> jax.Array:
     """Mean excess of the scales over `max_scale` (metres): discourages large, blurry Gaussians."""
     return jnp.mean(jax.nn.relu(scales - max_scale))

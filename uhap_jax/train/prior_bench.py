@@ -31,6 +31,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, model: UHAP, template: te
     synth_config = synth.synth_config(config.data.synth_preset)
     rig = synth.camera_rig(synth_config, rng)
     batch_size, views, size = config.data.batch_size, config.data.num_views, synth_config.image_size
+    encoder_views = dataset_lib.encoder_views(config)
     albedo = rng.uniform(0.2, 0.8, template.vertices.shape).astype(np.float32)
     maps = scan_uv_maps(model.layout, template, template.vertices, albedo, "the template")
     points = dataset_lib.sample_scan(template.vertices, template.faces, albedo, config.loss.scan_points, rng)
@@ -38,6 +39,8 @@ def synthetic_batch(config: ml_collections.ConfigDict, model: UHAP, template: te
     tile = lambda x: np.broadcast_to(np.asarray(x, np.float32), (batch_size, *np.shape(x))).copy()  # noqa: E731
     return {
         "images": rng.integers(0, 256, (batch_size, views, size, size, 3), dtype=np.uint8),
+        **({"encoder_images": rng.integers(0, 256, (batch_size, encoder_views, size, size, 3), np.uint8)}
+           if encoder_views else {}),
         "masks": np.full((batch_size, views, size, size), 255, np.uint8),
         "world_to_cam": np.asarray([[rig[c].world_to_cam for c in row] for row in chosen], np.float32),
         "intrinsics": np.asarray([[rig[c].intrinsics for c in row] for row in chosen], np.float32),

@@ -77,7 +77,10 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
         if geometry is not None:  # some frames encode from images alone, so that the image path learns too
             keep = jax.random.bernoulli(drop_key, 1.0 - config.model.geometry_dropout, (batch_size,))
             geometry = geometry * keep[:, None, None, None]
-        mean, log_var = model.encode_expression(images, geometry)
+        # The encoder sees its own views (data.encoder_views), drawn apart from the rendered ones: a code that can
+        # name the rendered cameras lets the decoder fit them, and held-out cameras fall as training goes on.
+        encoder_images = batch["encoder_images"].astype(jnp.float32) / 255.0 if "encoder_images" in batch else images
+        mean, log_var = model.encode_expression(encoder_images, geometry)
         z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(noise_key, mean.shape)
         posed, neutral = decode_frames(model, batch, z)
         rendered = model.render(posed, batch["world_to_cam"], batch["intrinsics"], width=width, height=height,
@@ -91,6 +94,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
             "kl": losses.kl_divergence(mean, log_var),
             "offset": losses.offset_regularizer(posed.offsets),
             "scale": losses.scale_regularizer(posed.scales, weights.max_scale),
+            "view_colour": losses.view_colour_spread(model.colours(posed, batch["world_to_cam"])),
         }
         num_gaussians = neutral.head_means.shape[1]
         subset = (
@@ -113,7 +117,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
             )
         if lpips is not None:
             terms["lpips"] = jnp.mean(lpips(flat(rendered.rgb), flat(target)))
-        loss = sum(getattr(weights, name) * value for name, value in terms.items())
+        loss = sum(weights.get(name, 0.0) * value for name, value in terms.items())  # older configs lack new terms
         aux = dict(terms)
         aux["psnr"] = jnp.mean(image_metrics.psnr(jnp.clip(rendered.rgb, 0.0, 1.0), target))
         aux["raster_overflow"] = jnp.any(rendered.stats.overflow).astype(jnp.float32)
@@ -168,8 +172,9 @@ def train_prior(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple
     options = dataset_lib.loader_options(config)
     train_records = dataset_lib.train_frames(records, split)
     frames = loaders.multiview_loader(
-        train_records, batch_sharding(mesh), options, num_views=config.data.num_views, serials=split.held_in_cameras
-    )
+        train_records, batch_sharding(mesh), options, num_views=config.data.num_views, serials=split.held_in_cameras,
+        encoder_views=dataset_lib.encoder_views(config),
+    )  # fmt: skip
     data = PriorBatches(frames, tables, mesh)
     write_population(workdir, model, records, split, tables)
     eval_set = prior_eval.build_eval_set(records, split, tables, config)

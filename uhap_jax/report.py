@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import json
 import math
 from pathlib import Path
 
@@ -44,9 +43,9 @@ class Bar:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from uhap_jax.train.metrics import read_rows  # a torn last line (a killed run) is dropped, not an error
+
+    return read_rows(path)
 
 
 def plot_curves(stage_dirs: dict[str, Path], out: Path) -> Path:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from uhap_jax.artifacts import output_dirs
 from uhap_jax.config_utils import apply_override
 
 
@@ -22,7 +23,7 @@ def register(subparsers) -> None:
     synth.add_argument("--preset", choices=("tiny", "base"), default="tiny")
     synth.add_argument("--seed", type=int, default=None, help="overrides the preset's seed")
     synth.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    synth.set_defaults(func=run_synth)
+    synth.set_defaults(func=run_synth, takes_config=True)
     _add_import_parser(actions)
     _add_prepare_parser(actions)
 
@@ -35,7 +36,8 @@ def run_synth(args: argparse.Namespace) -> int:
         apply_override(config, item, source=f"synth preset {args.preset!r}")
     if args.seed is not None:
         config.seed = args.seed
-    info = synth.generate(args.out, config, progress=not args.no_progress)
+    with output_dirs.replacing(args.out, "dataset") as staging:
+        info = synth.generate(staging, config, progress=not args.no_progress)
     num_sequences = sum(len(s) for s in info["sequences"].values())
     print(f"wrote {len(info['sequences'])} subjects, {num_sequences} sequences to {args.out}")
     return 0

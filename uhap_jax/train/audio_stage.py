@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import zipfile
 from pathlib import Path
 
 import grain
@@ -36,6 +37,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from data_pipelines import layout, loaders
+from uhap_jax.artifacts.output_dirs import save_npz_atomic
 from uhap_jax.config_utils import apply_override, load_config
 from uhap_jax.eval import lip_metrics
 from uhap_jax.geometry import template as template_lib
@@ -195,11 +197,15 @@ def expression_codes(
     computed (batches of `batch_size` frames, the last one padded) and written there by process 0.
     """
     if cache.is_file():
-        with np.load(cache, allow_pickle=False) as stored:
-            if str(stored["key"]) == key and all(s.key in stored for s in sequences):
-                logger.info("expression codes: cached in %s", cache)
-                return [dataclasses.replace(s, codes=stored[s.key]) for s in sequences]
-        logger.info("expression codes: %s is for another prior, data or cameras; recomputing", cache)
+        try:
+            with np.load(cache, allow_pickle=False) as stored:
+                if str(stored["key"]) == key and all(s.key in stored for s in sequences):
+                    cached = [dataclasses.replace(s, codes=stored[s.key]) for s in sequences]
+                    logger.info("expression codes: cached in %s", cache)
+                    return cached
+            logger.info("expression codes: %s is for another prior, data or cameras; recomputing", cache)
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:  # a write cut short
+            logger.warning("expression codes: %s is unreadable (%s); recomputing", cache, error)
     views = loaders.SampleViews(len(held_in), tuple(held_in))  # every held-in camera: no randomness left
     graphdef, state = nnx.split(prior)
 
@@ -223,7 +229,7 @@ def expression_codes(
     sequences = [dataclasses.replace(s, codes=codes[a:b]) for s, a, b in zip(sequences, bounds[:-1], bounds[1:])]
     if jax.process_index() == 0:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, key=np.asarray(key), **{s.key: s.codes for s in sequences})
+        save_npz_atomic(cache, key=np.asarray(key), **{s.key: s.codes for s in sequences})
         logger.info("expression codes: %d frames encoded by the prior, cached in %s", len(frames), cache)
     return sequences
 

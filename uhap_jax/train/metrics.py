@@ -6,13 +6,39 @@ Only process 0 writes; on other processes the writer is a no-op, so callers need
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tensorboardX import SummaryWriter
+
+logger = logging.getLogger(__name__)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The JSON objects of a `metrics.jsonl`, one per line. A run killed mid-write leaves a torn last line: it is
+    dropped with a warning (the step is redone or was never finished), never an error. A bad line before
+    others is real damage and skipped the same way, naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            logger.warning("%s:%d: unreadable metrics row (a write cut short); dropped", path, number)
+            continue
+        rows.append(row)
+    return rows
 
 
 def _json_value(value: float) -> float | int | None:
@@ -39,9 +65,10 @@ class MetricWriter:
         """Drop rows past `step`: a run killed after its last checkpoint redoes those steps on resume."""
         if not self.enabled or not self.jsonl_path.exists():
             return
-        with self.jsonl_path.open() as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        self.jsonl_path.write_text("".join(kept))
+        kept = "".join(json.dumps(row) + "\n" for row in read_rows(self.jsonl_path) if row["step"] <= step)
+        temp = self.jsonl_path.with_name(f".{self.jsonl_path.name}.tmp")
+        temp.write_text(kept)
+        os.replace(temp, self.jsonl_path)
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:

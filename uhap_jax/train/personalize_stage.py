@@ -809,10 +809,9 @@ def view_psnr(prior: UHAP, views: ViewSet, scan_maps: np.ndarray, capacity: kern
 
 
 def _last_eval(workdir: Path, name: str) -> float | None:
-    path = workdir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from uhap_jax.train.metrics import read_rows  # tolerates a torn last line
+
+    rows = read_rows(workdir / "metrics.jsonl")
     values = [row[name] for row in rows if row.get(name) is not None]
     return float(values[-1]) if values else None
 

@@ -25,12 +25,10 @@ import shutil
 import tempfile
 import wave
 from collections.abc import Iterator, Sequence
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from scipy import signal
 
 AUDIO_RATE = 16000
 CALIBRATION_FILE = Path("calibration") / "camera_params.json"
@@ -225,36 +223,12 @@ def write_audio(path: Path, waveform: np.ndarray, rate: int = AUDIO_RATE) -> Non
         writer.writeframes(pcm.tobytes())
 
 
-_PCM_DTYPES = {1: np.uint8, 2: np.dtype("<i2"), 4: np.dtype("<i4")}
-
-
 def read_audio(path: Path, *, target_rate: int = AUDIO_RATE) -> tuple[np.ndarray, list[str]]:
-    """Reads a PCM WAV as float32 mono at `target_rate`; notes say what was mixed down or resampled."""
-    path = Path(path)
-    if not path.is_file():
-        raise LayoutError(f"{path}: audio file is missing")
-    try:
-        with wave.open(str(path), "rb") as reader:
-            channels, width, rate = reader.getnchannels(), reader.getsampwidth(), reader.getframerate()
-            raw = reader.readframes(reader.getnframes())
-    except (wave.Error, EOFError) as error:
-        raise LayoutError(f"{path}: not a readable PCM WAV file ({error})") from error
-    if width not in _PCM_DTYPES:
-        raise LayoutError(f"{path}: unsupported sample width of {width} bytes (need 8, 16 or 32-bit PCM)")
-    samples = np.frombuffer(raw, _PCM_DTYPES[width]).astype(np.float32)
-    samples = (samples - 128.0) / 128.0 if width == 1 else samples / float(2 ** (8 * width - 1))
-    if samples.size == 0:
-        raise LayoutError(f"{path}: audio has no samples")
-    samples = samples[: samples.size - samples.size % channels].reshape(-1, channels)
-    notes = []
-    if channels > 1:
-        notes.append(f"{path}: mixed {channels} channels down to mono")
-    waveform = samples.mean(axis=1)
-    if rate != target_rate:
-        ratio = Fraction(target_rate, rate)
-        waveform = signal.resample_poly(waveform, ratio.numerator, ratio.denominator).astype(np.float32)
-        notes.append(f"{path}: resampled {rate}->{target_rate} Hz")
-    return waveform.astype(np.float32), notes
+    """Any audio file (WAV of any sample format, MP3, M4A, FLAC, ...) as float32 mono at `target_rate`; notes say
+    what was mixed down or resampled. Empty, too short or damaged files are LayoutErrors (`audio_io`)."""
+    from data_pipelines import audio_io  # audio_io builds on this module's LayoutError
+
+    return audio_io.read_audio(path, target_rate=target_rate)
 
 
 # -------------------- images

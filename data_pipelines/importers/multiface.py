@@ -79,8 +79,8 @@ def read_krt(path: Path) -> dict[str, KrtCamera]:
         distortion = _numbers(path, rows[3][0], rows[3][1], 5, f"camera {name}: the distortion row")
         extrinsic = np.array([_numbers(path, n, text, 4, f"camera {name}: an [R|t] row") for n, text in rows[4:]])
         intrinsics = np.array(k)
-        if intrinsics[0, 0] <= 0 or intrinsics[1, 1] <= 0 or not np.allclose(intrinsics[2], [0, 0, 1]):
-            raise LayoutError(f"{path}:{index + 2}: camera {name}: intrinsics are not a pinhole K: {k}")
+        common.check_intrinsics(intrinsics, Path(f"{path}:{index + 2}"), f"camera {name}")
+        common.check_rotation(extrinsic[:, :3], Path(f"{path}:{index + 6}"), f"camera {name}'s [R|t]")
         if name in cameras:
             raise LayoutError(f"{path}:{index + 1}: camera {name} appears twice")
         world_to_cam = common.rigid_world_to_cam(extrinsic[:, :3], extrinsic[:, 3] / MILLIMETRES_PER_METRE)
@@ -200,7 +200,12 @@ class _Participant:
         image = layout.read_image(path)
         height, width = image.shape[:2]
         krt = self.krt[name]
-        camera = self.cameras.setdefault(name, layout.Camera(name, krt.world_to_cam, krt.intrinsics, width, height))
+        if name not in self.cameras:
+            krt_file = self.directory / "KRT"
+            hint = "the KRT file belongs to other images"
+            self.cameras[name] = common.checked_camera(name, krt.world_to_cam, krt.intrinsics, width, height,
+                                                       krt_file, hint)  # fmt: skip
+        camera = self.cameras[name]
         if (width, height) != (camera.width, camera.height):
             known = f"{camera.width}x{camera.height}"
             raise LayoutError(f"{path}: {width}x{height} pixels, but camera {name} is {known} elsewhere")

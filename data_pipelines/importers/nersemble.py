@@ -94,7 +94,8 @@ def apply_color_correction(image: np.ndarray, ccm: np.ndarray, chunk: int = 1 <<
     for start in range(0, len(pixels), chunk):
         rgb = srgb_to_linear(pixels[start : start + chunk].astype(np.float64) / 255.0)
         corrected = linear_to_srgb(_cheung_expansion(rgb, ccm.shape[1]) @ ccm.T)
-        out[start : start + chunk] = np.clip(np.round(corrected * 255.0), 0, 255).astype(np.uint8)
+        # As the official kit (`nersemble_data.util.color_correction.correct_color`): clip, then truncate.
+        out[start : start + chunk] = np.clip(corrected * 255.0, 0, 255).astype(np.uint8)
     return out.reshape(image.shape)
 
 
@@ -187,8 +188,7 @@ class _SequenceSource:
         if self.options.calib_resolution is not None:
             k = common.scale_intrinsics(k, self.options.calib_resolution, (info.width, info.height))
         hint = "check --calib-resolution" if self.options.calib_resolution else "pass --calib-resolution WxH"
-        common.check_principal_point(k, info.width, info.height, params, hint)
-        return layout.Camera(serial, self.extrinsics[serial], k, info.width, info.height)
+        return common.checked_camera(serial, self.extrinsics[serial], k, info.width, info.height, params, hint)
 
     def write(self, seq_dir: Path, cameras: dict[str, layout.Camera]) -> list[str]:
         """Decodes every camera's video into `seq_dir`, then the audio and meta.json; returns notes."""

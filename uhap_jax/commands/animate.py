@@ -42,6 +42,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from data_pipelines import audio_io
     from uhap_jax.inference.avatar import animate, load_avatar
 
     common.log_to_stdout()
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         clash = output_dirs.overlapping_input(args.ply, [args.avatar, args.audio, args.out])
         if clash is not None:
             raise common.UsageError(f"--ply {args.ply}: overlaps {clash}; give a folder of its own")
+    audio_io.decode_audio(args.audio)  # an unusable file is refused before the models load
     avatar = load_avatar(args.avatar)
     result = animate(avatar, args.audio, args.out, camera=args.camera, size=args.size, ply_dir=args.ply,
                      batch_size=args.batch_size)  # fmt: skip

@@ -84,8 +84,11 @@ def _parse_float_wav(data: bytes, source: Path) -> DecodedAudio:
     raise LayoutError(f"{source}: ffmpeg produced no audio samples")
 
 
-def decode_audio(path: Path) -> DecodedAudio:
-    """The first audio stream of `path`, every channel, at its own rate; unusable files are LayoutErrors."""
+def decode_audio(path: Path, *, min_seconds: float = MIN_SECONDS) -> DecodedAudio:
+    """The first audio stream of `path`, every channel, at its own rate; unusable files are LayoutErrors.
+
+    `min_seconds` is what a speech model needs to hear (a capture's audio, cut to its frames, may be shorter).
+    """
     path = Path(path)
     if not path.is_file():
         raise LayoutError(f"{path}: audio file is missing")
@@ -106,8 +109,8 @@ def decode_audio(path: Path) -> DecodedAudio:
     audio = _parse_float_wav(result.stdout, path)
     if audio.samples.shape[0] == 0:
         raise LayoutError(f"{path}: holds no audio samples; give a recording with speech in it")
-    if audio.seconds < MIN_SECONDS:
-        raise LayoutError(f"{path}: lasts {audio.seconds * 1000:.1f} ms; at least {MIN_SECONDS:g} s of speech is "
+    if audio.seconds < min_seconds:
+        raise LayoutError(f"{path}: lasts {audio.seconds * 1000:.1f} ms; at least {min_seconds:g} s of speech is "
                           "needed")  # fmt: skip
     if not np.all(np.isfinite(audio.samples)):
         raise LayoutError(f"{path}: decoded samples contain NaN or inf")
@@ -127,6 +130,7 @@ def to_mono(audio: DecodedAudio, target_rate: int, source: Path) -> tuple[np.nda
     return waveform.astype(np.float32), notes
 
 
-def read_audio(path: Path, *, target_rate: int = AUDIO_RATE) -> tuple[np.ndarray, list[str]]:
-    """Any audio file -> float32 mono at `target_rate` (default 16 kHz), and notes of what was mixed or resampled."""
-    return to_mono(decode_audio(path), target_rate, Path(path))
+def read_audio(path: Path, *, target_rate: int = AUDIO_RATE, min_seconds: float = 0.0) -> tuple[np.ndarray, list[str]]:
+    """Any audio file -> float32 mono at `target_rate` (default 16 kHz), and notes of what was mixed or resampled.
+    Any length above zero by default: a capture's audio is checked against its frames instead."""
+    return to_mono(decode_audio(path, min_seconds=min_seconds), target_rate, Path(path))

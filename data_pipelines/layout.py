@@ -368,9 +368,10 @@ def _read_colored_obj(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @contextlib.contextmanager
 def staged_dir(final_dir: Path) -> Iterator[Path]:
-    """Yields an empty temp dir beside `final_dir` and renames it into place only if the block succeeds.
+    """Yields an empty temp dir beside `final_dir` and moves it into place only if the block succeeds.
 
-    A crash or an exception leaves no half-written `final_dir`; an existing `final_dir` is replaced only then.
+    A crash or an exception leaves no half-written `final_dir`; an existing `final_dir` is replaced only then
+    (`replace_dir`).
     """
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -380,9 +381,27 @@ def staged_dir(final_dir: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    staging.rename(final_dir)
+    replace_dir(staging, final_dir)
+
+
+def replace_dir(staging: Path, final_dir: Path) -> None:
+    """Moves the finished `staging` folder to `final_dir` (same file system). An existing `final_dir` is moved
+    aside first and deleted last, so an interruption leaves the old or the new folder, never neither (at worst
+    the old one under `.<name>.old-*` beside it)."""
+    staging, final_dir = Path(staging), Path(final_dir)
+    if not final_dir.exists():
+        staging.rename(final_dir)
+        return
+    aside_parent = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.old-", dir=final_dir.parent))
+    aside = aside_parent / final_dir.name
+    final_dir.rename(aside)
+    try:
+        staging.rename(final_dir)
+    except BaseException:
+        aside.rename(final_dir)  # the old folder goes back: never left missing by us
+        shutil.rmtree(aside_parent, ignore_errors=True)
+        raise
+    shutil.rmtree(aside_parent, ignore_errors=True)
 
 
 def subject_dir(root: Path, subject: str) -> Path:

@@ -120,8 +120,17 @@ def _zero_rate(path: Path, rng: np.random.Generator) -> Path:
 def test_unusable_audio_is_refused_with_its_name(tmp_path, rng, make, message):
     path = make(tmp_path / "speech.wav", rng)
     with pytest.raises(LayoutError, match=message) as error:
-        layout.read_audio(path)
+        audio_io.decode_audio(path)  # what `uhap animate` reads a speech file with
     assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+
+
+def test_capture_audio_may_be_short_but_not_empty(tmp_path, rng):
+    """A capture's audio is cut to its frames (a 2-frame sequence lasts 80 ms): the layout reads it; not nothing."""
+    samples = rng.uniform(-0.5, 0.5, 1280)
+    waveform, _ = layout.read_audio(_pcm_wav(tmp_path / "short.wav", samples, 16_000))
+    np.testing.assert_allclose(waveform, (samples * 32000).astype("<i2") / 32768, atol=1e-7)  # as _pcm_wav wrote
+    with pytest.raises(LayoutError, match="empty"):
+        layout.read_audio(_written(tmp_path / "empty.wav", b""))
 
 
 def test_video_without_audio_is_refused(tmp_path, rng):

@@ -75,8 +75,9 @@ def check_rotation(rotation: np.ndarray, source: Path, what: str) -> None:
     rotation = np.asarray(rotation, np.float64)
     deviation = float(np.max(np.abs(rotation @ rotation.T - np.eye(3))))
     if deviation > ROTATION_TOLERANCE:
-        raise LayoutError(f"{source}: {what} has a rotation block that is not orthonormal (R Rᵀ is off the identity "
-                          f"by up to {deviation:.3g}, more than {ROTATION_TOLERANCE:g}): {rotation.tolist()}")  # fmt: skip
+        raise LayoutError(f"{source}: {what} has a rotation block that is not orthonormal (R Rᵀ is off the "
+                          f"identity by up to {deviation:.3g}, more than {ROTATION_TOLERANCE:g}): "
+                          f"{rotation.tolist()}")  # fmt: skip
     determinant = float(np.linalg.det(rotation))
     if determinant < 0:
         raise LayoutError(f"{source}: {what} has a rotation block with determinant {determinant:.4f}, a mirror "
@@ -146,6 +147,24 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(payload, dict):
         raise LayoutError(f"{path}: expected a JSON object at the top level")
     return payload
+
+
+def find_participant_dirs(src: Path, marker: Path, what: str) -> tuple[list[Path], list[tuple[Path, LayoutError]]]:
+    """`src` itself when it holds `marker`, else each of its (non-hidden) folders: those holding `marker`, and
+    the others with the error that names them (a folder of participants must hold nothing else)."""
+    src = Path(src)
+    if (src / marker).is_file():
+        return [src], []
+    if not src.is_dir():
+        raise LayoutError(f"{src}: no such folder; give a {what} participant folder or a folder of them")
+    folders = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = [p for p in folders if (p / marker).is_file()]
+    unusable = [(p, LayoutError(f"{p / marker}: missing, so participant {p.name} cannot be imported (a folder "
+                                f"of {what} participants holds only participant folders)"))
+                for p in folders if p not in found]  # fmt: skip
+    if not found and not unusable:
+        raise LayoutError(f"{src}: no {what} participant folder (none holds {marker})")
+    return found, unusable
 
 
 def select_subdirs(parent: Path, wanted: Sequence[str] | None, what: str) -> list[str]:

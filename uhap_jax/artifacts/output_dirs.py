@@ -22,7 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipelines.layout import replace_dir
 from uhap_jax.config_utils import UsageError
+
+__all__ = ["KINDS", "check_replaceable", "overlapping_input", "replace_dir", "replacing", "save_npz_atomic"]
 
 
 def _kind_is(value: str, field: str = "kind") -> Callable[[dict], bool]:
@@ -81,24 +84,6 @@ def check_replaceable(out: Path, kind: str, *, inputs: Sequence[Path | str | Non
         raise UsageError(f"{flag} {out}: holds files but is not a {kind} written by uhap (no {manifest} of one); "
                          f"give a new or empty folder, or remove {out} yourself")  # fmt: skip
     return out
-
-
-def replace_dir(staging: Path, out: Path) -> None:
-    """Moves the finished `staging` folder to `out`: the old `out` goes aside first and is deleted last."""
-    staging, out = Path(staging), Path(out)
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    aside_parent = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    aside = aside_parent / out.name
-    os.rename(out, aside)
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        os.rename(aside, out)  # put the old folder back: the target is never left missing by us
-        shutil.rmtree(aside_parent, ignore_errors=True)
-        raise
-    shutil.rmtree(aside_parent, ignore_errors=True)
 
 
 @contextlib.contextmanager

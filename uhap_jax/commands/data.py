@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from uhap_jax.artifacts import output_dirs
+from uhap_jax.commands import common
 from uhap_jax.config_utils import apply_override
 
 
@@ -63,15 +64,29 @@ def _add_import_parser(commands) -> None:
     parser.add_argument(
         "--max-audio-overhang", type=float, default=0.5, help="seconds of audio after the last frame cut with a note"
     )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out a participant or sequence that cannot be imported (one SKIPPED line each) instead of failing",
+    )
     parser.set_defaults(func=run_import)
 
 
 def run_import(args: argparse.Namespace) -> int:
     from data_pipelines import importers
-    from data_pipelines.layout import LayoutError
 
+    common.require_dir(args.src, "--src", f"a {args.format} participant folder or a folder of them")
+    clash = output_dirs.overlapping_input(args.out, [args.src, args.audio])
+    if clash is not None:
+        raise common.UsageError(f"--out {args.out}: overlaps the input {clash}; give a layout folder of its own")
+    if args.out.exists() and not args.out.is_dir():
+        raise common.UsageError(f"--out {args.out}: is a file; give a layout folder (new, or one to add to)")
+    if args.max_audio_overhang < 0:
+        raise common.UsageError(f"--max-audio-overhang {args.max_audio_overhang}: must be 0 or more seconds")
     sequences = args.sequences.split(",") if args.sequences else None
     if args.format == "nersemble":
+        if args.audio is not None:
+            common.require_dir(args.audio, "--audio", "a folder of <participant>/<sequence>.wav files")
         options = importers.nersemble.NersembleOptions(
             audio_dir=args.audio,
             calib_resolution=args.calib_resolution,
@@ -82,20 +97,21 @@ def run_import(args: argparse.Namespace) -> int:
     else:
         nersemble_only = [args.audio, args.calib_resolution, args.no_color_calibration or None]
         if any(option is not None for option in nersemble_only):
-            print("error: --audio, --calib-resolution, --no-color-calibration need --format nersemble", file=sys.stderr)
-            return 2
+            raise common.UsageError("--audio, --calib-resolution and --no-color-calibration need --format nersemble")
         options = importers.multiface.MultifaceOptions(
             sequences=sequences, max_audio_overhang_s=args.max_audio_overhang
         )
-    try:
-        notes = importers.import_capture(args.format, args.src, args.out, options)
-    except LayoutError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for subject, subject_notes in notes.items():
+    report = importers.import_capture(args.format, args.src, args.out, options, skip_bad=args.skip_bad)
+    for subject, subject_notes in report.notes.items():
         print(f"imported {subject} into {args.out}")
         for note in subject_notes:
             print(f"  note: {note}")
+    for item, reason in report.skipped:
+        print(f"SKIPPED {item}: {reason}", file=sys.stderr)
+    summary = f"imported {len(report.notes)} participant(s) into {args.out}"
+    if report.skipped:
+        summary += f"; SKIPPED {len(report.skipped)} (--skip-bad; see the lines above)"
+    print(summary)
     return 0
 
 
@@ -109,12 +125,8 @@ def _add_prepare_parser(commands) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     from data_pipelines import tfds_builder
-    from data_pipelines.layout import LayoutError
 
-    try:
-        dataset_dir = tfds_builder.prepare(args.root, args.data_dir, audio_window_s=args.audio_window)
-    except LayoutError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    common.require_dataset(args.root, "--root")
+    dataset_dir = tfds_builder.prepare(args.root, args.data_dir, audio_window_s=args.audio_window)
     print(f"prepared {dataset_dir}")
     return 0

@@ -186,6 +186,23 @@ def _codes_key(prior_workdir: Path, prior_step: int, root: Path, held_in: list[s
     return f"{prior_workdir.resolve()}@{prior_step}|{root.resolve()}|{digest}|{','.join(held_in)}"
 
 
+def cached_codes(cache: Path, key: str, sequences: list[Sequence]) -> list[Sequence] | None:
+    """The sequences with their codes from `cache` when it holds them for `key`; None when it is missing, for
+    another prior, data or cameras, or unreadable (a run killed while writing it): the codes are then recomputed."""
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as stored:
+            if str(stored["key"]) == key and all(s.key in stored for s in sequences):
+                cached = [dataclasses.replace(s, codes=np.asarray(stored[s.key])) for s in sequences]
+                logger.info("expression codes: cached in %s", cache)
+                return cached
+        logger.info("expression codes: %s is for another prior, data or cameras; recomputing", cache)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:  # a write cut short
+        logger.warning("expression codes: %s is unreadable (%s); recomputing", cache, error)
+    return None
+
+
 def expression_codes(
     prior: UHAP, records: loaders.FrameRecords, tables: prior_stage.SubjectTables, sequences: list[Sequence],
     held_in: list[str], batch_size: int, cache: Path, key: str,
@@ -196,16 +213,9 @@ def expression_codes(
     Read from `cache` when it was written for the same prior checkpoint, data and cameras (`key`); else
     computed (batches of `batch_size` frames, the last one padded) and written there by process 0.
     """
-    if cache.is_file():
-        try:
-            with np.load(cache, allow_pickle=False) as stored:
-                if str(stored["key"]) == key and all(s.key in stored for s in sequences):
-                    cached = [dataclasses.replace(s, codes=stored[s.key]) for s in sequences]
-                    logger.info("expression codes: cached in %s", cache)
-                    return cached
-            logger.info("expression codes: %s is for another prior, data or cameras; recomputing", cache)
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:  # a write cut short
-            logger.warning("expression codes: %s is unreadable (%s); recomputing", cache, error)
+    cached = cached_codes(cache, key, sequences)
+    if cached is not None:
+        return cached
     views = loaders.SampleViews(len(held_in), tuple(held_in))  # every held-in camera: no randomness left
     graphdef, state = nnx.split(prior)
 

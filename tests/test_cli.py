@@ -95,6 +95,10 @@ def _tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
+_PERSONALIZE = ["personalize", "--prior", "{w}", "--encoder", "{w}", "--audio-model", "{w}", "--video", "{w}",
+                "--out", "{w}/avatar"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("argv", "status", "fragments"),
     [
@@ -138,6 +142,32 @@ def _tree(root: Path) -> list[str]:
             ["--distributed_timeout"],
         ),
         (["bench", "animate", "--batch", "1,x"], 2, ["--batch"]),
+        (["bench", "animate", "--batch", "1,4,500"], 2, ["--batch 500", "UHAP_MAX_BATCH"]),
+        (_PERSONALIZE + ["--config.max_frames=0"], 2, ["--config.max_frames 0", "at least 1"]),
+        (_PERSONALIZE + ["--config.max_frames=5000"], 2, ["--config.max_frames 5000", "UHAP_MAX_FRAMES=5000"]),
+        (_PERSONALIZE, 1, ["--prior {w}", "uhap train prior"]),
+        (
+            [
+                "avatar",
+                "make",
+                "--prior-workdir",
+                "{w}",
+                "--audio-workdir",
+                "{w}",
+                "--data",
+                "{w}",
+                "--subject",
+                "x",
+                "--out",
+                "{w}/a",
+                "--size",
+                "9000",
+            ],
+            2,
+            ["--size 9000", "UHAP_MAX_SIZE"],
+        ),
+        (["data", "import", "--format", "multiface", "--src", "{w}", "--out", "{w}/o"], 1, ["--src"]),
+        (["data", "prepare", "--root", "{w}", "--data-dir", "{w}/d"], 1, ["--root", "uhap data synth"]),
     ],
 )
 def test_bad_command_lines_get_one_line_and_the_right_status(tmp_path, capsys, argv, status, fragments):
@@ -145,7 +175,7 @@ def test_bad_command_lines_get_one_line_and_the_right_status(tmp_path, capsys, a
     before = _tree(tmp_path)
     got, out, err = _uhap(capsys, *[a.replace("{w}", str(tmp_path / "w")) for a in argv])
     assert got == status, err
-    _one_error_line(err, *fragments)
+    _one_error_line(err, *[f.replace("{w}", str(tmp_path / "w")) for f in fragments])
     assert "Traceback" not in err
     assert _tree(tmp_path) == before  # nothing created
 

@@ -180,6 +180,9 @@ def test_windowed_codes_match_whole_clip_codes(avatar_dir, rng):
     error = _relative_rms(windowed, whole)
     print(f"windowed vs whole: relative rms {error:.4f}; sensitivity to audio outside a window {sensitivity:.4f}")
     assert error <= 1.5 * sensitivity
+    shortest = speech_windows.predict_codes(avatar.speech, audio[: rate // 10], FPS)  # the 0.1 s animate accepts
+    assert shortest.shape == (speech_windows.frame_count(rate // 10, FPS), avatar.prior.z_dim)
+    assert np.all(np.isfinite(shortest))
     short = audio[: rate * 3]
     np.testing.assert_allclose(speech_windows.predict_codes(avatar.speech, short, FPS, window_s=4.0),
                                speech_windows.predict_codes(avatar.speech, short, FPS, window_s=1000.0),

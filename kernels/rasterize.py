@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import binning, reference
+from kernels.constants import TILE
 from kernels.projection import project
 
 BACKENDS = ("auto", "reference", "pallas", "cuda")
@@ -288,8 +289,8 @@ def _rasterize(
 def _untile(x, tiles_x, tiles_y, width, height):
     """[C, T, 256, F] tile-major pixels -> [C, H, W, F] image (cropping the partial tiles)."""
     num_cams, _, _, feat = x.shape
-    x = x.reshape(num_cams, tiles_y, tiles_x, binning.TILE, binning.TILE, feat)
-    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(num_cams, tiles_y * binning.TILE, tiles_x * binning.TILE, feat)
+    x = x.reshape(num_cams, tiles_y, tiles_x, TILE, TILE, feat)
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(num_cams, tiles_y * TILE, tiles_x * TILE, feat)
     return x[:, :height, :width]
 
 

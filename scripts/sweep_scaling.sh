@@ -13,17 +13,12 @@
 #
 # Reports per GPU count: wall seconds of the whole `uhap sweep` (start-up, loading, compile, jobs, merge), the job
 # phase (the slowest process's summed job seconds from results.csv), jobs/s and images/s, and the efficiency
-# (throughput / (GPUs x 1-GPU throughput)). Needs `.whl/extra/*.whl` carried (Python 3.12 wheels). On a CPU
-# machine it runs too (JAX_PLATFORMS=cpu, small PRIOR/SIZE) as a smoke test of the script.
+# (throughput / (GPUs x 1-GPU throughput)). On a CPU machine it runs too (JAX_PLATFORMS=cpu, small PRIOR/SIZE) as a
+# smoke test of the script.
+# Called by `bash scripts/device.sh sweep-scaling` (which installs the wheels); the argument is the GPU count.
 set -uo pipefail
 START=$SECONDS
-export XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
-if [ -d .whl/extra ] && [ -z "${NO_WHEELS:-}" ]; then
-  pip install -q --no-index --no-deps --target /tmp/site .whl/extra/*.whl 2>&1 | grep -v WARNING | tail -3
-  export PYTHONPATH=$PWD:/tmp/site
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+total=${1:-1}
 WORK=${WORK:-/tmp/uhap_sweep_scaling}
 PRIOR=${PRIOR:-configs/prior.py:base}
 SIZE=${SIZE:-512}
@@ -34,13 +29,6 @@ export UHAP_CACHE=$WORK/cache
 LOG=${OUT:-$WORK}/sweep_scaling.log
 mkdir -p "$WORK"
 : >"$LOG"
-if command -v nvidia-smi >/dev/null; then
-  nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c
-  total=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
-else
-  total=${CPU_PROCESSES:-2}
-  echo "no nvidia-smi: $total CPU processes at most"
-fi
 
 python3 - "$WORK" "$PRIOR" "$SIZE" <<'EOF' 2>&1 | tee -a "$LOG" | grep -v '^W0000\|^I0000\|^E0000\|^ *$'
 import json, pathlib, sys, time

@@ -20,8 +20,9 @@ import imageio_ffmpeg
 import numpy as np
 from scipy import signal
 
-from data_pipelines.layout import AUDIO_RATE, LayoutError
+from data_pipelines.errors import LayoutError
 
+AUDIO_RATE = 16000  # what the speech model and the capture layout's audio.wav files run at
 MIN_SECONDS = 0.1  # shorter input holds no speech a model could follow (and less than one 25 fps frame pair)
 
 

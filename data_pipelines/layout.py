@@ -30,7 +30,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-AUDIO_RATE = 16000
+from data_pipelines import audio_io
+from data_pipelines.audio_io import AUDIO_RATE
+from data_pipelines.errors import LayoutError
+
+
 CALIBRATION_FILE = Path("calibration") / "camera_params.json"
 DATASET_FILE = "dataset.json"
 META_FILE = "meta.json"
@@ -39,8 +43,6 @@ AUDIO_FILE = "audio.wav"
 SCAN_DIR = "neutral_scan"
 
 
-class LayoutError(ValueError):
-    """Bad or missing data in a capture layout; the message names the file and the problem."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,8 +228,6 @@ def write_audio(path: Path, waveform: np.ndarray, rate: int = AUDIO_RATE) -> Non
 def read_audio(path: Path, *, target_rate: int = AUDIO_RATE) -> tuple[np.ndarray, list[str]]:
     """Any audio file (WAV of any sample format, MP3, M4A, FLAC, ...) as float32 mono at `target_rate`; notes say
     what was mixed down or resampled. Empty, too short or damaged files are LayoutErrors (`audio_io`)."""
-    from data_pipelines import audio_io  # audio_io builds on this module's LayoutError
-
     return audio_io.read_audio(path, target_rate=target_rate)
 
 

@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     common.require_prior(args.prior, "--prior")
     common.require_checkpoint(args.encoder, "--encoder", "uhap train encoder")
     common.require_checkpoint(args.audio_model, "--audio-model", "uhap train audio")
-    common.require_dir(args.video, "--video", "a capture-layout subject folder or one of its sequence folders")
+    if not args.video.exists():  # a layout folder, or (where supported) a plain video file
+        raise FileNotFoundError(f"--video {args.video}: does not exist; give a capture-layout subject folder or one "
+                                "of its sequence folders")  # fmt: skip
     inputs = [args.prior, args.encoder, args.audio_model, args.video]
     output_dirs.check_replaceable(args.out, "avatar", inputs=inputs)
     workdir = args.workdir or (Path(config.workdir) if config.workdir else None)

@@ -110,6 +110,7 @@ _PERSONALIZE = ["personalize", "--prior", "{w}", "--encoder", "{w}", "--audio-mo
         (["train", "prior", "--workdir", "{w}", "--config.data.root={w}/no_data"], 1, ["--config.data.root"]),
         (["train", "audio", "--workdir", "{w}"], 2, ["--config.prior_workdir"]),
         (["train", "audio", "--workdir", "{w}", "--config.prior_workdir={w}/p"], 1, ["--config.prior_workdir"]),
+        (["train", "encoder", "--workdir", "{w}", "--config.prior_workdir={w}/p"], 1, ["--config.prior_workdir"]),
         (["eval", "--workdir", "{w}", "--config.train.steps=3"], 2, ["uhap eval", "--config.train.steps=3"]),
         (["animate", "--avatar", "{w}", "--audio", "a.wav", "--out", "o.mp4", "--config.x=1"], 2, ["--config.x"]),
         (

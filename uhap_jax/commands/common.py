@@ -50,10 +50,11 @@ def finished_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def require_checkpoint(workdir: Path, flag: str, made_by: str) -> Path:
-    """A training workdir with its config.json and at least one finished checkpoint; nothing is created."""
+def require_checkpoint(workdir: Path, flag: str, made_by: str, *, need_config: bool = True) -> Path:
+    """A training workdir with at least one finished checkpoint (and its config.json, when the reader rebuilds
+    the model from it); nothing is created."""
     workdir = require_dir(workdir, flag, f"a workdir written by `{made_by}`")
-    if not (workdir / "config.json").is_file():
+    if need_config and not (workdir / "config.json").is_file():
         raise FileNotFoundError(f"{flag} {workdir}: has no config.json; give a workdir written by `{made_by}`")
     if not finished_steps(workdir):
         raise FileNotFoundError(f"{flag} {workdir}: holds no finished checkpoint (nothing in "

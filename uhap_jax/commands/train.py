@@ -50,7 +50,9 @@ def check_inputs(stage: str, config: ml_collections.ConfigDict) -> None:
         if not config.get("prior_workdir"):
             raise common.UsageError(f"uhap train {stage}: needs a trained prior; pass "
                                     "--config.prior_workdir=<a `uhap train prior` workdir>")  # fmt: skip
-        common.require_checkpoint(Path(config.prior_workdir), "--config.prior_workdir", "uhap train prior")
+        # The audio stage rebuilds the prior from its own prior_config; the encoder stage from the workdir's.
+        common.require_checkpoint(Path(config.prior_workdir), "--config.prior_workdir", "uhap train prior",
+                                  need_config=stage == "encoder")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from uhap_jax.artifacts import output_dirs
 from uhap_jax.config_utils import read_config, save_config
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.models.population import POPULATION_FILE
@@ -66,19 +67,15 @@ def export_bundle(workdir: str | Path, out: str | Path, dtype: str = "float32") 
     if dtype == "bfloat16":
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     out = Path(out)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(staging.absolute() / "params", params)
-    save_config(config, staging / "config.json")
-    save_template(template, staging / "template.npz")
-    if (Path(workdir) / POPULATION_FILE).is_file():
-        shutil.copy(Path(workdir) / POPULATION_FILE, staging / POPULATION_FILE)
-    manifest = {"kind": "uhap_prior", "step": step, "dtype": dtype, "source": str(Path(workdir).absolute())}
-    (staging / BUNDLE_FILE).write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    with output_dirs.replacing(out, "bundle", inputs=[workdir]) as staging:  # never a workdir, never foreign
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(staging.absolute() / "params", params)
+        save_config(config, staging / "config.json")
+        save_template(template, staging / "template.npz")
+        if (Path(workdir) / POPULATION_FILE).is_file():
+            shutil.copy(Path(workdir) / POPULATION_FILE, staging / POPULATION_FILE)
+        manifest = {"kind": "uhap_prior", "step": step, "dtype": dtype, "source": str(Path(workdir).absolute())}
+        (staging / BUNDLE_FILE).write_text(json.dumps(manifest, indent=1))
     return out
 
 

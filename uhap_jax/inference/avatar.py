@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ import kernels
 from data_pipelines import audio_io, layout
 from kernels import binning
 from uhap_jax import export
+from uhap_jax.artifacts import output_dirs
 from uhap_jax.config_utils import read_config
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.inference import camera_paths, ply, speech_windows, video
@@ -188,22 +188,18 @@ def make_avatar(
                          f"prior in {prior_workdir} takes {prior.z_dim}")  # fmt: skip
 
     out = Path(out)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    export.export_bundle(prior_workdir, staging / PRIOR_DIR)
-    (staging / SCAN_MAPS_FILE).parent.mkdir(parents=True)
-    np.save(staging / SCAN_MAPS_FILE, np.asarray(scan_maps, np.float32))
-    save_speech(speech, staging)
-    layout.write_calibration(staging, list(layout.read_calibration(subject_dir).values()))
-    manifest = {
-        "kind": "uhap_avatar", "subject": subject_id, "fps": fps, "image_size": [int(s) for s in image_size],
-        "speech_step": speech_step, "sources": {"prior": str(Path(prior_workdir).absolute()),
-                                                "speech": str(Path(audio_workdir).absolute())},
-    }  # fmt: skip
-    (staging / AVATAR_FILE).write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    with output_dirs.replacing(out, "avatar", inputs=[prior_workdir, audio_workdir, dataset_root]) as staging:
+        export.export_bundle(prior_workdir, staging / PRIOR_DIR)
+        (staging / SCAN_MAPS_FILE).parent.mkdir(parents=True)
+        np.save(staging / SCAN_MAPS_FILE, np.asarray(scan_maps, np.float32))
+        save_speech(speech, staging)
+        layout.write_calibration(staging, list(layout.read_calibration(subject_dir).values()))
+        manifest = {
+            "kind": "uhap_avatar", "subject": subject_id, "fps": fps, "image_size": [int(s) for s in image_size],
+            "speech_step": speech_step, "sources": {"prior": str(Path(prior_workdir).absolute()),
+                                                    "speech": str(Path(audio_workdir).absolute())},
+        }  # fmt: skip
+        (staging / AVATAR_FILE).write_text(json.dumps(manifest, indent=1))
     return out
 
 

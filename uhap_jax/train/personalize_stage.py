@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import grain
@@ -43,6 +42,7 @@ from flax import nnx
 import kernels
 from data_pipelines import layout, loaders, synth
 from uhap_jax import export
+from uhap_jax.artifacts import output_dirs
 from uhap_jax.config_utils import save_config
 from uhap_jax.eval import image_metrics
 from uhap_jax.geometry import template as template_lib
@@ -660,10 +660,18 @@ def _save_bundle(params: dict, config: ml_collections.ConfigDict, template: temp
 def write_avatar(out: Path, identity: PersonalIdentity, prior_cfg: ml_collections.ConfigDict,
                  template: template_lib.Template, speech, speech_step: int, video: MonoVideo,
                  config: ml_collections.ConfigDict, sources: dict, details: dict) -> Path:  # fmt: skip
-    """The avatar folder (`load_avatar`'s format plus the bias maps); `out` is replaced only once complete."""
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    """The avatar folder (`load_avatar`'s format plus the bias maps); `out` is replaced only once complete, and
+    only when it is missing, empty or an avatar, never an input (`output_dirs`)."""
+    inputs = [*(v for v in sources.values() if isinstance(v, str)), video.subject_dir]
+    with output_dirs.replacing(out, "avatar", inputs=inputs) as staging:
+        _write_avatar_files(staging, identity, prior_cfg, template, speech, speech_step, video, config, sources,
+                            details)  # fmt: skip
+    return out
+
+
+def _write_avatar_files(staging: Path, identity: PersonalIdentity, prior_cfg: ml_collections.ConfigDict,
+                        template: template_lib.Template, speech, speech_step: int, video: MonoVideo,
+                        config: ml_collections.ConfigDict, sources: dict, details: dict) -> None:  # fmt: skip
     bundle = {"kind": "uhap_prior", "step": details["prior_step"], "dtype": "float32", "source": sources["prior"],
               "personalized": True}  # fmt: skip
     _save_bundle(identity.prior_params, prior_cfg, template, staging / avatar_lib.PRIOR_DIR, bundle)
@@ -678,9 +686,6 @@ def write_avatar(out: Path, identity: PersonalIdentity, prior_cfg: ml_collection
         "personalized": details,
     }  # fmt: skip
     (staging / avatar_lib.AVATAR_FILE).write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return out
 
 
 def _claim_workdir(workdir: Path, inputs: dict) -> None:

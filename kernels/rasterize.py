@@ -14,7 +14,7 @@ from kernels import binning, reference
 from kernels.constants import TILE
 from kernels.projection import project
 
-BACKENDS = ("auto", "reference", "pallas", "cuda")
+BACKENDS = ("auto", "reference", "pallas", "pallas_tpu", "cuda")
 MODES = ("classic", "antialiased")
 
 
@@ -160,7 +160,7 @@ class AdaptiveCapacity:
 
 def _resolve_backend(backend: str) -> str:
     """The backend "auto" stands for: $UHAP_RASTER_BACKEND if set, else the CUDA kernels on an NVIDIA GPU with nvcc,
-    else Pallas on a GPU, else the jnp reference."""
+    else Pallas (Triton) on a GPU, the Pallas TPU (Mosaic) kernels on a TPU, else the jnp reference."""
     from kernels import cuda_ops
 
     if backend == "auto":
@@ -168,6 +168,8 @@ def _resolve_backend(backend: str) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"rasterize: UHAP_RASTER_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if jax.default_backend() == "tpu":
+            return "pallas_tpu"
         if jax.default_backend() != "gpu":
             return "reference"
         return "cuda" if cuda_ops.available() else "pallas"
@@ -200,6 +202,10 @@ def _compositor(backend: str):
         from kernels import pallas_composite
 
         return pallas_composite
+    if backend == "pallas_tpu":
+        from kernels import pallas_tpu
+
+        return pallas_tpu
     if backend == "cuda":
         from kernels import cuda_ops
 

@@ -34,15 +34,12 @@ from data_pipelines import audio_io
 from data_pipelines.audio_io import AUDIO_RATE
 from data_pipelines.errors import LayoutError
 
-
 CALIBRATION_FILE = Path("calibration") / "camera_params.json"
 DATASET_FILE = "dataset.json"
 META_FILE = "meta.json"
 VERTICES_FILE = "vertices.npy"
 AUDIO_FILE = "audio.wav"
 SCAN_DIR = "neutral_scan"
-
-
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,9 +17,22 @@ from uhap_jax.config_utils import UsageError
 _QUIET_LOGGERS = ("absl", "jax", "jaxlib", "orbax", "etils", "tensorflow", "tensorflow_datasets", "grain")
 
 
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is when a line is logged, so a command run in-process (tests, notebooks)
+    never logs into a stream that was swapped out and closed since."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def log_to_stdout() -> None:
     """Our progress lines (INFO) on stdout, libraries at WARNING and above."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_CurrentStdout()], force=True)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -104,10 +104,11 @@ def test_two_processes_split_the_jobs_and_process_zero_merges(trained, tmp_path)
     assert "wrote" in outputs[0] and "wrote" not in outputs[1]
 
 
-def test_missing_checkpoint_is_named(tmp_path):
+def test_missing_checkpoint_is_named(tmp_path, capsys):
     missing = tmp_path / "no_such_run"
-    with pytest.raises(FileNotFoundError, match=f"{missing}: checkpoint listed in config.checkpoints does not exist"):
-        cli.main(["sweep", "--workdir", str(tmp_path / "out"), f"--config.checkpoints=('{missing}',)"])
+    assert cli.main(["sweep", "--workdir", str(tmp_path / "out"), f"--config.checkpoints=('{missing}',)"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {missing}: checkpoint listed in config.checkpoints does not exist"]
 
 
 def test_a_folder_that_is_no_checkpoint_is_named(tmp_path):

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipelines import layout
+from uhap_jax.artifacts import output_dirs
 from uhap_jax.artifacts.bundles import load_bundle
 from uhap_jax.artifacts.checkpoints import single_device_mesh
 from uhap_jax.artifacts.priors import export_bundle, load_prior, restore_speech
@@ -157,16 +158,18 @@ def make_avatar(
                                                 "speech": str(Path(audio_workdir).absolute())},
     }  # fmt: skip
     return write_avatar(Path(out), lambda folder: export_bundle(prior_workdir, folder), scan_maps, None, speech,
-                        list(layout.read_calibration(subject_dir).values()), manifest)  # fmt: skip
+                        list(layout.read_calibration(subject_dir).values()), manifest,
+                        inputs=[prior_workdir, audio_workdir, dataset_root])  # fmt: skip
 
 
 def write_avatar(out: Path, write_prior: Callable[[Path], object], scan_maps: np.ndarray,
                  bias_maps: list[np.ndarray] | None, speech: AudioToLatent, cameras: list[layout.Camera],
-                 manifest: dict) -> Path:  # fmt: skip
+                 manifest: dict, *, inputs: list) -> Path:  # fmt: skip
     """An avatar folder: `write_prior(folder)` writes the prior's bundle, then the identity (scan maps, and a
     personalised avatar's bias maps), the speech model, the cameras and `manifest` (avatar.json). `out` is
-    replaced only once complete."""
-    with layout.staged_dir(out) as staging:
+    replaced only once complete, and only when it is missing, empty or an avatar, never one of `inputs`
+    (`output_dirs`)."""
+    with output_dirs.replacing(out, "avatar", inputs=inputs) as staging:
         write_prior(staging / PRIOR_DIR)
         (staging / SCAN_MAPS_FILE).parent.mkdir(parents=True)
         np.save(staging / SCAN_MAPS_FILE, np.asarray(scan_maps, np.float32))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from flax import nnx
 
 from data_pipelines import dataset as dataset_lib
 from data_pipelines import layout, loaders
+from uhap_jax.artifacts.output_dirs import save_npz_atomic
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.models.prior import UHAP
 from uhap_jax.models.render import encoder_geometry
@@ -33,6 +35,23 @@ def codes_key(prior_workdir: Path, prior_step: int, root: Path, held_in: list[st
     return f"{prior_workdir.resolve()}@{prior_step}|{root.resolve()}|{digest}|{','.join(held_in)}"
 
 
+def cached_codes(cache: Path, key: str, sequences: list[dataset_lib.Sequence]) -> list[dataset_lib.Sequence] | None:
+    """The sequences with their codes from `cache` when it holds them for `key`; None when it is missing, for
+    another prior, data or cameras, or unreadable (a run killed while writing it): the codes are then recomputed."""
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as stored:
+            if str(stored["key"]) == key and all(s.key in stored for s in sequences):
+                cached = [dataclasses.replace(s, codes=np.asarray(stored[s.key])) for s in sequences]
+                logger.info("expression codes: cached in %s", cache)
+                return cached
+        logger.info("expression codes: %s is for another prior, data or cameras; recomputing", cache)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:  # a write cut short
+        logger.warning("expression codes: %s is unreadable (%s); recomputing", cache, error)
+    return None
+
+
 def expression_codes(
     prior: UHAP, records: loaders.FrameRecords, tables: dataset_lib.SubjectTables,
     sequences: list[dataset_lib.Sequence], held_in: list[str], batch_size: int, cache: Path, key: str,
@@ -43,12 +62,9 @@ def expression_codes(
     Read from `cache` when it was written for the same prior checkpoint, data and cameras (`key`); else
     computed (batches of `batch_size` frames, the last one padded) and written there by process 0.
     """
-    if cache.is_file():
-        with np.load(cache, allow_pickle=False) as stored:
-            if str(stored["key"]) == key and all(s.key in stored for s in sequences):
-                logger.info("expression codes: cached in %s", cache)
-                return [dataclasses.replace(s, codes=stored[s.key]) for s in sequences]
-        logger.info("expression codes: %s is for another prior, data or cameras; recomputing", cache)
+    cached = cached_codes(cache, key, sequences)
+    if cached is not None:
+        return cached
     views = loaders.SampleViews(len(held_in), tuple(held_in))  # every held-in camera: no randomness left
     graphdef, state = nnx.split(prior)
 
@@ -72,7 +88,7 @@ def expression_codes(
     sequences = [dataclasses.replace(s, codes=codes[a:b]) for s, a, b in zip(sequences, bounds[:-1], bounds[1:])]
     if jax.process_index() == 0:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, key=np.asarray(key), **{s.key: s.codes for s in sequences})
+        save_npz_atomic(cache, key=np.asarray(key), **{s.key: s.codes for s in sequences})
         logger.info("expression codes: %d frames encoded by the prior, cached in %s", len(frames), cache)
     return sequences
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from data_pipelines import layout
+from uhap_jax.artifacts import output_dirs
 from uhap_jax.artifacts.bundles import BUNDLE_FILE, DTYPES, load_bundle, load_template, save_bundle
 from uhap_jax.artifacts.checkpoints import restore_latest, single_device_mesh
 from uhap_jax.config_utils import read_config
@@ -66,7 +66,7 @@ def export_bundle(workdir: str | Path, out: str | Path, dtype: str = "float32") 
     if dtype == "bfloat16":
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     manifest = {"kind": "uhap_prior", "step": step, "dtype": dtype, "source": str(Path(workdir).absolute())}
-    with layout.staged_dir(Path(out)) as staging:
+    with output_dirs.replacing(Path(out), "bundle", inputs=[workdir]) as staging:  # never a workdir, never foreign
         save_bundle(params, config, template, staging, manifest)
         if (Path(workdir) / POPULATION_FILE).is_file():
             shutil.copy(Path(workdir) / POPULATION_FILE, staging / POPULATION_FILE)

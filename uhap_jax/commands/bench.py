@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from kernels import bench as raster_bench
+from uhap_jax.commands import common
 
 
 def register(subparsers) -> None:
@@ -33,7 +34,7 @@ def register(subparsers) -> None:
         metavar="B,B,...",
         help="global batch sizes (frames) to size: the step's device memory, the largest that fits",
     )
-    train.set_defaults(func=run_train)
+    train.set_defaults(func=run_train, takes_config=True)
     animate = targets.add_parser(
         "animate", help="frames/s of audio -> speech model -> codes -> decode -> render -> host, untrained models",
         description="Overrides: --config.prior.<field>=V and --config.audio.<field>=V.",
@@ -58,7 +59,7 @@ def register(subparsers) -> None:
     )
     animate.add_argument("--repeats", type=int, default=5, help="timed passes after one warm-up; the median")
     animate.add_argument("--seed", type=int, default=0)
-    animate.set_defaults(func=run_animate)
+    animate.set_defaults(func=run_animate, takes_config=True)
 
 
 def run_rasterizer(args: argparse.Namespace) -> int:
@@ -114,13 +115,19 @@ def run_animate(args: argparse.Namespace) -> int:
     for item in args.config_overrides:
         stage, _, rest = item.removeprefix("--config.").partition(".")
         if stage not in overrides or not rest:
-            raise SystemExit(f"uhap bench animate: override {item!r} must be --config.prior.<field>=V "
-                             f"or --config.audio.<field>=V")  # fmt: skip
+            raise common.UsageError(f"{item}: uhap bench animate takes --config.prior.<field>=V or "
+                                    "--config.audio.<field>=V")  # fmt: skip
         overrides[stage].append(rest)
     try:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
-        raise SystemExit(f"uhap bench animate: --batch {args.batch!r} is not a comma list of integers") from None
+        raise common.UsageError(f"--batch {args.batch!r}: not a comma list of integers, e.g. 1,4,8") from None
+    for batch in batches:
+        common.bounded(batch, "--batch", "BATCH")
+    common.bounded(args.size, "--size", "SIZE")
+    common.bounded(args.frames, "--frames", "FRAMES")
+    if not args.fps > 0:
+        raise common.UsageError(f"--fps {args.fps}: must be positive")
     rows, note = fps_bench.run(
         args.prior_config, args.audio_config, frames=args.frames, size=args.size, batches=batches,
         prior_overrides=overrides["prior"], audio_overrides=overrides["audio"], fps=args.fps,

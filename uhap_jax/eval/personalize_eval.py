@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 
 import jax
@@ -21,6 +20,7 @@ import kernels
 from data_pipelines import dataset as dataset_lib
 from data_pipelines import layout, loaders
 from uhap_jax.artifacts.expression_codes import CODES_FILE, code_targets
+from uhap_jax.artifacts.metrics_log import last_value
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.models import image_metrics
 from uhap_jax.models.personal import PersonalIdentity, personalized_prior
@@ -81,15 +81,6 @@ def view_psnr(prior: UHAP, views: ViewSet, scan_maps: np.ndarray, capacity: kern
     return float(np.mean(np.concatenate(values)))
 
 
-def _last_eval(workdir: Path, name: str) -> float | None:
-    path = workdir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    values = [row[name] for row in rows if row.get(name) is not None]
-    return float(values[-1]) if values else None
-
-
 def heldout_metrics(base: UHAP, prior_cfg: ml_collections.ConfigDict, template: template_lib.Template,
                     prior_step: int, prior_workdir: str | Path, identity: PersonalIdentity,
                     root: Path, records: loaders.FrameRecords, split: dataset_lib.Split, subject: str,
@@ -133,7 +124,7 @@ def heldout_metrics(base: UHAP, prior_cfg: ml_collections.ConfigDict, template: 
         ),  # fmt: skip
         "personalize/prior_train_psnr": view_psnr(base, train, scans[train.subject_ids], capacity, batch),
     }
-    prior_eval = _last_eval(Path(prior_workdir), "eval/psnr")
+    prior_eval = last_value(Path(prior_workdir), "eval/psnr")
     if prior_eval is not None:
         metrics["personalize/prior_eval_psnr"] = prior_eval
     metrics["personalize/gap_db"] = metrics["personalize/prior_train_psnr"] - metrics["personalize/heldout_view_psnr"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import numpy as np
 from flax import nnx
 
 import kernels
-from data_pipelines import layout
+from data_pipelines import audio_io, layout
 from uhap_jax.artifacts.avatars import Avatar
-from uhap_jax.inference import camera_paths, ply, video
+from uhap_jax.inference import camera_paths, ply, speech_windows, video
 from uhap_jax.models.audio_encoder import SAMPLE_RATE
 from uhap_jax.models.audio_to_latent import AudioToLatent
 from uhap_jax.models.prior import UHAP
@@ -46,25 +45,20 @@ class Animation:
 
 
 def read_speech(audio_file: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """A WAV file -> (16 kHz mono for the speech model, mono at the file's own rate for the video, that rate).
-
-    Mixing down and resampling are logged, never silent.
-    """
-    model_audio, notes = layout.read_audio(audio_file)
+    """An audio file (WAV, MP3, M4A, FLAC, ...) -> (16 kHz mono for the speech model, mono at the file's own rate
+    for the video, that rate). Mixing down and resampling are logged, never silent."""
+    decoded = audio_io.decode_audio(audio_file)
+    model_audio, notes = audio_io.to_mono(decoded, SAMPLE_RATE, Path(audio_file))
     for note in notes:
         logger.info("audio input: %s", note)
-    with wave.open(str(audio_file), "rb") as reader:
-        rate = reader.getframerate()
-    track, _ = layout.read_audio(audio_file, target_rate=rate)
-    return model_audio, track, rate
+    track, _ = audio_io.to_mono(decoded, decoded.rate, Path(audio_file))
+    return model_audio, track, decoded.rate
 
 
 def predict_codes(speech: AudioToLatent, waveform: np.ndarray, fps: float) -> np.ndarray:
-    """16 kHz mono audio -> expression codes [T, z_dim], one per video frame; T = duration x fps, rounded."""
-    num_frames = max(1, round(waveform.size * fps / SAMPLE_RATE))
-    graphdef, state = nnx.split(speech)
-    run = jax.jit(lambda state, audio: nnx.merge(graphdef, state)(audio, num_frames))
-    return np.asarray(run(state, jnp.asarray(waveform)[None]))[0]
+    """16 kHz mono audio -> expression codes [T, z_dim], one per video frame; T = duration x fps, rounded. Long
+    audio runs in overlapping windows (`speech_windows`), so memory does not grow with its length."""
+    return speech_windows.predict_codes(speech, waveform, fps)
 
 
 def _render_fn(prior: UHAP, width: int, height: int):

@@ -255,8 +255,10 @@ def personalize(prior: str | Path, encoder_workdir: str | Path, video_dir: str |
         "image_size": [int(config.image_size)] * 2, "speech_step": speech_step, "sources": sources,
         "personalized": details,
     }  # fmt: skip
+    inputs = [*(v for v in sources.values() if isinstance(v, str)), video.subject_dir]
     written = write_avatar(out, lambda folder: save_bundle(identity.prior_params, prior_cfg, template, folder, bundle),
-                           identity.scan_maps, identity.bias_maps, speech, [video.camera], manifest)  # fmt: skip
+                           identity.scan_maps, identity.bias_maps, speech, [video.camera], manifest,
+                           inputs=inputs)  # fmt: skip
     logger.info("wrote %s", written)
     return PersonalizeResult(written, result.step, False, workdir, result.metrics)
 

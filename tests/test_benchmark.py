@@ -12,16 +12,17 @@ import zipfile
 import numpy as np
 import pytest
 from flax import nnx
-from test_prior import randomise
-from test_train_audio import PRIOR_OVERRIDES
+from helpers.layouts import PRIOR_OVERRIDES
+from helpers.models import randomise
 
 from data_pipelines import layout, synth
 from uhap_jax import cli
 from uhap_jax.config_utils import load_config
 from uhap_jax.eval import benchmark, face_metrics, lip_metrics, nersemble_submission
 from uhap_jax.geometry import template as template_lib
-from uhap_jax.models.prior import UHAP, scan_uv_maps
-from uhap_jax.train import audio_stage
+from uhap_jax.geometry.texels import scan_uv_maps
+from uhap_jax.models.frozen_prior import build_speech_model
+from uhap_jax.models.prior import UHAP
 
 FPS, RATE = 25.0, 16_000
 SPEECH = [
@@ -46,7 +47,7 @@ def setup(tmp_path_factory):
     prior = UHAP(template, prior_cfg.model, rngs=nnx.Rngs(0))
     randomise(prior.decoder.out, rng, scale=0.1)
     speech_cfg = load_config("configs/audio.py:tiny", SPEECH)
-    speech = audio_stage.build_model(speech_cfg, nnx.clone(prior), FPS).speech
+    speech = build_speech_model(speech_cfg, nnx.clone(prior), FPS).speech
     randomise(speech.head, rng)
     speech.eval()
     avatars = {}

@@ -10,11 +10,10 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 import pytest
-from test_encoder_personalize import SPEECH_OVERRIDES
-from test_train_audio import PRIOR_OVERRIDES  # UV 32²: the 24-row template has lip texels
+from helpers.layouts import PRIOR_OVERRIDES, SPEECH_OVERRIDES  # UV 32²: the 24-row template has lip texels
 
 from uhap_jax import cli
-from uhap_jax.train import personalize_stage
+from uhap_jax.artifacts.avatars import load_avatar
 
 SYNTH = ("num_identities=4", "num_held_out_identities=2", "sentences_per_identity=2", "max_seconds=0.8",
          "num_cameras=4", "held_out_cameras=(1,)", "image_size=32", "template_resolution=24",
@@ -60,7 +59,7 @@ def test_demo_writes_metrics_avatar_video_and_report(demo):
 
     avatars = sorted(a for a in demo.glob("avatar_*") if (a / "avatar.json").is_file())
     assert [a.name for a in avatars] == ["avatar_id002", "avatar_id003"]  # the held-out identities, phone-built
-    avatar = personalize_stage.load_personalized_avatar(avatars[0])
+    avatar = load_avatar(avatars[0])
     assert avatar.subject == "id002"
     rows = json.loads((demo / "benchmark" / "benchmark.json").read_text())["rows"]
     assert {(r["subject"], r["condition"]) for r in rows} == {

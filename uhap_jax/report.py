@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import json
 import math
 from pathlib import Path
 
@@ -15,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from uhap_jax.artifacts.metrics_log import read_rows  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +47,7 @@ class Bar:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_rows(path)  # a torn last line (a killed run) is dropped, not an error
 
 
 def plot_curves(stage_dirs: dict[str, Path], out: Path) -> Path:

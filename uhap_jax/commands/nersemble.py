@@ -32,9 +32,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from data_pipelines import layout
     from data_pipelines.importers import nersemble
+    from uhap_jax.artifacts.priors import load_prior
     from uhap_jax.eval import nersemble_submission as nvs
-    from uhap_jax.models.prior import scan_uv_maps
-    from uhap_jax.train import personalize_stage
+    from uhap_jax.geometry.texels import scan_uv_maps
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     spec = nvs.NVS
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise SystemExit(f"--data: the benchmark sequences {missing} are missing; import them first "
                          "(uhap data import --format nersemble)")  # fmt: skip
-    prior, config, template, _ = personalize_stage.load_prior(args.prior)
+    prior, config, template, _ = load_prior(args.prior)
     tracked = float(config.loss.get("tracked_mesh", 0.0)) > 0
     width, height = args.calib_resolution or (spec.width, spec.height)
 

@@ -49,8 +49,9 @@ from kernels import binning
 from uhap_jax.eval import face_metrics
 from uhap_jax.geometry import rotations
 from uhap_jax.geometry import template as template_lib
+from uhap_jax.geometry.texels import scan_uv_maps
 from uhap_jax.models.audio_encoder import SAMPLE_RATE
-from uhap_jax.models.prior import UHAP, scan_uv_maps
+from uhap_jax.models.prior import UHAP
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uhap_jax.eval import image_metrics, lip_metrics, syncnet
+from uhap_jax.eval import lip_metrics, syncnet
 from uhap_jax.geometry import template as template_lib
+from uhap_jax.models import image_metrics
 
 LPIPS_MISSING = "n/a (no weights: --lpips-weights)"
 SYNCNET_MISSING = "n/a (no weights: --syncnet-weights)"

@@ -13,9 +13,10 @@ from pathlib import Path
 import ml_collections
 
 from data_pipelines import layout
+from uhap_jax.artifacts import avatars
+from uhap_jax.artifacts.priors import load_prior, restore_speech
 from uhap_jax.config_utils import load_config, read_config
 from uhap_jax.eval import benchmark
-from uhap_jax.inference import avatar as avatar_lib
 from uhap_jax.train import personalize_stage
 
 logger = logging.getLogger(__name__)
@@ -23,10 +24,10 @@ logger = logging.getLogger(__name__)
 
 def _monocular_only(path: Path) -> None:
     """An avatar given to the benchmark must have been built without a scan (its avatar.json says so)."""
-    manifest = json.loads((path / avatar_lib.AVATAR_FILE).read_text())
+    manifest = json.loads((path / avatars.AVATAR_FILE).read_text())
     details = manifest.get("personalized")
     if not isinstance(details, dict) or details.get("scan") is not False:
-        raise ValueError(f"{path / avatar_lib.AVATAR_FILE}: not an avatar personalised from a monocular video without "
+        raise ValueError(f"{path / avatars.AVATAR_FILE}: not an avatar personalised from a monocular video without "
                          "a scan; the benchmark's avatars must be (delete it to have it rebuilt)")  # fmt: skip
 
 
@@ -40,7 +41,7 @@ def build(prior: Path, encoder: Path, audio: Path, root: Path, out: Path, config
     avatars = {}
     for subject in subjects:
         path = Path(out) / f"avatar_{subject}"
-        if not (path / avatar_lib.AVATAR_FILE).is_file():
+        if not (path / avatars.AVATAR_FILE).is_file():
             logger.info("benchmark: personalising %s from its monocular clip alone", subject)
             work = path.with_name(path.name + ".work")
             result = personalize_stage.personalize(prior, encoder, layout.subject_dir(root, subject), path, config,
@@ -53,7 +54,7 @@ def build(prior: Path, encoder: Path, audio: Path, root: Path, out: Path, config
 
 
 def load(path: Path) -> benchmark.TestAvatar:
-    avatar = personalize_stage.load_personalized_avatar(path)
+    avatar = avatars.load_avatar(path)
     return benchmark.TestAvatar(avatar.prior, avatar.scan_maps, avatar.speech)
 
 
@@ -70,7 +71,7 @@ def run_benchmark(prior: Path, encoder: Path, audio: Path, root: Path, out: Path
     root, out = Path(root), Path(out)
     paths = build(prior, encoder, audio, root, Path(avatars_dir or out), personalize_config)
     avatars = {subject: load(path) for subject, path in paths.items()}
-    base, prior_cfg, template, _ = personalize_stage.load_prior(prior)
+    base, prior_cfg, template, _ = load_prior(prior)
     tracked = float(prior_cfg.loss.get("tracked_mesh", 0.0)) > 0
     lpips_model = losses.load_lpips(lpips_weights) if lpips_weights else None
     syncnet_model = syncnet.load_syncnet(syncnet_weights) if syncnet_weights else None
@@ -94,11 +95,11 @@ def sweep_benchmark(settings: ml_collections.ConfigDict, out: Path) -> Callable[
         key = hashlib.sha256(f"{prior_path.resolve()}|{Path(root).resolve()}".encode()).hexdigest()[:12]
         paths = build(prior_path, Path(settings.encoder), Path(checkpoint), Path(root), Path(out) / f"avatars_{key}",
                       personalize_config)  # fmt: skip
-        base, prior_cfg, template, _ = personalize_stage.load_prior(prior_path)
+        base, prior_cfg, template, _ = load_prior(prior_path)
         avatars = {}
         for subject, path in paths.items():
             avatar = load(path)
-            speech, _ = avatar_lib.restore_speech(checkpoint, base, avatar.speech.config.fps)
+            speech, _ = restore_speech(checkpoint, base, avatar.speech.config.fps)
             avatars[subject] = benchmark.TestAvatar(avatar.prior, avatar.scan_maps, speech)
         tracked = float(prior_cfg.loss.get("tracked_mesh", 0.0)) > 0
         result = benchmark.run(Path(root), avatars, template, benchmark.Oracle(base, tracked),

@@ -35,46 +35,62 @@ def test_all_sequences_share_one_render_program(dataset):
     assert render_programs == 1
 
 
-@functools.partial(jax.jit, static_argnums=(7, 8))
-def _rasterize(means, quats, scales, opacities, colours, view, intrinsics, size, capacity):
-    return kernels.rasterize(
-        means, quats, scales, opacities, colours, view, intrinsics,
-        width=size, height=size, capacity=capacity, backend="pallas",
-    )  # fmt: skip
+@functools.partial(jax.jit, static_argnums=(7, 8, 9))
+def _reference_image(vertices, rotation, jaw, view, intrinsics, look_arrays, sampler_arrays, size, capacity, res):
+    """One image as `Renderer` draws it, before the camera response: rgb, alpha and the pairs it needs."""
+    sampler = synth.SurfaceSampler(*sampler_arrays, res)
+    scene = synth._scene(sampler, synth.shading.Look(*look_arrays), vertices, rotation, jaw, view)
+    out = kernels.rasterize(*scene, view[None], intrinsics[None], width=size, height=size, capacity=capacity,
+                            backend="pallas")  # fmt: skip
+    return out.rgb[0], out.alpha[0], out.stats.n_pairs[0]
 
 
-def test_renderer_batches_images_and_grows_capacity(rng):
-    """(frame, camera) images batched across frames, with a padded last batch, equal one rasterize call each;
-    a pair capacity too small for the scene grows and renders again instead of truncating."""
-    size, num_frames = 32, 3
+def _small_scene(rng, size=32, num_frames=3):
     config = synth.synth_config("tiny")
-    config.update(image_size=size, num_cameras=2)
+    config.update(image_size=size, num_cameras=2, hair_strands=60, brow_strands=10, ear_points=30, neck_points=60)
     cameras = synth.camera_rig(config, rng)
     template = template_lib.procedural_head(24)
     sampler = synth.SurfaceSampler.build(template, 32)
-    vertices = template.vertices + rng.normal(0.0, 1e-3, (num_frames, *template.vertices.shape)).astype(np.float32)
-    colours = jnp.asarray(rng.uniform(0.1, 0.9, (len(sampler.face_ids), 3)), jnp.float32)
-    expected_rgb, expected_alpha, most_pairs = [], [], 0
+    voice = synth.voices.draw_voice(rng)
+    identity = synth.make_identity(template, 0, rng, sampler, synth.counts(config), voice)
+    vertices = identity.template.vertices + rng.normal(0.0, 1e-3, (num_frames, len(template.vertices), 3))
+    return cameras, template, sampler, identity, vertices.astype(np.float32)
+
+
+def test_renderer_batches_images_and_grows_capacity(rng):
+    """(frame, camera) images batched across frames, with a padded last batch, equal one rasterize call each
+    through the camera response (gain, then noise of the given seed); a pair capacity too small for the scene
+    grows and renders again instead of truncating."""
+    size, num_frames = 32, 3
+    cameras, _, sampler, identity, vertices = _small_scene(rng, size, num_frames)
+    rotation = np.asarray(synth.rotations.axis_angle_to_matrix(jnp.asarray(rng.normal(0, 0.05, (num_frames, 3)),
+                                                                            jnp.float32)))  # fmt: skip
+    jaw = rng.uniform(0, 1, num_frames).astype(np.float32)
+    gains = rng.uniform(0.8, 1.2, (num_frames, 2, 3)).astype(np.float32)
+    look_arrays = synth._look_arrays(identity.look)
+    arrays = (sampler.faces, sampler.uvs, sampler.face_ids, sampler.barys, sampler.outward)
+    expected_rgb, most_pairs = [], 0
     for frame in range(num_frames):
-        means, quats, scales, normals = sampler.gaussians(jnp.asarray(vertices[frame]))
-        for camera in cameras:
-            view = jnp.asarray(camera.world_to_cam[None], jnp.float32)
-            intrinsics = jnp.asarray(camera.intrinsics[None], jnp.float32)
-            opacities = sampler.visible_opacities(means, normals, view)[0]
-            capacity = kernels.capacity_for(means, quats, scales, opacities, view, intrinsics, width=size, height=size)
-            # Jitted, as in the generator: eager calls reject the zero opacity that culls back-facing skin.
-            out = _rasterize(means, quats, scales, opacities, colours, view, intrinsics, size, capacity)
-            expected_rgb.append(synth._to_uint8(out.rgb[0]))
-            expected_alpha.append(synth._to_uint8(out.alpha[0]))
-            most_pairs = max(most_pairs, int(out.stats.n_pairs[0]))
+        for c, camera in enumerate(cameras):
+            view = jnp.asarray(camera.world_to_cam, jnp.float32)
+            intrinsics = jnp.asarray(camera.intrinsics, jnp.float32)
+            rgb, _, pairs = _reference_image(vertices[frame], rotation[frame], jaw[frame], view, intrinsics,
+                                             look_arrays, arrays, size, 60000, sampler.resolution)  # fmt: skip
+            expected_rgb.append(np.asarray(rgb) * gains[frame, c])
+            most_pairs = max(most_pairs, int(pairs))
     renderer = synth.Renderer(sampler, images_per_batch=4, backend="pallas")
     renderer.capacity = most_pairs // 2 + 1  # the busiest image overflows once
-    rgb, alpha = renderer(vertices, cameras, colours)
+    rgb, alpha = renderer(vertices, rotation, jaw, cameras, identity.look, gains, (1,), (0.0, 0.0))
     assert renderer.capacity >= most_pairs
     assert rgb.shape == (num_frames, 2, size, size, 3) and alpha.shape == (num_frames, 2, size, size)
-    np.testing.assert_array_equal(rgb.reshape(-1, size, size, 3), np.stack(expected_rgb))
-    np.testing.assert_array_equal(alpha.reshape(-1, size, size), np.stack(expected_alpha))
+    expected = np.round(np.clip(np.stack(expected_rgb), 0, 1) * 255)
+    assert np.abs(rgb.reshape(-1, size, size, 3).astype(float) - expected).max() <= 1.0
     assert 0.05 < np.mean(alpha > 128) < 0.9
+    # Sensor noise: another seed gives another image, of the same mean.
+    noisy_a, _ = renderer(vertices, rotation, jaw, cameras, identity.look, gains, (1,), (0.02, 0.02))
+    noisy_b, _ = renderer(vertices, rotation, jaw, cameras, identity.look, gains, (2,), (0.02, 0.02))
+    assert np.mean(noisy_a != noisy_b) > 0.3
+    assert abs(noisy_a.astype(float).mean() - noisy_b.astype(float).mean()) < 1.0
 
 
 def test_layout_is_complete_and_valid(dataset):

@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 import kernels
-from data_pipelines import layout, rig, shading, speech, voices
+from data_pipelines import layout, rig, scanner, shading, speech, voices
 from uhap_jax.geometry import cameras as camera_lib
 from uhap_jax.geometry import rotations
 from uhap_jax.geometry import template as template_lib
@@ -78,6 +79,7 @@ def synth_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.brow_strands = 60
     config.ear_points = 160
     config.neck_points = 700
+    config.scan_resolution = 96  # the raw scan's sample grid (a UV map of this size, jittered)
     config.read_noise = 0.006  # sensor noise, in [0, 1] image units
     config.shot_noise = 0.015
     config.monocular_fov_deg = 55.0  # the phone's lens: wider than the rig's, and held closer
@@ -101,8 +103,9 @@ def synth_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         config.images_per_batch = 48
         config.render_backend = "auto"  # the CUDA kernels on an NVIDIA GPU
         config.template_resolution = 96
-        config.gaussian_uv_resolution = 512
+        config.gaussian_uv_resolution = 544  # 512 falls 0.4% short of 4x at the layout's borders
         config.model_uv_resolution = 256
+        config.scan_resolution = 384
         config.hair_strands = 24000
         config.hair_segments = 6
         config.brow_strands = 500
@@ -165,6 +168,26 @@ def make_identity(
         ),
         look=look,
     )
+
+
+def scan_identity(template: template_lib.Template, identity: Identity, sampler: SurfaceSampler, resolution: int,
+                  rng: np.random.Generator) -> scanner.Scan:  # fmt: skip
+    """The identity's neutral as a scanner captures it: its detailed, displaced surface (looked up at the
+    nearest of the generator's samples), resampled, noisy and with holes (`scanner.scan`)."""
+    samples = np.asarray(template_lib.surface_points(identity.template.vertices, template.faces, sampler.face_ids,
+                                                     sampler.barys))  # fmt: skip
+    tree = cKDTree(samples)
+    vertices = identity.template.vertices
+
+    def lookup(values: np.ndarray):
+        def at(face_ids: np.ndarray, barys: np.ndarray) -> np.ndarray:
+            points = np.einsum("nk,nkd->nd", barys, vertices[template.faces[face_ids]])
+            return values[tree.query(points)[1]]
+
+        return at
+
+    return scanner.scan(template, vertices, lookup(identity.look.albedo), lookup(identity.look.displacement),
+                        resolution, rng)  # fmt: skip
 
 
 def _identity_shape(template: template_lib.Template, rng: np.random.Generator):
@@ -638,7 +661,12 @@ def generate(out_dir: Path, config: ml_collections.ConfigDict, *, progress: bool
             identity_rng = np.random.default_rng([config.seed, index, 1])
             subject = layout.subject_dir(root, identity.name)
             layout.write_calibration(subject, [*rig_cameras, mono_camera])
-            layout.write_neutral_scan(subject, identity.template.vertices, template.faces, identity.albedo)
+            raw_scan = scan_identity(template, identity, sampler, config.scan_resolution,
+                                     np.random.default_rng([config.seed, index, 2]))  # fmt: skip
+            registered, registered_colours = scanner.register(template, raw_scan)
+            layout.write_neutral_scan(subject, registered, template.faces, registered_colours)
+            layout.write_neutral_scan(subject, raw_scan.vertices, raw_scan.faces, raw_scan.colours,
+                                      file_name=layout.RAW_SCAN_FILE)  # fmt: skip
             train_choice = identity_rng.choice(num_train_sentences, config.sentences_per_identity, replace=False)
             sentence_ids = [int(i) for i in train_choice]
             if config.num_held_out_sentences:

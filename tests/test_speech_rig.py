@@ -1,9 +1,12 @@
 """eSpeak NG speech with timed phonemes, and the viseme rig that moves the mouth in sync with it."""
 
+import jax
 import numpy as np
 import pytest
 
-from data_pipelines import rig, speech
+import kernels
+from data_pipelines import rig, speech, synth
+from uhap_jax.geometry import cameras as camera_lib
 from uhap_jax.geometry import template as template_lib
 
 SENTENCE = "Bob met a happy puppy on the farm."
@@ -83,3 +86,55 @@ def test_blink_covers_eyes_and_gaze_turns_irises(head, rng):
     assert shift > 2e-3, "positive yaw turns the irises toward +x"
     np.testing.assert_allclose(vertices[2, ~head.region_mask("iris") & ~head.region_mask("eyeball")],
                                vertices[0, ~head.region_mask("iris") & ~head.region_mask("eyeball")])  # fmt: skip
+
+
+def _label_renderer(head: template_lib.Template):
+    """A zoomed frontal view of the mouth (128^2, 0.6 mm per pixel) that draws teeth red and tongue green."""
+    sampler = synth.SurfaceSampler.build(head, 128)  # dense enough to be opaque at this zoom
+    region = np.asarray(head.region_names)[head.region_ids[head.faces[sampler.face_ids, 0]]]
+    colours = np.stack([region == "teeth", region == "tongue", np.zeros(len(region), bool)], -1).astype(np.float32)
+    mouth_y = float(head.anchors["mouth_center"][1])
+    view = camera_lib.look_at(np.array([0.0, mouth_y, -0.9]), np.array([0.0, mouth_y, 0.0]))[None].astype(np.float32)
+    k = camera_lib.intrinsics_from_fov(5.0, 128, 128)[None].astype(np.float32)
+
+    @jax.jit
+    def render(vertices):
+        means, quats, scales, normals, _ = sampler.gaussians(vertices)
+        opacities = sampler.visible_opacities(means, normals, view)[0]
+        out = kernels.rasterize(means, quats, scales, opacities, colours, view, k, width=128, height=128,
+                                capacity=80000, backend="reference")  # fmt: skip
+        return out.rgb[0].sum((0, 1))  # teeth and tongue pixels (coverage-weighted)
+
+    return render
+
+
+def test_speech_drives_teeth_tongue_and_lip_shape(head, rng):
+    """Teeth show on /f v/ and not on closed /m b p/; the tongue shows between the teeth on /th/; its tip rises
+    on /t d n l/; the lips round on /u/ (narrower than on spread /i/)."""
+    voice = speech.Voice(name=str(rng.choice(["en-us", "en-gb-x-rp"])), rate_wpm=int(rng.integers(120, 150)))
+    utterance = speech.synthesize("Mom fed five sheep, then Bob thanked two tall moose.", voice)
+    fps = 100.0
+    track = rig.expression_track(utterance.phonemes, utterance.duration, fps, rng)
+    vertices = np.asarray(rig.deform(head, track))
+    ends = [p.start for p in utterance.phonemes[1:]] + [utterance.duration]
+    frames: dict[str, list[int]] = {}
+    for phoneme, end in zip(utterance.phonemes, ends):
+        frame = min(int(round(0.5 * (phoneme.start + end) * fps)), len(track) - 1)
+        frames.setdefault(rig.viseme_class(phoneme.symbol), []).append(frame)
+    assert all(len(frames.get(k, [])) >= 2 for k in ("bilabial", "labiodental", "dental", "alveolar", "round_vowel"))
+    render = _label_renderer(head)
+    seen = {kind: np.stack([np.asarray(render(vertices[f])) for f in frames[kind]]) for kind in
+            ("bilabial", "labiodental", "dental")}  # fmt: skip
+    teeth, tongue = 0, 1
+    assert seen["labiodental"][:, teeth].min() > 20.0, "the upper teeth show on /f v/"
+    assert seen["bilabial"][:, teeth].max() < 0.25 * seen["labiodental"][:, teeth].min(), "closed lips hide them"
+    assert seen["dental"][:, tongue].min() > 20.0 and seen["bilabial"][:, tongue].max() < 1.0
+    tongue_ids = np.flatnonzero(head.region_mask("tongue"))
+    lower_teeth = np.flatnonzero(head.region_mask("teeth") & (head.weights["jaw"] > 0.5))
+    tip = tongue_ids[np.argsort(head.vertices[tongue_ids, 2])[:8]]  # the front edge
+    height = vertices[:, tip, 1].mean(1) - vertices[:, lower_teeth, 1].max(1)
+    assert height[frames["alveolar"]].min() > height[frames["round_vowel"]].max() + 0.004
+    lips = head.weights["lip_upper"] + head.weights["lip_lower"]
+    width = np.sqrt(np.sum(lips * (vertices[..., 0] - vertices[..., 0].mean(1, keepdims=True)) ** 2, 1) / lips.sum())
+    spread = frames.get("front_vowel", []) + frames["labiodental"]
+    assert width[frames["round_vowel"]].max() < width[spread].min() - 0.001

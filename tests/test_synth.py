@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import kernels
+from configs import prior as prior_config
 from data_pipelines import layout, synth
 from uhap_jax.commands import data as data_command
 from uhap_jax.geometry import template as template_lib
@@ -110,6 +111,8 @@ def test_layout_is_complete_and_valid(dataset):
         scan_vertices, scan_faces, scan_colours = layout.read_neutral_scan(subject_dir)
         assert scan_vertices.shape == template.vertices.shape and scan_faces.shape == template.faces.shape
         assert scan_colours.std() > 0.05
+        raw_vertices, raw_faces, _ = layout.read_raw_scan(subject_dir)
+        assert len(raw_vertices) != len(scan_vertices) and raw_faces.max() < len(raw_vertices)
         for seq in layout.list_sequences(subject_dir):
             seq_dir = subject_dir / "sequences" / seq
             meta = layout.read_sequence_meta(seq_dir)
@@ -231,3 +234,125 @@ def test_cli_rejects_bad_override(tmp_path):
     with pytest.raises(KeyError, match="no_such_field"):
         data_command.run_synth(args)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "base"])
+def test_generator_surface_is_four_times_denser_than_the_model(preset):
+    """The generator's surface samples outnumber the prior's texel Gaussians at least 4x in every preset."""
+    config = synth.synth_config(preset)
+    model = prior_config.get_config(preset).model
+    assert (config.model_uv_resolution, config.template_resolution) == (model.uv_resolution, model.template_resolution)
+    template = template_lib.procedural_head(config.template_resolution)
+    model_texels = len(template_lib.uv_sample(template, config.model_uv_resolution)[0])
+    generator = len(template_lib.uv_sample(template, config.gaussian_uv_resolution)[0])
+    assert generator >= 4 * model_texels
+
+
+def test_identity_look_has_what_the_template_texels_cannot_hold(rng):
+    """Albedo varies within the model's texels; the skin is displaced off the mesh; hair, ears and neck lie
+    off the template surface; every count is the preset's, whatever the identity."""
+    config = synth.synth_config("tiny")
+    template = template_lib.procedural_head(config.template_resolution)
+    sampler = synth.SurfaceSampler.build(template, config.gaussian_uv_resolution)
+    looks = [synth.make_identity(template, i, np.random.default_rng(rng.integers(2**31)), sampler,
+                                 synth.counts(config), synth.voices.draw_voice(rng)) for i in range(2)]  # fmt: skip
+    assert len({len(identity.look.anchor) for identity in looks}) == 1
+    identity = looks[0]
+    look = identity.look
+    # Albedo detail finer than a model texel: group the generator's samples by the model texel they fall in.
+    _, _, fine_yx = template_lib.uv_sample(template, config.gaussian_uv_resolution)
+    coarse = (fine_yx * config.model_uv_resolution) // config.gaussian_uv_resolution
+    texel = coarse[:, 0] * config.model_uv_resolution + coarse[:, 1]
+    region = np.asarray(template.region_names)[template.region_ids[template.faces[sampler.face_ids, 0]]]
+    skin = region == "face"
+    means = np.zeros((texel.max() + 1, 3))
+    np.add.at(means, texel[skin], look.albedo[skin])
+    counts = np.bincount(texel[skin], minlength=len(means))[:, None]
+    residual = look.albedo[skin] - (means / np.maximum(counts, 1))[texel[skin]]
+    assert residual.std() > 0.01, "no albedo detail below the model's texel size"
+    assert np.abs(look.displacement[skin]).max() > 5e-5 and np.all(look.displacement[region == "teeth"] == 0)
+    # Extra primitives off the surface: hair reaches out, the neck hangs below the chin, ears stand at the sides.
+    rest = identity.template.vertices[look.anchor] + look.offset
+    surface = template_lib.surface_points(identity.template.vertices, template.faces, sampler.face_ids,
+                                          sampler.barys)  # fmt: skip
+    distance, _ = __import__("scipy.spatial", fromlist=["cKDTree"]).cKDTree(np.asarray(surface)).query(rest)
+    strands = look.strand > 0.5
+    assert np.mean(distance[strands] > 0.005) > 0.3
+    assert np.sum(rest[:, 1] < -0.15) >= config.neck_points // 4
+    ears = (np.abs(rest[:, 0]) > 0.075) & (np.abs(rest[:, 1]) < 0.02) & (look.strand < 0.5)
+    assert np.sum(ears) > config.ear_points // 2
+
+
+def test_shading_follows_the_world_lights_and_the_view(rng):
+    """Lights stay in the world: turning a surface patch changes its diffuse colour, and specular highlights move
+    with the viewer; the oral cavity darkens with depth and lightens as the mouth opens."""
+    count = 64
+    normals = rng.normal(size=(count, 3)).astype(np.float32)
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    means = rng.normal(0, 0.05, (count, 3)).astype(np.float32)
+    albedo = rng.uniform(0.2, 0.8, (count, 3)).astype(np.float32)
+    args = (jnp.zeros(count), jnp.full(count, 0.5), jnp.full(count, 40.0), jnp.ones(count))
+    shade = functools.partial(synth.shading.shade, albedo)
+    eye = np.array([0.0, 0.0, -0.9], np.float32)
+    base = np.asarray(shade(normals, normals, *args, means, eye))
+    turned = synth.rotations.axis_angle_to_matrix(jnp.asarray([0.0, 0.6, 0.0]))
+    rotated = np.asarray(shade(normals @ np.asarray(turned).T, normals, *args, means, eye))
+    assert np.abs(base - rotated).mean() > 0.02
+    other_view = np.asarray(shade(normals, normals, *args, means, np.array([0.6, 0.0, -0.6], np.float32)))
+    diffuse_only = functools.partial(shade, normals, normals, args[0], jnp.zeros(count), *args[2:], means)
+    assert np.abs(base - other_view).max() > 0.05
+    # Without specular, flipping to the other side of a two-sided surface changes nothing.
+    np.testing.assert_allclose(np.asarray(diffuse_only(eye)),
+                               np.asarray(shade(-normals, normals, args[0], jnp.zeros(count), *args[2:], means, eye)),
+                               atol=1e-6)  # fmt: skip
+    depth = jnp.asarray(np.sort(rng.uniform(0.0, 0.03, 16)))
+    closed, opened = synth.shading.cavity_light(depth, 0.0), synth.shading.cavity_light(depth, 1.0)
+    assert np.all(np.diff(np.asarray(closed)) <= 0) and np.all(np.asarray(opened) >= np.asarray(closed))
+    assert float(synth.shading.cavity_light(jnp.asarray([-1.0]), 0.3)[0]) == 1.0
+
+
+def test_camera_response_gain_and_noise(rng):
+    """The sensor multiplies by the camera's gain and adds zero-mean noise of sqrt(read^2 + shot^2 x) spread."""
+    level = float(rng.uniform(0.2, 0.6))
+    image = jnp.full((128, 128, 3), level)
+    gain = jnp.asarray(rng.uniform(0.8, 1.2, 3), jnp.float32)
+    out = np.asarray(synth.shading.camera_response(image, gain, jax.random.key(int(rng.integers(1000))), 0.01, 0.03))
+    expected = level * np.asarray(gain)
+    np.testing.assert_allclose(out.mean((0, 1)), expected, atol=3e-3)
+    np.testing.assert_allclose(out.std((0, 1)), np.sqrt(0.01**2 + 0.03**2 * expected), rtol=0.05)
+
+
+def test_neutral_scan_is_a_noisy_holey_resampled_capture(rng):
+    """The raw scan is not the template's vertices (resampled, ~0.5 mm noise, holes in hair, under the chin,
+    around the ears, no mouth inside); its registration is in the template's topology, close to the true
+    surface but not the generator's mesh, and the prior's scan maps take it."""
+    config = synth.synth_config("tiny")
+    template = template_lib.procedural_head(config.template_resolution)
+    sampler = synth.SurfaceSampler.build(template, config.gaussian_uv_resolution)
+    identity = synth.make_identity(template, 0, np.random.default_rng(rng.integers(2**31)), sampler,
+                                   synth.counts(config), synth.voices.draw_voice(rng))  # fmt: skip
+    raw = synth.scan_identity(template, identity, sampler, config.scan_resolution, rng)
+    truth = identity.template.vertices
+    kd_tree = __import__("scipy.spatial", fromlist=["cKDTree"]).cKDTree
+    to_vertices, _ = kd_tree(truth).query(raw.vertices)
+    assert len(raw.vertices) != len(truth) and np.mean(to_vertices < 1e-5) < 0.01
+    dense = np.asarray(template_lib.surface_points(truth, template.faces, *template_lib.uv_sample(template, 192)[:2]))
+    to_surface, _ = kd_tree(dense).query(raw.vertices)
+    assert 2e-4 < np.median(to_surface) < 1e-3, "about 0.5 mm of noise (and relief) off the true surface"
+    scalp = truth[template.region_mask("scalp")]
+    near_scalp, _ = kd_tree(raw.vertices).query(scalp[scalp[:, 1] > 0.08])
+    assert near_scalp.min() > 0.003, "no returns from the hair"
+    mouth_inside = truth[template.region_mask("teeth") | template.region_mask("tongue")]
+    assert kd_tree(raw.vertices).query(mouth_inside)[0].min() > 0.002
+    x, y, z = raw.vertices.T
+    assert not np.any((y < -0.09) & (z > -0.04)), "a hole under the chin"
+    assert raw.faces.max() < len(raw.vertices) and len(raw.faces) > len(raw.vertices)
+    registered, colours = synth.scanner.register(template, raw)
+    skin = template.region_mask("face") | template.region_mask("lips")
+    fit, _ = kd_tree(dense).query(registered[skin])
+    assert np.median(fit) < 1.5e-3 and not np.allclose(registered, truth, atol=1e-4)
+    from uhap_jax.models import prior
+
+    texels = prior.TexelLayout.build(template, 32)
+    maps = prior.scan_uv_maps(texels, template, registered, colours, "registered scan")
+    assert maps.shape == (32, 32, 6) and np.isfinite(maps).all()

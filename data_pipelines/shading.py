@@ -171,7 +171,13 @@ def make_look(
     shininess = np.select([skin, np.isin(region, ("eyeball", "iris"))], [25.0, 250.0], 50.0)
     t_zone = face & (np.abs(points[:, 0]) < 0.015) & (points[:, 1] > -0.03)
     specular = np.where(t_zone, specular * rng.uniform(1.5, 2.5), specular)
-    occlusion = np.where(skin, _skin_occlusion(points, normals, skin), 1.0)
+    # Baked on the mesh's skin vertices (few, whatever the sample count), then interpolated to the samples.
+    vertex_region = np.asarray(template.region_names)[template.region_ids]
+    vertex_skin = np.isin(vertex_region, _SKIN_REGIONS)
+    vertex_normals = _vertex_normals(rest_vertices.astype(np.float64), template.faces)
+    vertex_occlusion = _skin_occlusion(rest_vertices.astype(np.float64), vertex_normals, vertex_skin)
+    occlusion = np.einsum("nk,nk->n", sample_barys, vertex_occlusion[template.faces[sample_faces]])
+    occlusion = np.where(skin, occlusion, 1.0)
     lips_z = float(np.min(rest_vertices[template.region_mask("lips"), 2]))
     cavity = np.where(np.isin(region, _MOUTH_REGIONS), np.maximum(points[:, 2] - lips_z, 0.0), -1.0)
     extras = _extras(template, rest_vertices, hair_colour, colour, points, normals, region, counts, rng)
@@ -208,6 +214,16 @@ def _skin_occlusion(points: np.ndarray, normals: np.ndarray, skin: np.ndarray, e
         shadow = np.sum(area * cos_receiver * cos_emitter / (np.pi * dist2 + area), 1)
         out[start : start + 4096] = np.clip(1.0 - shadow, 0.25, 1.0)
     return out
+
+
+def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted vertex normals [V, 3], flipped to point away from the head's centre."""
+    cross = np.cross(vertices[faces[:, 1]] - vertices[faces[:, 0]], vertices[faces[:, 2]] - vertices[faces[:, 0]])
+    normals = np.zeros_like(vertices)
+    for k in range(3):
+        np.add.at(normals, faces[:, k], cross)
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+    return normals * np.sign(np.sum(normals * vertices, axis=1, keepdims=True) + 1e-12)
 
 
 def _frames_along(along: np.ndarray, normal: np.ndarray) -> np.ndarray:

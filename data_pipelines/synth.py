@@ -105,7 +105,7 @@ def synth_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         config.template_resolution = 96
         config.gaussian_uv_resolution = 544  # 512 falls 0.4% short of 4x at the layout's borders
         config.model_uv_resolution = 256
-        config.scan_resolution = 384
+        config.scan_resolution = 256
         config.hair_strands = 24000
         config.hair_segments = 6
         config.brow_strands = 500
@@ -712,13 +712,16 @@ def generate(out_dir: Path, config: ml_collections.ConfigDict, *, progress: bool
                         "voice": dataclasses.asdict(voice), "recording": recording.to_dict()}  # fmt: skip
                 seq_dir = layout.sequence_dir(root, identity.name, seq_name)
                 serials = [c.serial for c in seq_cameras]
-                pending_writes += _write_sequence(
+                pending_writes.append(_write_sequence(
                     writers, seq_dir, utterance, recorded, expressions, vertices, pose, rgb, alpha, serials, meta
-                )
+                ))  # fmt: skip
+                while len(pending_writes) > 3:  # at most a few sequences' images wait in memory for the writers
+                    for write in pending_writes.pop(0):
+                        write.result()
                 sequences_info.setdefault(identity.name, {})[seq_name] = {
                     "sentence_index": sentence, "split": split, "voice": voice.name}  # fmt: skip
                 bar.update()
-        for write in pending_writes:
+        for write in (w for sequence_writes in pending_writes for w in sequence_writes):
             write.result()  # raises what a writer raised
         info = {
             "generator": "uhap data synth",

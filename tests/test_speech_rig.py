@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import kernels
-from data_pipelines import rig, speech, synth
+from data_pipelines import rig, speech, synth, voices
 from uhap_jax.geometry import cameras as camera_lib
 from uhap_jax.geometry import template as template_lib
 
@@ -138,3 +138,46 @@ def test_speech_drives_teeth_tongue_and_lip_shape(head, rng):
     width = np.sqrt(np.sum(lips * (vertices[..., 0] - vertices[..., 0].mean(1, keepdims=True)) ** 2, 1) / lips.sum())
     spread = frames.get("front_vowel", []) + frames["labiodental"]
     assert width[frames["round_vowel"]].max() < width[spread].min() - 0.001
+
+
+def test_each_identity_speaks_with_its_own_voice_and_held_out_voices_are_unseen(rng):
+    """Voices drawn for identities differ in sound; held-out voices use variants that no training voice uses."""
+    assert not set(voices.TRAIN_VARIANTS) & set(voices.HELD_OUT_VARIANTS)
+    drawn = [voices.draw_voice(rng) for _ in range(4)]
+    held_out = [voices.draw_voice(rng, held_out=True) for _ in range(4)]
+    assert all(voices.variant(v) in voices.TRAIN_VARIANTS for v in drawn)
+    assert all(voices.variant(v) in voices.HELD_OUT_VARIANTS for v in held_out)
+    spectra = []
+    for voice in drawn[:3]:
+        audio = speech.synthesize("Hello there, how are you?", voice).audio
+        power = np.abs(np.fft.rfft(audio, n=32000)) ** 2
+        bands = np.add.reduceat(power, np.arange(0, 16000, 500))
+        spectra.append(np.log(bands / bands.sum() + 1e-12))
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert drawn[a] == drawn[b] or np.abs(spectra[a] - spectra[b]).mean() > 0.1
+
+
+def test_recording_adds_room_microphone_and_noise(rng):
+    """The recorded clip keeps length and level, stays well below clipping, gains a noise floor where the speech
+    is silent, and loses what the microphone filters out above its roll-off."""
+    clean = speech.synthesize("Put the blue box above the bed.", _random_voice(rng)).audio
+    recording = voices.draw_recording(rng)
+    recorded = voices.record(clean, recording, rng)
+    assert recorded.dtype == np.float32 and recorded.shape == clean.shape and np.abs(recorded).max() <= 0.99
+    assert 0.3 < np.corrcoef(clean, recorded)[0, 1] < 0.995
+    silent = np.abs(clean) < 1e-4
+    if silent.sum() > 400:
+        assert np.sqrt(np.mean(recorded[silent] ** 2)) > 3 * np.sqrt(np.mean(clean[silent] ** 2)) + 1e-5
+    freqs = np.fft.rfftfreq(len(clean), 1 / speech.AUDIO_RATE)
+    high = freqs > recording.rolloff_hz + 1500
+
+    def share(x):
+        power = np.abs(np.fft.rfft(x)) ** 2
+        return power[high].sum() / power.sum()
+
+    assert share(recorded) < share(clean)
+    impulse = voices.room_impulse_response(recording.rt60, recording.direct_to_reverb_db, rng)
+    assert impulse[0] == 1.0 and np.argmax(np.abs(impulse)) == 0
+    tail_energy = np.sum(impulse[1:] ** 2)
+    np.testing.assert_allclose(10 * np.log10(1.0 / tail_energy), recording.direct_to_reverb_db, atol=1e-6)

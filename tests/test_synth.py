@@ -102,6 +102,13 @@ def test_layout_is_complete_and_valid(dataset):
     assert on_disk["held_out_cameras"] == [on_disk["cameras"][1]]
     assert set(on_disk["held_out_sentences"]) == {len(synth.SENTENCES) - 2, len(synth.SENTENCES) - 1}
     assert on_disk["monocular_sequences"] == ["id000/mono_00", "id001/mono_00"]
+    # No held-out voice is heard in training, and the held-out sentences are spoken by the held-out voice.
+    train_variants = {name.partition("+")[2] for name in on_disk["voices"]["train"]}
+    assert not train_variants & {name.partition("+")[2] for name in on_disk["voices"]["held_out"]}
+    entries = [entry for sequences in on_disk["sequences"].values() for entry in sequences.values()]
+    held_out_sentences = [entry for entry in entries if entry["split"] == "held_out_sentence"]
+    assert held_out_sentences and all(e["voice"] == on_disk["voices"]["held_out_sentence_voice"]
+                                      for e in held_out_sentences)  # fmt: skip
     template = template_lib.procedural_head(config.template_resolution)
     assert layout.list_subjects(root) == ["id000", "id001"]
     for subject in layout.list_subjects(root):
@@ -356,3 +363,21 @@ def test_neutral_scan_is_a_noisy_holey_resampled_capture(rng):
     texels = prior.TexelLayout.build(template, 32)
     maps = prior.scan_uv_maps(texels, template, registered, colours, "registered scan")
     assert maps.shape == (32, 32, 6) and np.isfinite(maps).all()
+
+
+def test_phone_clip_lens_exposure_and_motion_blur(rng):
+    """The phone's lens is wider than the rig's; its exposure wanders smoothly; motion blur smears along the
+    motion and leaves a still frame as it was."""
+    config = synth.synth_config("tiny")
+    rig_camera, phone = synth.camera_rig(config, rng)[0], synth.monocular_camera(config, rng)
+    fov = lambda camera: 2 * np.degrees(np.arctan(camera.height / 2 / camera.intrinsics[1, 1]))  # noqa: E731
+    assert fov(phone) > 2 * fov(rig_camera)
+    assert np.linalg.norm(phone.world_to_cam[:3, 3]) < 0.6 * np.linalg.norm(rig_camera.world_to_cam[:3, 3])
+    drift = synth.exposure_drift(200, 0.12, rng)
+    assert 0.05 < drift.max() - drift.min() < 0.3 and np.abs(np.diff(drift)).max() < 0.03
+    image = np.zeros((2, 16, 16), np.uint8)
+    image[:, :, 8:] = 255
+    blurred = synth.motion_blur(image, np.array([[4.0, 0.0], [0.0, 0.0]]))
+    np.testing.assert_array_equal(blurred[1], image[1])
+    edge = blurred[0, 8].astype(int)
+    assert 0 < edge[7] < 255 and 0 < edge[8] < 255 and edge[0] == 0 and edge[-1] == 255

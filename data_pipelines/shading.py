@@ -41,11 +41,11 @@ _MOUTH_REGIONS = ("mouth_interior", "teeth", "tongue")
 class Counts:
     """Fixed primitive counts of the parts off the template (per preset; the same for every identity)."""
 
-    hair_strands: int = 700
-    hair_segments: int = 4
-    brow_strands: int = 60  # per brow
-    ear_points: int = 160  # per ear
-    neck_points: int = 700
+    hair_strands: int = 300
+    hair_segments: int = 3
+    brow_strands: int = 30  # per brow
+    ear_points: int = 80  # per ear
+    neck_points: int = 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +193,7 @@ def make_look(
     )
 
 
-def _skin_occlusion(points: np.ndarray, normals: np.ndarray, skin: np.ndarray, emitters: int = 1024) -> np.ndarray:
+def _skin_occlusion(points: np.ndarray, normals: np.ndarray, skin: np.ndarray, emitters: int = 512) -> np.ndarray:
     """Baked ambient visibility [N]: one pass of disc-to-point occlusion from a subset of the skin.
 
     A disc at q (normal m, area A) shadows p (normal n) by A cos+(n, q-p) cos+(m, p-q) / (pi d^2 + A): folds

@@ -74,11 +74,11 @@ def synth_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.gaussian_uv_resolution = 64
     config.model_uv_resolution = 32  # the prior's UV resolution, recorded to state the density ratio
     # Primitives off the template (shading.Counts): hair and brow strands, ears, neck.
-    config.hair_strands = 700
-    config.hair_segments = 4
-    config.brow_strands = 60
-    config.ear_points = 160
-    config.neck_points = 700
+    config.hair_strands = 300  # at 64^2 (2.5 mm a pixel) strands are sub-pixel: a few hundred make the look
+    config.hair_segments = 3
+    config.brow_strands = 30
+    config.ear_points = 80
+    config.neck_points = 300
     config.scan_resolution = 96  # the raw scan's sample grid (a UV map of this size, jittered)
     config.read_noise = 0.006  # sensor noise, in [0, 1] image units
     config.shot_noise = 0.015
@@ -174,8 +174,8 @@ def scan_identity(template: template_lib.Template, identity: Identity, sampler: 
                   rng: np.random.Generator) -> scanner.Scan:  # fmt: skip
     """The identity's neutral as a scanner captures it: its detailed, displaced surface (looked up at the
     nearest of the generator's samples), resampled, noisy and with holes (`scanner.scan`)."""
-    samples = np.asarray(template_lib.surface_points(identity.template.vertices, template.faces, sampler.face_ids,
-                                                     sampler.barys))  # fmt: skip
+    corners = identity.template.vertices[template.faces[sampler.face_ids]]
+    samples = np.einsum("nk,nkd->nd", sampler.barys, corners)
     tree = cKDTree(samples)
     vertices = identity.template.vertices
 
@@ -480,7 +480,7 @@ class Renderer:
             kernels.capacity_for(means, quats, scales, opacities[c], world_to_cam[c, None], intrinsics[c, None], **size)
             for c in range(len(cameras))
         )
-        self.capacity = int(needed * 1.4)
+        self.capacity = int(needed * 1.6)
 
     def __call__(self, vertices: np.ndarray, rotation: np.ndarray, jaw_open: np.ndarray,
                  cameras: list[layout.Camera], look: shading.Look, gains: np.ndarray, seed: tuple[int, ...],

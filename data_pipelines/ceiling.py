@@ -127,15 +127,18 @@ def fit_frame(
     return params, capacity
 
 
-def measure(root: Path, subject: str | None = None, num_frames: int = 3, steps: int = 400,
-            backend: str = "auto") -> dict:  # fmt: skip
+def measure(root: Path, subject: str | None = None, num_frames: int = 3, steps: int = 400, backend: str = "auto",
+            uv_resolution: int | None = None) -> dict:  # fmt: skip
     """Fits `num_frames` frames (spread over the first multi-view sequence of `subject`, default the first
-    training identity) and scores held-in and held-out cameras."""
+    training identity) and scores held-in and held-out cameras; `uv_resolution` defaults to the dataset's
+    `model_uv_resolution`."""
     root = Path(root)
     info = layout.read_dataset_info(root)
     config = info.get("config", {})
-    if "model_uv_resolution" not in info:
-        raise layout.LayoutError(f"{root / layout.DATASET_FILE}: no model_uv_resolution (not a synthetic dataset)")
+    uv_resolution = uv_resolution or info.get("model_uv_resolution")
+    if not uv_resolution or "template_resolution" not in config:
+        raise layout.LayoutError(f"{root / layout.DATASET_FILE}: no model_uv_resolution or template_resolution (not "
+                                 "a synthetic dataset from `uhap data synth`); pass --uv-resolution")  # fmt: skip
     subject = subject or info["identities"]["train"][0]
     sequence = next(s for s in sorted(info["sequences"][subject]) if not s.startswith("mono"))
     seq_dir = layout.sequence_dir(root, subject, sequence)
@@ -145,7 +148,7 @@ def measure(root: Path, subject: str | None = None, num_frames: int = 3, steps: 
     held_out = list(info["held_out_cameras"])
     held_in = [s for s in info["cameras"] if s not in held_out]
     template = template_lib.procedural_head(config["template_resolution"])
-    sampler = SurfaceSampler.build(template, info["model_uv_resolution"])
+    sampler = SurfaceSampler.build(template, uv_resolution)
 
     def arrays(serials):
         return (np.stack([cameras[s].world_to_cam for s in serials]).astype(np.float32),
@@ -173,7 +176,7 @@ def measure(root: Path, subject: str | None = None, num_frames: int = 3, steps: 
         "dataset": str(root),
         "subject": subject,
         "sequence": sequence,
-        "uv_resolution": info["model_uv_resolution"],
+        "uv_resolution": uv_resolution,
         "num_gaussians": int(len(sampler.face_ids)),
         "steps": steps,
         "frames": results,
@@ -190,10 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=3, help="frames to fit, spread over the first sequence")
     parser.add_argument("--steps", type=int, default=400, help="Adam steps per frame")
     parser.add_argument("--backend", default="auto", help="rasterizer backend (auto, reference, pallas, cuda)")
+    parser.add_argument("--uv-resolution", type=int, default=None, help="default: dataset.json model_uv_resolution")
     args = parser.parse_args(argv)
     if not (args.data / layout.DATASET_FILE).is_file():
         sys.exit(f"--data {args.data}: no {layout.DATASET_FILE}; make one with `uhap data synth --out DIR`")
-    print(json.dumps(measure(args.data, args.subject, args.frames, args.steps, args.backend)))
+    print(json.dumps(measure(args.data, args.subject, args.frames, args.steps, args.backend, args.uv_resolution)))
 
 
 if __name__ == "__main__":

@@ -652,18 +652,30 @@ def generate(out_dir: Path, config: ml_collections.ConfigDict, *, progress: bool
     jobs = config.num_identities * (config.sentences_per_identity + int(config.monocular))
     bar = tqdm(total=jobs, desc="synth sequences", unit="seq", disable=not progress)
     workers = max(2, min(16, os.cpu_count() or 2))
-    with layout.staged_dir(Path(out_dir)) as root, ThreadPoolExecutor(max_workers=workers) as writers:
+    own_voices = [voices.draw_voice(voice_rng, held_out=f"id{i:03d}" in held_out_ids)
+                  for i in range(config.num_identities)]  # fmt: skip
+
+    def prepare(index: int):
+        """An identity, its raw scan and the scan's registration (numpy only: runs beside the renderer)."""
+        identity = make_identity(template, index, np.random.default_rng([config.seed, index]), sampler,
+                                 primitive_counts, own_voices[index])  # fmt: skip
+        raw_scan = scan_identity(template, identity, sampler, config.scan_resolution,
+                                 np.random.default_rng([config.seed, index, 2]))  # fmt: skip
+        return identity, raw_scan, scanner.register(template, raw_scan)
+
+    with (
+        layout.staged_dir(Path(out_dir)) as root,
+        ThreadPoolExecutor(max_workers=workers) as writers,
+        ThreadPoolExecutor(max_workers=1) as preparer,
+    ):
+        prepared = [preparer.submit(prepare, 0)]
         for index in range(config.num_identities):
-            name = f"id{index:03d}"
-            own_voice = voices.draw_voice(voice_rng, held_out=name in held_out_ids)
-            identity = make_identity(template, index, np.random.default_rng([config.seed, index]), sampler,
-                                     primitive_counts, own_voice)  # fmt: skip
+            if index + 1 < config.num_identities:
+                prepared.append(preparer.submit(prepare, index + 1))  # the next identity, while this one renders
+            identity, raw_scan, (registered, registered_colours) = prepared[index].result()
             identity_rng = np.random.default_rng([config.seed, index, 1])
             subject = layout.subject_dir(root, identity.name)
             layout.write_calibration(subject, [*rig_cameras, mono_camera])
-            raw_scan = scan_identity(template, identity, sampler, config.scan_resolution,
-                                     np.random.default_rng([config.seed, index, 2]))  # fmt: skip
-            registered, registered_colours = scanner.register(template, raw_scan)
             layout.write_neutral_scan(subject, registered, template.faces, registered_colours)
             layout.write_neutral_scan(subject, raw_scan.vertices, raw_scan.faces, raw_scan.colours,
                                       file_name=layout.RAW_SCAN_FILE)  # fmt: skip

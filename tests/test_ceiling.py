@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from data_pipelines import ceiling, synth
 from uhap_jax.geometry import template as template_lib
@@ -36,3 +37,8 @@ def test_texel_gaussians_copy_their_own_renders_but_not_the_generators(rng):
     print(f"fitted PSNR: own renders {scores[0]:.1f} dB, generator {scores[1]:.1f} dB")
     assert scores[0] > 35.0
     assert scores[1] < scores[0] - 6.0
+
+
+def test_ceiling_command_names_a_missing_dataset(tmp_path):
+    with pytest.raises(SystemExit, match="no dataset.json"):
+        ceiling.main(["--data", str(tmp_path / "nowhere")])

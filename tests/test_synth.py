@@ -228,10 +228,13 @@ def test_mouth_pixels_follow_audio_energy(dataset):
         energies.append(np.asarray(energy) - np.mean(energy))
     change, energy = np.concatenate(changes), np.concatenate(energies)
     best = max(_lagged_correlation(change, energy, lag) for lag in (-1, 0, 1))
-    print(f"mouth change vs audio energy: best correlation within one frame {best:.2f}")
-    # Speech energy and jaw opening agree only loosely frame by frame (loud fricatives, quiet open vowels):
-    # over ~160 frames an unrelated pair stays below ~0.25, these clips measured 0.3-0.45.
-    assert best > 0.25
+    # Speech energy and jaw opening agree only loosely frame by frame (loud fricatives, quiet open vowels), and
+    # the recorded audio adds a room's reverberation and background noise: compare with the same clips paired
+    # out of sync (energy shifted by 8 or more frames), which is what "unrelated" measures here.
+    null = [_lagged_correlation(change, np.roll(energy, shift), 0) for shift in range(8, len(energy) - 8, 3)]
+    print(f"mouth change vs audio energy: best within one frame {best:.2f}, out of sync 95th percentile "
+          f"{np.percentile(null, 95):.2f}")  # fmt: skip
+    assert best > 0.15 and best > np.percentile(null, 95)
 
 
 def test_cli_rejects_bad_override(tmp_path):

@@ -1,13 +1,17 @@
 """Synthetic talking-head captures: seeded identities speak eSpeak sentences in front of a multi-view rig.
 
-For each identity: a seeded shape (smooth deformation of the template) and albedo, whose neutral mesh is its
-neutral scan; sentences spoken with a per-identity voice; phonemes drive the rig (`rig.py`); a small rigid head
-pose per frame; one Gaussian per UV texel on the posed surface, rendered with `kernels.rasterize` into every
-camera, with alpha masks, 16 kHz audio, the ground-truth meshes and the per-frame expression controls. One more
-sequence per identity is monocular, seen by a single camera at a pose outside the rig, the head turning left and
-right as phone-capture protocols ask (a near-frontal video alone leaves the head's depth unseen). The split (held-out
-identities, sentences and cameras) goes into `dataset.json`. Everything is written through `layout.staged_dir`,
-so an interrupted run leaves no half-written dataset.
+For each identity: a seeded shape (smooth deformation of the template plus narrow local features) and a look
+(`shading.py`: sub-texel albedo detail, relief, materials, hair and brow strands, ears, neck); a neutral scan
+captured as a scanner would (`scanner.py`: resampled, noisy, with holes) and registered to the template; its own
+voice, recorded through a room and a microphone (`voices.py`); phonemes drive the rig (`rig.py`), mouth
+appearance included; a small rigid head pose per frame. Each frame is a surface 4x denser than the model's texels
+plus the strands and patches off the template, lit by rig lights and seen through each camera's gain, white
+balance and noise, rendered with `kernels.rasterize`, with soft-edged masks, 16 kHz audio, the ground-truth
+template-topology meshes and the per-frame expression controls. One more sequence per identity is monocular, seen
+by a phone-like camera (wider lens, closer, exposure drift, motion blur) at a pose outside the rig, the head turning
+left and right as phone-capture protocols ask (a near-frontal video alone leaves the head's depth unseen). The split
+(held-out identities, sentences, cameras and voices) goes into `dataset.json`. Everything is written through
+`layout.staged_dir`, so an interrupted run leaves no half-written dataset.
 """
 
 from __future__ import annotations

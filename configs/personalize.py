@@ -24,7 +24,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # The video: a capture-layout subject folder (every sequence of `camera`) or one sequence folder.
     config.camera = ""  # the monocular camera's serial; "" = the sequences' only camera
     config.sequences = ()  # sequence names to use; empty = every sequence that camera saw
-    config.max_frames = 0  # frames used, spread evenly (0 = all)
+    # Frames used, spread evenly over the video: ~1 MB each at 512^2 (image and mask in memory), so 300 fit a
+    # laptop; `uhap personalize` refuses more than 1000 unless UHAP_MAX_FRAMES is raised.
+    config.max_frames = 300
     config.use_scan = True  # start from <subject>/neutral_scan when there is one
     config.scan = ""  # or a neutral-scan folder (mesh.ply / mesh.obj) elsewhere
     config.workdir = ""  # checkpoints and metrics of the fine-tune; "" = <out>.work beside the avatar

@@ -26,14 +26,15 @@ import shutil
 import tempfile
 import wave
 from collections.abc import Iterator, Sequence
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from scipy import signal
 
-AUDIO_RATE = 16000
+from data_pipelines import audio_io
+from data_pipelines.audio_io import AUDIO_RATE
+from data_pipelines.errors import LayoutError
+
 CALIBRATION_FILE = Path("calibration") / "camera_params.json"
 DATASET_FILE = "dataset.json"
 META_FILE = "meta.json"
@@ -42,10 +43,6 @@ AUDIO_FILE = "audio.wav"
 SCAN_DIR = "neutral_scan"
 SCAN_FILE = "mesh.ply"  # in the template's topology where a model reads it
 RAW_SCAN_FILE = "scan.ply"  # the raw scan, in its own topology, with holes
-
-
-class LayoutError(ValueError):
-    """Bad or missing data in a capture layout; the message names the file and the problem."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,36 +225,10 @@ def write_audio(path: Path, waveform: np.ndarray, rate: int = AUDIO_RATE) -> Non
         writer.writeframes(pcm.tobytes())
 
 
-_PCM_DTYPES = {1: np.uint8, 2: np.dtype("<i2"), 4: np.dtype("<i4")}
-
-
 def read_audio(path: Path, *, target_rate: int = AUDIO_RATE) -> tuple[np.ndarray, list[str]]:
-    """Reads a PCM WAV as float32 mono at `target_rate`; notes say what was mixed down or resampled."""
-    path = Path(path)
-    if not path.is_file():
-        raise LayoutError(f"{path}: audio file is missing")
-    try:
-        with wave.open(str(path), "rb") as reader:
-            channels, width, rate = reader.getnchannels(), reader.getsampwidth(), reader.getframerate()
-            raw = reader.readframes(reader.getnframes())
-    except (wave.Error, EOFError) as error:
-        raise LayoutError(f"{path}: not a readable PCM WAV file ({error})") from error
-    if width not in _PCM_DTYPES:
-        raise LayoutError(f"{path}: unsupported sample width of {width} bytes (need 8, 16 or 32-bit PCM)")
-    samples = np.frombuffer(raw, _PCM_DTYPES[width]).astype(np.float32)
-    samples = (samples - 128.0) / 128.0 if width == 1 else samples / float(2 ** (8 * width - 1))
-    if samples.size == 0:
-        raise LayoutError(f"{path}: audio has no samples")
-    samples = samples[: samples.size - samples.size % channels].reshape(-1, channels)
-    notes = []
-    if channels > 1:
-        notes.append(f"{path}: mixed {channels} channels down to mono")
-    waveform = samples.mean(axis=1)
-    if rate != target_rate:
-        ratio = Fraction(target_rate, rate)
-        waveform = signal.resample_poly(waveform, ratio.numerator, ratio.denominator).astype(np.float32)
-        notes.append(f"{path}: resampled {rate}->{target_rate} Hz")
-    return waveform.astype(np.float32), notes
+    """Any audio file (WAV of any sample format, MP3, M4A, FLAC, ...) as float32 mono at `target_rate`; notes say
+    what was mixed down or resampled. Empty, too short or damaged files are LayoutErrors (`audio_io`)."""
+    return audio_io.read_audio(path, target_rate=target_rate)
 
 
 # -------------------- images
@@ -409,9 +380,10 @@ def _read_colored_obj(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @contextlib.contextmanager
 def staged_dir(final_dir: Path) -> Iterator[Path]:
-    """Yields an empty temp dir beside `final_dir` and renames it into place only if the block succeeds.
+    """Yields an empty temp dir beside `final_dir` and moves it into place only if the block succeeds.
 
-    A crash or an exception leaves no half-written `final_dir`; an existing `final_dir` is replaced only then.
+    A crash or an exception leaves no half-written `final_dir`; an existing `final_dir` is replaced only then
+    (`replace_dir`).
     """
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -421,9 +393,27 @@ def staged_dir(final_dir: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    staging.rename(final_dir)
+    replace_dir(staging, final_dir)
+
+
+def replace_dir(staging: Path, final_dir: Path) -> None:
+    """Moves the finished `staging` folder to `final_dir` (same file system). An existing `final_dir` is moved
+    aside first and deleted last, so an interruption leaves the old or the new folder, never neither (at worst
+    the old one under `.<name>.old-*` beside it)."""
+    staging, final_dir = Path(staging), Path(final_dir)
+    if not final_dir.exists():
+        staging.rename(final_dir)
+        return
+    aside_parent = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.old-", dir=final_dir.parent))
+    aside = aside_parent / final_dir.name
+    final_dir.rename(aside)
+    try:
+        staging.rename(final_dir)
+    except BaseException:
+        aside.rename(final_dir)  # the old folder goes back: never left missing by us
+        shutil.rmtree(aside_parent, ignore_errors=True)
+        raise
+    shutil.rmtree(aside_parent, ignore_errors=True)
 
 
 def subject_dir(root: Path, subject: str) -> Path:

@@ -10,7 +10,10 @@ says where each sequence starts, so loaders can cut windows of consecutive frame
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,13 +187,16 @@ class CaptureFrames(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, entries: list[_SequenceEntry], table: list[dict]) -> Iterator[tuple[str, dict]]:
         window = round(self.builder_config.audio_window_s * layout.AUDIO_RATE)
+        # Checking that every PNG decodes to its calibrated size is most of the work: threads (PIL decodes
+        # without the GIL) check the frames ahead, in order.
+        pool = concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1))
         for entry, row in zip(entries, table):
             waveform = _load_audio(entry)
             world_to_cam = np.stack([c.world_to_cam for c in entry.cameras]).astype(np.float32)
             intrinsics = np.stack([c.intrinsics for c in entry.cameras]).astype(np.float32)
             sizes = np.array([[c.width, c.height] for c in entry.cameras], np.int32)
-            for frame in range(entry.num_frames):
-                images, masks = _frame_pngs(entry, frame)
+            frames = pool.map(functools.partial(_frame_pngs, entry), range(entry.num_frames))
+            for frame, (images, masks) in enumerate(frames):
                 audio, valid = audio_window(waveform, frame, entry.fps, window)
                 record = {
                     "subject": entry.subject,
@@ -210,6 +216,7 @@ class CaptureFrames(tfds.core.GeneratorBasedBuilder):
                     "audio_valid": valid,
                 }
                 yield f"{entry.subject}/{entry.sequence}/{frame:06d}", record
+        pool.shutdown()
 
 
 def prepare(layout_root: Path, data_dir: Path, *, audio_window_s: float = 0.5) -> Path:

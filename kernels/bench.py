@@ -128,7 +128,7 @@ def bench_ours(scene: Scene, arrays: dict, backend: str, repeats: int) -> dict:
     fwd = median_ms(lambda: jax.block_until_ready(forward(*args)), repeats)
     fwd_bwd = median_ms(lambda: jax.block_until_ready(forward_backward(*args)), repeats)
     stats = jax.devices()[0].memory_stats() or {}
-    breakdown = _breakdown(scene, args, capacity, repeats, backend) if backend in ("pallas", "cuda") else {}
+    breakdown = _breakdown(scene, args, capacity, repeats, backend) if backend != "reference" else {}
     return dict(
         **breakdown,
         rgb=np.asarray(out.rgb),
@@ -150,16 +150,23 @@ def _breakdown(scene: Scene, args: list, capacity: int, repeats: int, backend: s
         lambda *a: build_pairs(*a, width=width, height=height, backend=backend, mode="classic", capacity=capacity)
     )
     records, bins = pairs(*args)
-    background = jnp.zeros((4,), jnp.float32)
-    fwd = jax.jit(lambda r, s, e: pc._forward(r, s, e, background, tiles_x))
-    out, trans, last = fwd(records, bins.tile_start, bins.tile_end)
+    ranges = (bins.tile_start, bins.tile_end)
+    if backend == "pallas_tpu":  # the background is blended outside its kernels
+        fwd = jax.jit(lambda r, s, e: pc._forward(r, s, e, tiles_x))
+    else:
+        background = jnp.zeros((4,), jnp.float32)
+        fwd = jax.jit(lambda r, s, e: pc._forward(r, s, e, background, tiles_x))
+    out, trans, last = fwd(records, *ranges)
     g_out = jax.random.normal(jax.random.key(2), out.shape)
     g_trans = jax.random.normal(jax.random.key(3), trans.shape)
+    if backend == "pallas_tpu":  # per-pixel inputs: T_final, the last slot, d/d(acc), T_final x d/d(T_final)
+        bwd_args = (records, *ranges, trans, last, g_out, trans * g_trans)
+    else:
+        bwd_args = (records, *ranges, out, trans, last, g_out, g_trans)
     bwd = jax.jit(lambda *a: pc._backward(*a, tiles_x))
-    bwd_args = (records, bins.tile_start, bins.tile_end, out, trans, last, g_out, g_trans)
     return dict(
         pairs_ms=median_ms(lambda: jax.block_until_ready(pairs(*args)), repeats),
-        kernel_fwd_ms=median_ms(lambda: jax.block_until_ready(fwd(records, bins.tile_start, bins.tile_end)), repeats),
+        kernel_fwd_ms=median_ms(lambda: jax.block_until_ready(fwd(records, *ranges)), repeats),
         kernel_bwd_ms=median_ms(lambda: jax.block_until_ready(bwd(*bwd_args)), repeats),
     )
 

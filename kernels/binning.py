@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.constants import TILE
 from kernels.projection import Projected
 
-TILE = 16
 PAIR_SENTINEL = np.uint32(0xFFFFFFFF)
 # Sort all cameras at once (camera id in the high key bits) instead of one sort per camera. "auto": when the
 # program sees a single device, i.e. the camera batch cannot be sharded (a flattened sort of a sharded batch would

@@ -1,8 +1,9 @@
-"""A kernel backend (CUDA or Pallas) against the reference compositor on fresh random scenes, on whatever device
-JAX has.
+"""A kernel backend (CUDA, Pallas or Pallas TPU) against the reference compositor on fresh random scenes, on whatever
+device JAX has.
 
     python -m kernels.check                   # the backend "auto" picks; prints max differences and gradient errors
     python -m kernels.check --backend pallas
+    python -m kernels.check --backend pallas_tpu  # on a TPU: the Mosaic kernels compiled (elsewhere: interpreted)
 
 Images must agree within 1e-5 and gradients within 1e-4 (relative, by norm); exits non-zero otherwise.
 """
@@ -107,7 +108,7 @@ def _compare_expansion(args, width: int, height: int, capacity: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--backend", choices=["auto", "pallas", "cuda"], default="auto")
+    parser.add_argument("--backend", choices=["auto", "pallas", "pallas_tpu", "cuda"], default="auto")
     args = parser.parse_args(argv)
     backend = _resolve_backend(args.backend)
     if backend == "reference":  # "auto" on a CPU: the Pallas kernels, interpreted

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.reference import ALPHA_MAX, ALPHA_MIN, T_EPSILON, TILE_PIXELS
+from kernels.constants import ALPHA_MAX, ALPHA_MIN, T_EPSILON, TILE_PIXELS
 
 ALIGN = 1  # the kernels read and write exactly a tile's slots: no padding of tile ranges
 PAIR_MAJOR = True

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.reference import ALPHA_MAX, ALPHA_MIN, FEATURES, T_EPSILON, TILE_PIXELS
+from kernels.constants import ALPHA_MAX, ALPHA_MIN, NUM_FIELDS, T_EPSILON, TILE, TILE_PIXELS
 
 # Tuning knobs (environment, read at import): pairs unrolled per backward loop step (also the alignment of tile
 # ranges), forward pairs unrolled between early-exit checks and warps per program of each kernel. "auto" picks per
@@ -35,7 +35,6 @@ NUM_WARPS_BWD = int(os.environ.get("UHAP_PALLAS_WARPS_BWD", 2))
 # latency of the longest tile (one small view has few, long tiles: there shorter dependency chains win).
 LARGE_GRID = 8192
 ALIGN = CHUNK
-NUM_FIELDS = FEATURES + 4
 # Records are pair-major [C, P, fields]: a pair's fields are one 40-byte row, so the record gather reads 2 sectors
 # per pair instead of 10 (rasterize.build_pairs reads this flag; the jnp reference takes [C, fields, P]).
 PAIR_MAJOR = True
@@ -55,8 +54,8 @@ def _interpret() -> bool:
 
 def _pixels(tile, tiles_x):
     pix = jnp.arange(TILE_PIXELS, dtype=jnp.int32)
-    px = ((tile % tiles_x) * 16 + pix % 16).astype(jnp.float32) + 0.5
-    py = ((tile // tiles_x) * 16 + pix // 16).astype(jnp.float32) + 0.5
+    px = ((tile % tiles_x) * TILE + pix % TILE).astype(jnp.float32) + 0.5
+    py = ((tile // tiles_x) * TILE + pix // TILE).astype(jnp.float32) + 0.5
     return px, py
 
 
@@ -200,10 +199,10 @@ def _backward_kernel(
     jax.lax.fori_loop(n_chunks, (end - start + CHUNK - 1) // CHUNK, clear, 0)
 
     pix = jnp.arange(TILE_PIXELS, dtype=jnp.int32)
-    u = (pix % 16).astype(jnp.float32) - 7.5
-    v = (pix // 16).astype(jnp.float32) - 7.5
-    centre_x = ((tile % tiles_x) * 16 + 8).astype(jnp.float32)
-    centre_y = ((tile // tiles_x) * 16 + 8).astype(jnp.float32)
+    u = (pix % TILE).astype(jnp.float32) - (TILE - 1) / 2
+    v = (pix // TILE).astype(jnp.float32) - (TILE - 1) / 2
+    centre_x = ((tile % tiles_x) * TILE + TILE // 2).astype(jnp.float32)
+    centre_y = ((tile // tiles_x) * TILE + TILE // 2).astype(jnp.float32)
     moments = (u, v, u * u, u * v, v * v)
 
     def pair(idx, rec, trans, rest):

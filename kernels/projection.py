@@ -10,12 +10,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-ALPHA_THRESHOLD = 1.0 / 255.0
-EPS2D = 0.3
-NEAR_PLANE = 0.01
-FAR_PLANE = 1e10
-MAX_EXTEND = 3.33
-FRUSTUM_MARGIN = 0.3  # the Jacobian clamps x/z, y/z to the view frustum plus 30%
+from kernels.constants import ALPHA_MIN, EPS2D, FAR_PLANE, FRUSTUM_MARGIN, MAX_EXTEND, NEAR_PLANE
 
 
 class Projected(NamedTuple):
@@ -109,8 +104,8 @@ def project(
     opac = jnp.broadcast_to(opacities[None, :], z.shape)
     if antialiased:
         opac = opac * jnp.sqrt(jnp.maximum(det_orig / det_safe, 0.0))
-    valid = valid & (opac >= ALPHA_THRESHOLD)
-    extend = jnp.minimum(MAX_EXTEND, jnp.sqrt(2.0 * jnp.log(jnp.maximum(opac, ALPHA_THRESHOLD) / ALPHA_THRESHOLD)))
+    valid = valid & (opac >= ALPHA_MIN)
+    extend = jnp.minimum(MAX_EXTEND, jnp.sqrt(2.0 * jnp.log(jnp.maximum(opac, ALPHA_MIN) / ALPHA_MIN)))
     extend = jax.lax.stop_gradient(extend)
     radius_x = jnp.ceil(extend * jnp.sqrt(jnp.maximum(jax.lax.stop_gradient(a), 0.0)))
     radius_y = jnp.ceil(extend * jnp.sqrt(jnp.maximum(jax.lax.stop_gradient(c), 0.0)))

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import binning, reference
+from kernels.constants import TILE
 from kernels.projection import project
 
-BACKENDS = ("auto", "reference", "pallas", "cuda")
+BACKENDS = ("auto", "reference", "pallas", "pallas_tpu", "cuda")
 MODES = ("classic", "antialiased")
 
 
@@ -159,7 +160,7 @@ class AdaptiveCapacity:
 
 def _resolve_backend(backend: str) -> str:
     """The backend "auto" stands for: $UHAP_RASTER_BACKEND if set, else the CUDA kernels on an NVIDIA GPU with nvcc,
-    else Pallas on a GPU, else the jnp reference."""
+    else Pallas (Triton) on a GPU, the Pallas TPU (Mosaic) kernels on a TPU, else the jnp reference."""
     from kernels import cuda_ops
 
     if backend == "auto":
@@ -167,6 +168,8 @@ def _resolve_backend(backend: str) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"rasterize: UHAP_RASTER_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if jax.default_backend() == "tpu":
+            return "pallas_tpu"
         if jax.default_backend() != "gpu":
             return "reference"
         return "cuda" if cuda_ops.available() else "pallas"
@@ -199,6 +202,10 @@ def _compositor(backend: str):
         from kernels import pallas_composite
 
         return pallas_composite
+    if backend == "pallas_tpu":
+        from kernels import pallas_tpu
+
+        return pallas_tpu
     if backend == "cuda":
         from kernels import cuda_ops
 
@@ -288,8 +295,8 @@ def _rasterize(
 def _untile(x, tiles_x, tiles_y, width, height):
     """[C, T, 256, F] tile-major pixels -> [C, H, W, F] image (cropping the partial tiles)."""
     num_cams, _, _, feat = x.shape
-    x = x.reshape(num_cams, tiles_y, tiles_x, binning.TILE, binning.TILE, feat)
-    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(num_cams, tiles_y * binning.TILE, tiles_x * binning.TILE, feat)
+    x = x.reshape(num_cams, tiles_y, tiles_x, TILE, TILE, feat)
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(num_cams, tiles_y * TILE, tiles_x * TILE, feat)
     return x[:, :height, :width]
 
 

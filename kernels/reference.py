@@ -17,16 +17,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.binning import TILE
+from kernels.constants import ALPHA_MAX, ALPHA_MIN, CA, CB, CC, FEATURES, MX, MY, OPACITY, T_EPSILON, TILE, TILE_PIXELS
 
-TILE_PIXELS = TILE * TILE
-ALPHA_MIN = 1.0 / 255.0
-ALPHA_MAX = 0.999
-T_EPSILON = 1e-4
 ALIGN = 1  # pair-major evaluation needs no alignment of tile ranges
-
-# Record layout.
-MX, MY, CA, CB, CC, OPACITY, FEATURES = range(7)
 
 
 def pixel_centres(tiles_x: int, n_tiles: int, dtype) -> tuple[jax.Array, jax.Array]:

@@ -2,40 +2,32 @@
 Trainer on 8 devices) animates a 44.1 kHz stereo WAV into an MP4 with one video and one audio stream, the
 right number of frames and one PLY per frame; a broken avatar names the missing file."""
 
+import math
 import re
 import subprocess
 from pathlib import Path
 
-import grain
 import imageio_ffmpeg
+import jax
 import numpy as np
 import pytest
 from flax import nnx
-from test_prior import random_cameras, randomise
-from test_train_audio import PRIOR_OVERRIDES, SMALL_SPEECH_MODEL, speech_like, write_stereo_wav
+from helpers.layouts import PRIOR_OVERRIDES, SMALL_SPEECH_MODEL, speech_like, write_stereo_wav
+from helpers.models import random_cameras, randomise, save_step_zero
 
 from data_pipelines import layout
 from uhap_jax import cli
-from uhap_jax.config_utils import load_config, save_config
+from uhap_jax.artifacts import avatars
+from uhap_jax.config_utils import load_config
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.inference import avatar as avatar_lib
-from uhap_jax.inference import camera_paths
+from uhap_jax.inference import camera_paths, speech_windows
 from uhap_jax.inference.ply import read_ply
+from uhap_jax.models.frozen_prior import build_speech_model
 from uhap_jax.models.prior import UHAP
-from uhap_jax.train import audio_stage, prior_stage
-from uhap_jax.train.loop import Trainer
 
 FPS, SIZE, SUBJECT = 25.0, 64, "id007"
 SECONDS = 1.02  # not a whole number of frames: the video must still match the audio within one frame
-
-
-def _save_step_zero(config, model, optimizer, loss_fn, workdir: Path) -> None:
-    """A checkpoint as `uhap train` writes it (sharded over the 8 test devices), with its config.json."""
-    trainer = Trainer(config.train, model, optimizer, loss_fn, iter(grain.MapDataset.range(1).to_iter_dataset()),
-                      workdir)  # fmt: skip
-    trainer.save()
-    trainer.close()
-    save_config(config, workdir / "config.json")
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +50,13 @@ def avatar_dir(tmp_path_factory) -> Path:
     prior_cfg = load_config("configs/prior.py:tiny", PRIOR_OVERRIDES)
     prior = UHAP(head, prior_cfg.model, rngs=nnx.Rngs(seed))
     randomise(prior.decoder.out, rng, scale=0.1)
-    loss = prior_stage.make_loss_fn(prior_cfg, capacity=1)
-    _save_step_zero(prior_cfg, prior, prior_stage.make_optimizer(prior_cfg), loss, base / "prior")
+    save_step_zero(prior_cfg, prior, base / "prior")
 
     speech_overrides = [o.removeprefix("--config.") for o in SMALL_SPEECH_MODEL]
     speech_cfg = load_config("configs/audio.py:tiny", [*speech_overrides, f"prior_workdir={base / 'prior'}"])
-    model = audio_stage.build_model(speech_cfg, prior, FPS)
+    model = build_speech_model(speech_cfg, prior, FPS)
     randomise(model.speech.head, rng)
-    lip_ids = audio_stage.lip_gaussian_ids(prior.layout, head)
-    loss = audio_stage.make_loss_fn(speech_cfg, lip_ids)
-    _save_step_zero(speech_cfg, model, prior_stage.make_optimizer(speech_cfg), loss, base / "audio")
+    save_step_zero(speech_cfg, model, base / "audio")
 
     out = base / "avatar"
     assert cli.main(["avatar", "make", "--prior-workdir", str(base / "prior"), "--audio-workdir",
@@ -106,7 +95,7 @@ def test_animate_writes_video_with_audio_and_one_ply_per_frame(avatar_dir, tmp_p
 
     files = sorted(ply_dir.glob("*.ply"))
     assert len(files) == expected_frames
-    avatar = avatar_lib.load_avatar(avatar_dir)
+    avatar = avatars.load_avatar(avatar_dir)
     first, last = read_ply(files[0]), read_ply(files[-1])
     assert first.means.shape == (avatar.prior.layout.num_gaussians, 3)
     assert np.all(np.isfinite(first.means)) and np.all((first.opacities > 0) & (first.opacities < 1))
@@ -114,7 +103,7 @@ def test_animate_writes_video_with_audio_and_one_ply_per_frame(avatar_dir, tmp_p
 
 
 def test_avatar_round_trips_its_parts(avatar_dir, rng):
-    avatar = avatar_lib.load_avatar(avatar_dir)
+    avatar = avatars.load_avatar(avatar_dir)
     assert avatar.subject == SUBJECT and avatar.fps == FPS and avatar.image_size == (SIZE, SIZE)
     audio = speech_like(rng, 0.4, 16_000)
     codes = avatar_lib.predict_codes(avatar.speech, audio, avatar.fps)
@@ -123,7 +112,7 @@ def test_avatar_round_trips_its_parts(avatar_dir, rng):
 
 
 def test_renderer_grows_an_overflowing_capacity_and_renders_the_same_frames(avatar_dir, rng):
-    avatar = avatar_lib.load_avatar(avatar_dir)
+    avatar = avatars.load_avatar(avatar_dir)
     codes = rng.normal(0.0, 1.0, (3, avatar.prior.z_dim)).astype(np.float32)
     path = camera_paths.front(3, width=32, height=32)
     ample = avatar_lib.FrameRenderer(avatar, path, batch_size=4, capacity=1 << 13)
@@ -142,4 +131,100 @@ def test_missing_avatar_file_is_named(avatar_dir, tmp_path, part):
     subprocess.run(["cp", "-r", str(avatar_dir), str(broken)], check=True)
     (broken / part).unlink()
     with pytest.raises(FileNotFoundError, match=re.escape(str(broken / part))):
-        avatar_lib.load_avatar(broken)
+        avatars.load_avatar(broken)
+
+
+# -------------------- long audio: the speech model in windows
+
+
+def _relative_rms(a: np.ndarray, b: np.ndarray) -> float:
+    """RMS of a - b over the codes' own spread in time (per-dimension std, averaged)."""
+    return float(np.sqrt(np.mean((a - b) ** 2)) / np.mean(np.std(b, axis=0)))
+
+
+def test_windowed_codes_match_whole_clip_codes(avatar_dir, rng):
+    """A 12 s clip in 4 s windows (1 s context, 0.5 s fade) against one pass over the whole clip.
+
+    The codes must follow the audio, not the cuts: windowing may move them by at most half of what other speech
+    moves them (both as RMS over the codes' own spread in time). This untrained model attends over the whole clip
+    (audio 2+ s outside a window moves its codes by 6-12% of their spread, a trained model far less: it learnt
+    from 1.3-6 s windows), so windowing costs it 15-35%; other speech moves the codes by ~140%. A clip that fits
+    one window runs whole: the same codes to float precision."""
+    avatar = avatars.load_avatar(avatar_dir)
+    rate, seconds = 16_000, 12.0
+    audio = speech_like(rng, seconds, rate)
+    whole = speech_windows.predict_codes(avatar.speech, audio, FPS, window_s=1000.0)
+    windowed = speech_windows.predict_codes(avatar.speech, audio, FPS, window_s=4.0, context_s=1.0, fade_s=0.5)
+    assert windowed.shape == whole.shape == (300, avatar.prior.z_dim)
+    other = speech_windows.predict_codes(avatar.speech, speech_like(rng, seconds, rate), FPS, window_s=1000.0)
+    error, change = _relative_rms(windowed, whole), _relative_rms(other, whole)
+    print(f"windowed vs whole: relative rms {error:.4f}; other speech vs this: {change:.4f}")
+    assert error <= 0.5 * change
+    shortest = speech_windows.predict_codes(avatar.speech, audio[: rate // 10], FPS)  # the 0.1 s animate accepts
+    assert shortest.shape == (speech_windows.frame_count(rate // 10, FPS), avatar.prior.z_dim)
+    assert np.all(np.isfinite(shortest))
+    short = audio[: rate * 3]
+    np.testing.assert_allclose(speech_windows.predict_codes(avatar.speech, short, FPS, window_s=4.0),
+                               speech_windows.predict_codes(avatar.speech, short, FPS, window_s=1000.0),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_window_weights_cover_every_frame_once(rng):
+    num_frames = int(rng.integers(200, 2000))
+    window, context, fade = int(rng.integers(60, 120)), int(rng.integers(5, 20)), int(rng.integers(1, 15))
+    total = np.zeros(num_frames)
+    for start in speech_windows.window_starts(num_frames, window, context, fade):
+        assert 0 <= start <= num_frames - window
+        total[start : start + window] += speech_windows.window_weights(start, window, num_frames, context, fade)
+    assert np.all(total > 0.99)  # every frame weighed, by one window or two cross-fading to one
+    starts = speech_windows.window_starts(num_frames, window, context, fade)
+    np.testing.assert_allclose(total[: starts[-1]], 1.0, atol=1e-9)  # before the flush last window: exactly 1
+
+
+def test_ten_minute_clip_runs_in_windows_of_flat_memory(avatar_dir, rng):
+    """600 s of audio -> 15000 codes, through windows of one shape: the compiled step needs the same small memory
+    whatever the clip's length, where one pass over the whole clip needs many times more."""
+    avatar = avatars.load_avatar(avatar_dir)
+    seconds = 600.0
+    codes = speech_windows.predict_codes(avatar.speech, speech_like(rng, seconds, 16_000), FPS)
+    assert codes.shape == (round(seconds * FPS), avatar.prior.z_dim) and np.all(np.isfinite(codes))
+    assert np.std(codes[:100], axis=0).max() > 0 and np.std(codes[-100:], axis=0).max() > 0
+
+    graphdef, state = nnx.split(avatar.speech)
+
+    def temp_bytes(clip_s: float) -> int:
+        frames, samples = round(clip_s * FPS), math.ceil(clip_s * 16_000)
+        step = jax.jit(lambda state, audio: nnx.merge(graphdef, state)(audio, frames))
+        compiled = step.lower(state, jax.ShapeDtypeStruct((1, samples), np.float32)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    window, whole = temp_bytes(speech_windows.WINDOW_S), temp_bytes(seconds)
+    print(f"compiled temporaries: one {speech_windows.WINDOW_S:g} s window {window / 2**20:.1f} MiB, the whole "
+          f"{seconds:g} s clip {whole / 2**30:.2f} GiB")  # fmt: skip
+    assert window < 2**28 and whole > 30 * window
+
+
+def test_animate_runs_a_clip_longer_than_one_window(avatar_dir, tmp_path, rng):
+    """An MP3 (decoded by ffmpeg) longer than one speech window: every frame is rendered, audio and video agree."""
+    seconds, rate = speech_windows.WINDOW_S + 1.5, 22_050
+    wav, mp3 = tmp_path / "long.wav", tmp_path / "long.mp3"
+    samples = speech_like(rng, seconds, rate)
+    write_stereo_wav(wav, samples, samples[::-1], rate)
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(wav), "-c:a", "libmp3lame", str(mp3)],
+                   check=True)  # fmt: skip
+    out = tmp_path / "long.mp4"
+    assert cli.main(["animate", "--avatar", str(avatar_dir), "--audio", str(mp3), "--out", str(out), "--size", "16",
+                     "--batch-size", "32"]) == 0  # fmt: skip
+    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(out))
+    assert abs(frames - seconds * FPS) <= 2  # mp3 encoder padding may add a frame's worth of samples
+
+
+@pytest.mark.parametrize(("audio", "message"), [(b"", "empty (0 bytes)"), (b"RIFF", "not a readable audio file")])
+def test_animate_refuses_unusable_audio_in_one_line(avatar_dir, tmp_path, capsys, audio, message):
+    path = tmp_path / "speech.wav"
+    path.write_bytes(audio)
+    out = tmp_path / "talk.mp4"
+    status = cli.main(["animate", "--avatar", str(avatar_dir), "--audio", str(path), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1 and err[0].startswith(f"error: {path}") and message in err[0]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav"]

@@ -39,9 +39,7 @@ _TINY_ENCODER = dict(
     num_conv_pos_embedding_groups=4,
     mask_time_prob=0.0,
 )
-_TINY = AudioToLatentConfig(
-    width=32, num_layers=2, num_heads=2, mlp_dim=64, dropout=0.0, encoder_mode="scratch"
-)
+_TINY = AudioToLatentConfig(width=32, num_layers=2, num_heads=2, mlp_dim=64, dropout=0.0, encoder_mode="scratch")
 
 
 def tiny_model(seed: int, **overrides) -> AudioToLatent:
@@ -71,9 +69,7 @@ def test_to_16k_mono_mixes_rescales_and_says_so(rng):
     rate, seconds = 44_100, 0.5
     t = np.arange(int(rate * seconds)) / rate
     phase = rng.uniform(0, 2 * np.pi)
-    stereo = np.stack(
-        [0.5 * np.sin(2 * np.pi * 440 * t + phase), 0.3 * np.sin(2 * np.pi * 440 * t + phase)], 1
-    )
+    stereo = np.stack([0.5 * np.sin(2 * np.pi * 440 * t + phase), 0.3 * np.sin(2 * np.pi * 440 * t + phase)], 1)
     pcm = np.round(stereo * 32767).astype(np.int16)
     mono, note = to_16k_mono(pcm, rate, source="clip.wav")
     assert mono.dtype == np.float32 and mono.shape == (8000,)

@@ -6,11 +6,12 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
+from helpers.models import host_tree, small_config
 from jax.sharding import NamedSharding, PartitionSpec
-from test_train_loop import host_tree, small_config
 from train_toy_main import ToyData, loss_fn, make_model
 
-from uhap_jax.train.checkpoint import Checkpointer, abstract_like
+from uhap_jax.artifacts.checkpoints import Checkpointer, abstract_like, restore_latest
 from uhap_jax.train.loop import Trainer
 from uhap_jax.train.mesh import make_mesh
 
@@ -51,6 +52,31 @@ def test_save_on_eight_devices_restore_on_one_and_on_another_mesh(tmp_path, rng)
         next_losses.append(float(trainer.train_step(next_batch)["loss"]))
         trainer.close()
     np.testing.assert_allclose(next_losses[0], next_losses[1], rtol=2e-6)
+
+
+def test_params_only_restore_needs_no_optimizer_and_names_a_mismatch(tmp_path, rng):
+    """`restore_latest` reads the parameters of an Adam-trained checkpoint into a fresh model, replicated on one
+    device, without building an optimiser; a model of another structure is refused naming the checkpoint."""
+    seed = int(rng.integers(1 << 30))
+    trainer = Trainer(small_config(steps=3), make_model(seed), optax.adam(1e-2), loss_fn,
+                      ToyData(seed, batch_size=16).iterator(), tmp_path, mesh=make_mesh(data=4, fsdp=2))  # fmt: skip
+    trainer.run()
+    trainer.close()
+    trained = host_tree(trainer.state["params"])
+    one_device = make_mesh(devices=jax.devices()[:1])
+    model, step = restore_latest(tmp_path, make_model(seed + 1), one_device, what="toy")
+    assert step == 3
+    restored = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, host_tree(restored), trained)
+    assert not np.array_equal(trained["hidden"]["kernel"], host_tree(make_model(seed + 1).hidden.kernel[...]))
+    assert restored["hidden"]["kernel"].sharding.mesh.shape == one_device.shape
+    wider = make_model(seed)
+    wider.hidden = nnx.Linear(wider.hidden.in_features, 2 * wider.hidden.out_features, use_bias=False,
+                              rngs=nnx.Rngs(0))  # fmt: skip
+    with pytest.raises(ValueError, match=f"{tmp_path / 'checkpoints' / '3'}: does not match the toy"):
+        restore_latest(tmp_path, wider, one_device, what="toy", expect="the toy")
+    with pytest.raises(FileNotFoundError, match="holds no finished toy checkpoint"):
+        restore_latest(tmp_path / "empty", make_model(seed), one_device, what="toy")
 
 
 class CountingIterator:

@@ -9,11 +9,10 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 import pytest
-from test_encoder_personalize import SPEECH_OVERRIDES
-from test_train_audio import PRIOR_OVERRIDES  # UV 32²: the 24-row template has lip texels
+from helpers.layouts import PRIOR_OVERRIDES, SPEECH_OVERRIDES  # UV 32²: the 24-row template has lip texels
 
 from uhap_jax import cli
-from uhap_jax.train import personalize_stage
+from uhap_jax.artifacts.avatars import load_avatar
 
 SYNTH = ("num_identities=3", "num_held_out_identities=1", "sentences_per_identity=2", "max_seconds=0.8",
          "num_cameras=4", "held_out_cameras=(1,)", "image_size=32", "template_resolution=24",
@@ -53,7 +52,7 @@ def test_demo_writes_metrics_avatar_video_and_report(demo):
 
     avatars = list(demo.glob("avatar_*"))
     assert [a.name for a in avatars] == ["avatar_id002"]  # the held-out identity
-    avatar = personalize_stage.load_personalized_avatar(avatars[0])
+    avatar = load_avatar(avatars[0])
     assert avatar.subject == "id002"
 
     video = demo / "talking_head.mp4"

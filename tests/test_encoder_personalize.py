@@ -8,24 +8,28 @@ import json
 import shutil
 from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_prior import randomise
+from helpers.layouts import SPEECH_OVERRIDES
+from helpers.models import randomise, save_step_zero
 
-from data_pipelines import layout, synth
-from uhap_jax import cli, export
-from uhap_jax.config_utils import load_config, save_config
+from data_pipelines import layout, monocular, synth
+from uhap_jax import cli
+from uhap_jax.artifacts import avatars
+from uhap_jax.artifacts.bundles import load_bundle
+from uhap_jax.artifacts.priors import load_prior
+from uhap_jax.config_utils import load_config
 from uhap_jax.geometry import rotations
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.inference import avatar as avatar_lib
 from uhap_jax.inference import camera_paths
+from uhap_jax.models.frozen_prior import build_speech_model
+from uhap_jax.models.personal import IdentityBias, bias_shapes
 from uhap_jax.models.prior import UHAP
-from uhap_jax.train import audio_stage, encoder_stage, personalize_stage, prior_stage
-from uhap_jax.train.loop import Trainer
+from uhap_jax.train import encoder_stage, personalize_stage
 
 FPS, SIZE, HELD_OUT = 25.0, 32, "id002"
 ENCODER_STEPS = 100
@@ -47,21 +51,6 @@ PERSONALIZE_OVERRIDES = [
     "--config.albedo.frames=4", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
     "--config.tune.shape_grid=3",
 ]  # fmt: skip
-SPEECH_OVERRIDES = [
-    "model.width=16", "model.num_layers=1", "model.num_heads=2", "model.mlp_dim=32", "encoder.hidden_size=16",
-    "encoder.num_hidden_layers=1", "encoder.num_attention_heads=2", "encoder.intermediate_size=32",
-    "encoder.conv_dim=(8, 8, 8, 8, 8, 8, 8)", "loss.lip=0.0",
-]  # fmt: skip
-
-
-def _save_step_zero(config, model: nnx.Module, workdir: Path) -> None:
-    """A step-0 checkpoint as `uhap train` writes it (sharded over the 8 test devices), with its config.json."""
-    trainer = Trainer(config.train, model, prior_stage.make_optimizer(config),
-                      lambda m, b, r: (jnp.zeros(()), {}), iter(grain.MapDataset.range(1).to_iter_dataset()),
-                      workdir)  # fmt: skip
-    trainer.save()
-    trainer.close()
-    save_config(config, workdir / "config.json")
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +84,12 @@ def pipeline(tmp_path_factory, compilation_cache) -> dict[str, Path]:
                             [*PRIOR_OVERRIDES, f"data.root={root}", f"data.cache_dir={base / 'cache'}"])  # fmt: skip
     prior = UHAP(template_lib.procedural_head(24), prior_cfg.model, rngs=nnx.Rngs(seed))
     randomise(prior.decoder.out, rng, scale=0.1)
-    _save_step_zero(prior_cfg, prior, base / "prior")
+    save_step_zero(prior_cfg, prior, base / "prior")
 
     speech_cfg = load_config("configs/audio.py:tiny", [*SPEECH_OVERRIDES, f"prior_workdir={base / 'prior'}"])
-    speech = audio_stage.build_model(speech_cfg, nnx.clone(prior), FPS)
+    speech = build_speech_model(speech_cfg, nnx.clone(prior), FPS)
     randomise(speech.speech.head, rng)
-    _save_step_zero(speech_cfg, speech, base / "audio")
+    save_step_zero(speech_cfg, speech, base / "audio")
 
     encoder = base / "encoder"
     assert cli.main(["train", "encoder", "--config", "configs/encoder.py:tiny", "--workdir", str(encoder),
@@ -152,19 +141,19 @@ def test_personalize_writes_an_avatar_that_loads_renders_and_resumes(pipeline, t
     assert "resumed from step 2" in second and "step 4/4" in second
     assert [r["step"] for r in _rows(Path(f"{out}.work") / "metrics.jsonl")] == [1, 2, 3, 4]
 
-    manifest = json.loads((out / avatar_lib.AVATAR_FILE).read_text())
+    manifest = json.loads((out / avatars.AVATAR_FILE).read_text())
     assert manifest["subject"] == HELD_OUT and manifest["personalized"]["steps"] == 4
     assert manifest["personalized"]["scan"] and manifest["personalized"]["camera"] == synth.MONO_SERIAL
-    avatar = personalize_stage.load_personalized_avatar(out)
-    assert isinstance(avatar.prior.identity_encoder, personalize_stage.IdentityBias)
+    avatar = avatars.load_avatar(out)
+    assert isinstance(avatar.prior.identity_encoder, IdentityBias)
     assert avatar.fps == FPS and avatar.image_size == (SIZE, SIZE)
-    prior, _, _, _ = personalize_stage.load_prior(pipeline["prior"])
+    prior, _, _, _ = load_prior(pipeline["prior"])
     tuned, frozen = avatar.prior.decoder, prior.decoder
     assert not np.allclose(tuned.out.kernel[...], frozen.out.kernel[...])  # decoder_layers=1: the output layer
     np.testing.assert_array_equal(tuned.blocks[0].conv1.kernel[...], frozen.blocks[0].conv1.kernel[...])
-    loaded = avatar_lib.load_avatar(out)  # what `uhap animate` loads: the fitted bias maps too
-    assert isinstance(loaded.prior.identity_encoder, personalize_stage.IdentityBias)
-    bare, _ = export.load_bundle(out / avatar_lib.PRIOR_DIR)  # without them: the IdentityEncoder on the fitted maps
+    loaded = avatars.load_avatar(out)  # what `uhap animate` loads: the fitted bias maps too
+    assert isinstance(loaded.prior.identity_encoder, IdentityBias)
+    bare, _ = load_bundle(out / avatars.PRIOR_DIR)  # without them: the IdentityEncoder on the fitted maps
     plain = dataclasses.replace(avatar, prior=bare)
     codes = np.random.default_rng(0).normal(0.0, 1.0, (3, avatar.prior.z_dim)).astype(np.float32)
     path = avatar_lib.camera_path(avatar, synth.MONO_SERIAL, len(codes), None)
@@ -179,25 +168,25 @@ def test_personalize_writes_an_avatar_that_loads_renders_and_resumes(pipeline, t
 
 
 def test_bias_maps_that_do_not_fit_the_prior_name_the_file(pipeline, tmp_path):
-    prior, _, _, _ = personalize_stage.load_prior(pipeline["prior"])
-    shapes = personalize_stage.bias_shapes(prior)
+    prior, _, _, _ = load_prior(pipeline["prior"])
+    shapes = bias_shapes(prior)
     (tmp_path / "identity").mkdir()
-    np.savez(tmp_path / personalize_stage.BIAS_MAPS_FILE, **{f"bias_{i}": np.zeros(s) for i, s in enumerate(shapes)})
-    assert isinstance(personalize_stage.attach_identity(nnx.clone(prior), tmp_path).identity_encoder,
-                      personalize_stage.IdentityBias)  # fmt: skip
-    np.savez(tmp_path / personalize_stage.BIAS_MAPS_FILE, bias_0=np.zeros((2, 2, 2)))
-    with pytest.raises(ValueError, match=str(tmp_path / personalize_stage.BIAS_MAPS_FILE)):
-        personalize_stage.attach_identity(nnx.clone(prior), tmp_path)
+    np.savez(tmp_path / avatars.BIAS_MAPS_FILE, **{f"bias_{i}": np.zeros(s) for i, s in enumerate(shapes)})
+    assert isinstance(avatars.attach_identity(nnx.clone(prior), tmp_path).identity_encoder,
+                      IdentityBias)  # fmt: skip
+    np.savez(tmp_path / avatars.BIAS_MAPS_FILE, bias_0=np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match=str(tmp_path / avatars.BIAS_MAPS_FILE)):
+        avatars.attach_identity(nnx.clone(prior), tmp_path)
 
 
 def test_bad_video_folders_name_the_path(pipeline, tmp_path):
     root = pipeline["root"]
     multiview = layout.sequence_dir(root, HELD_OUT, "sen_10")
     with pytest.raises(layout.LayoutError, match=rf"{multiview}: no monocular sequence"):
-        personalize_stage.read_monocular(multiview)
+        monocular.read_monocular(multiview)
     with pytest.raises(layout.LayoutError, match=rf"no sequence has images of camera 'mono' \(looked for "
                                                  rf"{multiview / 'images' / 'cam_mono'}\)"):  # fmt: skip
-        personalize_stage.read_monocular(multiview, camera="mono")
+        monocular.read_monocular(multiview, camera="mono")
 
     subject = tmp_path / "subjects" / HELD_OUT
     shutil.copytree(layout.subject_dir(root, HELD_OUT) / "calibration", subject / "calibration")
@@ -223,7 +212,6 @@ def test_heldout_quality_reports_every_number(pipeline, tmp_path):
     )
     # Mono only: the fit started from the template, not the scan, so its start differs from the true scan's.
     assert metrics["personalize/heldout_view_psnr_start"] != metrics["personalize/heldout_view_psnr_true_scan"]
-
 
 
 def test_turn_heads_adds_bounded_yaw_and_pitch():

@@ -12,10 +12,11 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from data_pipelines import layout
-from data_pipelines.importers import import_capture, lens
+from data_pipelines.importers import import_capture, lens, nersemble
 from data_pipelines.importers.multiface import MultifaceOptions
 from data_pipelines.importers.nersemble import NersembleOptions
 from data_pipelines.layout import LayoutError
+from uhap_jax import cli
 
 # -------------------- shared fixture helpers
 
@@ -53,6 +54,25 @@ def _random_rigid(rng: np.random.Generator, distance: float) -> tuple[np.ndarray
 def _assert_nothing_written(out: Path) -> None:
     subjects = out / "subjects"
     assert not subjects.exists() or not any(subjects.iterdir()), list(subjects.iterdir())
+    assert not [p for p in out.parent.rglob(".uhap-import-*")]  # no staging folder left behind
+
+
+def _existing_layout(out: Path, rng: np.random.Generator) -> dict[str, bytes]:
+    """An --out that already holds a subject and a file of the user's; returns its files' bytes."""
+    files = {
+        out / "subjects" / "old" / "calibration" / "camera_params.json": rng.bytes(64),
+        out / "notes.txt": rng.bytes(32),
+    }
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return {str(p.relative_to(out)): d for p, d in files.items()}
+
+
+def _assert_unchanged(out: Path, before: dict[str, bytes]) -> None:
+    after = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in (out / "subjects").iterdir()) == ["old"]
+    assert not [p for p in out.parent.rglob(".uhap-import-*")]
 
 
 # -------------------- Multiface
@@ -155,7 +175,7 @@ def test_multiface_recovers_cameras_undistorts_and_converts_units(tmp_path, rng)
     waveform, _ = layout.read_audio(seq_dir / "audio.wav")
     assert len(waveform) == round(len(MF_FRAMES) / 30 * 16000)
     _assert_tone(waveform)
-    joined = " ".join(notes[source["participant"].name])
+    joined = " ".join(notes.notes[source["participant"].name])
     assert "mixed 2 channels" in joined and "44100->16000" in joined and "cut 0.010 s" in joined
     vertices = layout.read_vertices(seq_dir, num_frames=len(MF_FRAMES))
     for frame, pose in enumerate(source["poses"]):
@@ -177,13 +197,31 @@ def test_undistortion_moves_points_where_the_pinhole_model_puts_them(rng):
 
 @pytest.mark.parametrize(
     "damage",
-    ["corrupt_image", "missing_image", "no_intrinsics", "nan_calibration", "short_audio", "unknown_camera"],
-)
+    ["corrupt_image", "missing_image", "no_intrinsics", "nan_calibration", "short_audio", "unknown_camera",
+     "not_a_rotation", "zero_focal_length", "mirrored_axes", "principal_point_outside"],
+)  # fmt: skip
 def test_multiface_bad_input_names_the_file_and_writes_nothing(tmp_path, rng, damage):
     source = _write_multiface(tmp_path / "src", rng)
     participant = source["participant"]
     images = participant / "images" / MF_EXPRESSION
-    if damage == "corrupt_image":
+    krt = participant / "KRT"
+    lines = krt.read_text().splitlines()  # camera 400004's block: name 9, K 10-12, distortion 13, [R|t] 14-16
+    before = _existing_layout(tmp_path / "out", rng)
+    if damage == "not_a_rotation":
+        lines[14] = " ".join(["3.0"] + lines[14].split()[1:])
+        expected = [str(krt), "400004", "not orthonormal"]
+    elif damage == "zero_focal_length":
+        lines[10] = " ".join(["0.0"] + lines[10].split()[1:])
+        expected = [str(krt), "400004", "focal lengths"]
+    elif damage == "mirrored_axes":
+        lines[16] = " ".join([repr(-float(v)) for v in lines[16].split()[:3]] + lines[16].split()[3:])
+        expected = [str(krt), "400004", "determinant"]
+    elif damage == "principal_point_outside":
+        lines[10] = " ".join(lines[10].split()[:2] + [repr(MF_SIZE[0] + 5.0)])
+        expected = [str(krt), "principal point"]
+    if damage in ("not_a_rotation", "zero_focal_length", "mirrored_axes", "principal_point_outside"):
+        krt.write_text("\n".join(lines) + "\n")
+    elif damage == "corrupt_image":
         culprit = images / "400004" / "000102.png"
         culprit.write_bytes(culprit.read_bytes()[:40])
         expected = [str(culprit), "corrupt"]
@@ -204,14 +242,14 @@ def test_multiface_bad_input_names_the_file_and_writes_nothing(tmp_path, rng, da
         culprit = participant / "audio" / f"{MF_EXPRESSION}.wav"
         _write_wav(culprit, _tone(22050, 2 / 30), 22050)
         expected = [str(culprit), "audio lasts"]
-    else:
+    elif damage == "unknown_camera":
         (images / "400002").rename(images / "400099")
         expected = [str(images / "400099"), "missing from", "KRT"]
     with pytest.raises(LayoutError) as error:
         import_capture("multiface", participant, tmp_path / "out", MultifaceOptions())
     for fragment in expected:
         assert fragment in str(error.value)
-    _assert_nothing_written(tmp_path / "out")
+    _assert_unchanged(tmp_path / "out", before)
 
 
 # -------------------- NeRSemble
@@ -287,7 +325,7 @@ def _write_nersemble(root: Path, rng: np.random.Generator, *, num_frames: int = 
 def test_nersemble_cameras_colours_scaled_intrinsics_and_audio(tmp_path, rng):
     source = _write_nersemble(tmp_path / "src", rng)
     out = tmp_path / "out"
-    notes = import_capture("nersemble", tmp_path / "src", out, NersembleOptions(calib_resolution=NS_CALIB))
+    report = import_capture("nersemble", tmp_path / "src", out, NersembleOptions(calib_resolution=NS_CALIB))
     subject = out / "subjects" / NS_PARTICIPANT
     calibration = layout.read_calibration(subject)
     assert sorted(calibration) == NS_SERIALS
@@ -314,7 +352,8 @@ def test_nersemble_cameras_colours_scaled_intrinsics_and_audio(tmp_path, rng):
     waveform, _ = layout.read_audio(subject / "sequences" / "SEN-01-cramp_small_danger" / "audio.wav")
     assert len(waveform) == round(3 / 25 * 16000)
     _assert_tone(waveform)
-    assert any("video only" in note for note in notes[NS_PARTICIPANT])
+    assert any("video only" in note for note in report.notes[NS_PARTICIPANT])
+    assert not report.skipped
 
 
 def test_nersemble_audio_dir_is_used_and_checked_against_frames(tmp_path, rng):
@@ -343,6 +382,13 @@ def test_nersemble_audio_dir_is_used_and_checked_against_frames(tmp_path, rng):
         "frame_count",
         "corrupt_video",
         "calib_resolution",
+        "not_a_rotation",
+        "zero_focal_length",
+        "negative_focal_length",
+        "mirrored_axes",
+        "not_rigid",
+        "alpha_frame_count",
+        "alpha_size",
     ],
 )
 def test_nersemble_bad_input_names_the_file_and_writes_nothing(tmp_path, rng, damage):
@@ -368,12 +414,121 @@ def test_nersemble_bad_input_names_the_file_and_writes_nothing(tmp_path, rng, da
         culprit = videos / f"cam_{NS_SERIALS[0]}.mp4"
         culprit.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
         expected = [str(culprit), "video"]
-    else:
+    elif damage == "calib_resolution":
         options = NersembleOptions()  # the intrinsics' principal point lies outside the smaller video
         expected = [str(params_path), "--calib-resolution"]
+    elif damage == "not_a_rotation":
+        params["world_2_cam"][NS_SERIALS[1]][0][0] = 3.0
+        expected = [str(params_path), NS_SERIALS[1], "not orthonormal"]
+    elif damage == "zero_focal_length":
+        params["intrinsics"][0][0] = 0.0
+        expected = [str(params_path), "focal lengths"]
+    elif damage == "negative_focal_length":
+        params["intrinsics"][1][1] = -91.0
+        expected = [str(params_path), "focal lengths"]
+    elif damage == "mirrored_axes":
+        params["world_2_cam"][NS_SERIALS[0]][2][:3] = [-v for v in params["world_2_cam"][NS_SERIALS[0]][2][:3]]
+        expected = [str(params_path), NS_SERIALS[0], "determinant"]
+    elif damage == "not_rigid":
+        params["world_2_cam"][NS_SERIALS[0]][3] = [0.0, 0.0, 1.0, 1.0]
+        expected = [str(params_path), NS_SERIALS[0], "last row"]
+    elif damage == "alpha_frame_count":
+        culprit = videos.parent / "alpha_maps" / f"cam_{NS_SERIALS[1]}.mp4"
+        _write_video(culprit, source["frames"]["EXP-1-head", NS_SERIALS[1]][:1])
+        expected = [str(culprit), "only 1 of the 2 frames"]
+    else:
+        culprit = videos.parent / "alpha_maps" / f"cam_{NS_SERIALS[0]}.mp4"
+        _write_video(culprit, rng.integers(0, 256, (2, 8, 8, 3), np.uint8))
+        expected = [str(culprit), "8x8 alpha maps"]
     params_path.write_text(json.dumps(params))
+    before = _existing_layout(tmp_path / "out", rng)
     with pytest.raises(LayoutError) as error:
         import_capture("nersemble", participant, tmp_path / "out", options)
     for fragment in expected:
         assert fragment in str(error.value)
+    _assert_unchanged(tmp_path / "out", before)
+
+
+def test_nersemble_colour_conversion_truncates_like_the_official_kit(rng):
+    """`nersemble_data.util.color_correction.correct_color` ends in `np.clip(x * 255, 0, 255).astype(np.uint8)`:
+    clip, then truncate. Same here, exactly, against a float64 reference; rounding would differ often."""
+    image = rng.integers(0, 256, (37, 29, 3), np.uint8)
+    terms = int(rng.choice(sorted(nersemble.CHEUNG_TERMS)))
+    ccm = np.zeros((3, terms))
+    ccm[:, :3] = np.diag(rng.uniform(0.7, 1.3, 3)) + rng.uniform(-0.05, 0.05, (3, 3))
+    ccm[:, 3:] = rng.uniform(-0.02, 0.02, (3, terms - 3))
+    linear = _srgb_decode(image.reshape(-1, 3) / 255.0)
+    corrected = _srgb_encode(nersemble._cheung_expansion(linear, terms) @ ccm.T) * 255.0
+    expected = np.clip(corrected, 0, 255).astype(np.uint8).reshape(image.shape)
+    np.testing.assert_array_equal(nersemble.apply_color_correction(image, ccm), expected)
+    rounded = np.clip(np.round(corrected), 0, 255).astype(np.uint8).reshape(image.shape)
+    assert np.mean(rounded != expected) > 0.2
+
+
+def test_nersemble_alpha_maps_become_the_masks(tmp_path, rng):
+    source = _write_nersemble(tmp_path / "src", rng, num_frames=2)
+    alphas = {}
+    for serial in NS_SERIALS:
+        grey = rng.integers(0, 256, (2, NS_VIDEO[1], NS_VIDEO[0]), np.uint8)
+        alphas[serial] = grey
+        path = source["participant"] / "sequences" / "EXP-1-head" / "alpha_maps" / f"cam_{serial}.mp4"
+        _write_video(path, np.repeat(grey[..., None], 3, axis=3))
+    options = NersembleOptions(calib_resolution=NS_CALIB, sequences=["EXP-1-head"])
+    import_capture("nersemble", source["participant"], tmp_path / "out", options)
+    seq_dir = tmp_path / "out" / "subjects" / NS_PARTICIPANT / "sequences" / "EXP-1-head"
+    assert layout.read_sequence_meta(seq_dir)["masked_cameras"] == NS_SERIALS
+    for serial, grey in alphas.items():
+        for index, expected in enumerate(grey):
+            mask = layout.read_image(layout.frame_path(seq_dir, serial, index, kind="masks"))
+            np.testing.assert_array_equal(mask, expected)  # lossless video: the alpha levels themselves
+
+
+def test_folder_of_participants_names_an_unusable_one_and_skips_it_only_when_asked(tmp_path, rng, capsys):
+    source = _write_nersemble(tmp_path / "src", rng, num_frames=2)
+    stray = tmp_path / "src" / "018"
+    (stray / "sequences").mkdir(parents=True)  # a participant without calibration/camera_params.json
+    options = NersembleOptions(calib_resolution=NS_CALIB)
+    before = _existing_layout(tmp_path / "out", rng)
+    with pytest.raises(LayoutError, match=str(stray / "calibration" / "camera_params.json")):
+        import_capture("nersemble", tmp_path / "src", tmp_path / "out", options)
+    _assert_unchanged(tmp_path / "out", before)
+
+    report = import_capture("nersemble", tmp_path / "src", tmp_path / "out", options, skip_bad=True)
+    assert list(report.notes) == [NS_PARTICIPANT] and [item for item, _ in report.skipped] == ["018"]
+    assert layout.read_calibration(tmp_path / "out" / "subjects" / NS_PARTICIPANT)
+    assert (tmp_path / "out" / "notes.txt").read_bytes() == before["notes.txt"]
+
+    argv = ["data", "import", "--format", "nersemble", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "o2"),
+            "--calib-resolution", "64x48"]  # fmt: skip
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "018" in err[0]
+    assert not (tmp_path / "o2").exists()
+    assert cli.main([*argv, "--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    assert "SKIPPED 018:" in captured.err and "SKIPPED 1" in captured.out
+    assert source["participant"].is_dir()
+
+
+def test_a_bad_sequence_is_skipped_only_with_skip_bad(tmp_path, rng):
+    source = _write_nersemble(tmp_path / "src", rng, num_frames=2)
+    culprit = source["participant"] / "sequences" / "EXP-1-head" / "images" / f"cam_{NS_SERIALS[0]}.mp4"
+    culprit.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    options = NersembleOptions(calib_resolution=NS_CALIB)
+    with pytest.raises(LayoutError, match=str(culprit)):
+        import_capture("nersemble", source["participant"], tmp_path / "out", options)
     _assert_nothing_written(tmp_path / "out")
+    report = import_capture("nersemble", source["participant"], tmp_path / "out", options, skip_bad=True)
+    assert [item for item, _ in report.skipped] == [f"{NS_PARTICIPANT}/EXP-1-head"]
+    subject = tmp_path / "out" / "subjects" / NS_PARTICIPANT
+    assert layout.list_sequences(subject) == ["SEN-01-cramp_small_danger"]
+
+
+def test_import_refuses_an_out_inside_its_source(tmp_path, rng, capsys):
+    source = _write_nersemble(tmp_path / "src", rng, num_frames=2)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    status = cli.main(["data", "import", "--format", "nersemble", "--src", str(source["participant"]), "--out",
+                       str(source["participant"] / "layout"), "--calib-resolution", "64x48"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2 and "overlaps the input" in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -17,8 +17,9 @@ from data_pipelines import layout
 from uhap_jax.config_utils import load_config
 from uhap_jax.geometry import cameras
 from uhap_jax.geometry import template as template_lib
+from uhap_jax.geometry.texels import scan_uv_maps
 from uhap_jax.inference import camera_paths, fps_bench, ply, video
-from uhap_jax.models.prior import UHAP, scan_uv_maps
+from uhap_jax.models.prior import UHAP
 
 AUDIO_RATE = 16000
 INRIA_PROPERTIES = [

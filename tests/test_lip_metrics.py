@@ -170,9 +170,7 @@ class TorchSyncNet(nn.Module):
             ),
             *conv_bn(nn.Conv3d(256, 256, (1, 3, 3), padding=(0, 1, 1)), 256),
             *conv_bn(nn.Conv3d(256, 256, (1, 3, 3), padding=(0, 1, 1)), 256),
-            *conv_bn(
-                nn.Conv3d(256, 256, (1, 3, 3), padding=(0, 1, 1)), 256, nn.MaxPool3d((1, 3, 3), (1, 2, 2))
-            ),
+            *conv_bn(nn.Conv3d(256, 256, (1, 3, 3), padding=(0, 1, 1)), 256, nn.MaxPool3d((1, 3, 3), (1, 2, 2))),
             *conv_bn(nn.Conv3d(256, 512, (1, 6, 6)), 512),
         )
 
@@ -287,9 +285,7 @@ def test_lip_sync_error_matches_reference_pipeline(torch_syncnet, syncnet_file, 
     num_frames = 9
     crops = rng.integers(0, 256, size=(num_frames, 224, 224, 3), dtype=np.uint8)
     waveform = 0.2 * rng.normal(size=num_frames * 640 + 100)
-    scores = syncnet.lip_sync_error(
-        syncnet.load_syncnet(syncnet_file), crops, waveform, vshift=3, batch_size=3
-    )
+    scores = syncnet.lip_sync_error(syncnet.load_syncnet(syncnet_file), crops, waveform, vshift=3, batch_size=3)
 
     # The reference: BGR frames [1, 3, T, H, W], int16 MFCCs [1, 1, 13, steps], windows at 4·i.
     imtv = torch.from_numpy(crops[..., ::-1].transpose(3, 0, 1, 2)[None].astype(np.float32))
@@ -297,9 +293,7 @@ def test_lip_sync_error_matches_reference_pipeline(torch_syncnet, syncnet_file, 
     lastframe = min(num_frames, math.floor(waveform.size / 640)) - 5
     with torch.no_grad():
         video = torch.cat([torch_syncnet.forward_lip(imtv[:, :, i : i + 5]) for i in range(lastframe)])
-        audio = torch.cat(
-            [torch_syncnet.forward_aud(cct[:, :, :, 4 * i : 4 * i + 20]) for i in range(lastframe)]
-        )
+        audio = torch.cat([torch_syncnet.forward_aud(cct[:, :, :, 4 * i : 4 * i + 20]) for i in range(lastframe)])
     offset, lse_d, lse_c, _ = _reference_scores(video.double().numpy(), audio.double().numpy(), 3)
     assert scores.distances.shape == (lastframe, 7)
     assert scores.offset == offset

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.records import prepare_tiny  # the tiny layout and its prepared records are shared with the TFDS test
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_tfds import prepare_tiny  # the tiny layout and its prepared records are shared with the TFDS test
 
 from data_pipelines import loaders
 

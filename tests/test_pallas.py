@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from raster_oracle import random_scene
+from helpers.raster_oracle import random_scene
 
 import kernels
 

@@ -1,54 +1,22 @@
 """The UHAP prior model, its losses and the image metrics, on small random inputs."""
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from helpers.models import random_cameras, randomise, small_model_config
 from safetensors.numpy import save_file
 
-from uhap_jax.eval import image_metrics
-from uhap_jax.geometry import cameras, rotations
+from uhap_jax.geometry import rotations
 from uhap_jax.geometry import template as template_lib
-from uhap_jax.models import losses
-from uhap_jax.models.prior import UHAP, scan_uv_maps
-
-
-def small_model_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.uv_resolution = 16
-    config.z_dim = 8
-    config.decoder_base_resolution = 4
-    config.decoder_channels = (8, 8)
-    config.expression_channels = (4, 8)
-    config.expression_hidden = 16
-    config.color_features = 4
-    config.color_hidden = 8
-    config.offset_scale = 0.01
-    config.max_scale_ratio = 4.0
-    config.thickness = 0.3
-    config.opacity_init_logit = 3.0
-    return config
+from uhap_jax.geometry.texels import scan_uv_maps
+from uhap_jax.models import image_metrics, losses
+from uhap_jax.models.prior import UHAP
 
 
 @pytest.fixture(scope="module")
 def head() -> template_lib.Template:
     return template_lib.procedural_head(24)
-
-
-def random_cameras(rng, count: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cameras 0.9 m away on the front hemisphere, looking at the head."""
-    views = []
-    for azimuth in rng.uniform(-1.0, 1.0, count):
-        eye = 0.9 * np.array([np.sin(azimuth), rng.uniform(-0.2, 0.2), -np.cos(azimuth)])
-        views.append(cameras.look_at(eye, np.zeros(3)))
-    intrinsics = np.stack([cameras.intrinsics_from_fov(20.0, size, size)] * count)
-    return np.stack(views).astype(np.float32), intrinsics.astype(np.float32)
-
-
-def randomise(module: nnx.Module, rng, scale: float = 0.3) -> None:
-    """Overwrite a layer's zero-initialised kernel with random values, so that its output matters."""
-    module.kernel[...] = jnp.asarray(rng.normal(0.0, scale, module.kernel.shape), jnp.float32)
 
 
 def test_untrained_gaussians_sit_on_the_surface_and_follow_the_head_pose(head, rng):
@@ -140,6 +108,16 @@ def test_kl_divergence_known_values(rng):
     expected = np.mean(np.sum(-np.log(sigma) + (sigma**2 + mean**2) / 2 - 0.5, axis=-1))
     np.testing.assert_allclose(losses.kl_divergence(jnp.asarray(mean), jnp.asarray(log_var)), expected, rtol=1e-5)
     assert float(losses.kl_divergence(jnp.zeros((2, 5)), jnp.zeros((2, 5)))) == 0.0
+
+
+def test_view_colour_spread_against_float64_and_zero_for_view_independent_colour(rng):
+    colours = rng.uniform(0.0, 1.0, size=(2, 5, 64, 3))  # [B, C, N, 3]
+    spread = colours - colours.mean(axis=1, keepdims=True)
+    expected = np.mean(np.sum(spread**2, axis=-1))  # over batch, cameras and Gaussians
+    got = float(losses.view_colour_spread(jnp.asarray(colours, jnp.float32)))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    same = np.broadcast_to(colours[:, :1], colours.shape)  # every camera sees the same colour
+    assert float(losses.view_colour_spread(jnp.asarray(same, jnp.float32))) < 1e-12
 
 
 def ssim_float64(x: np.ndarray, y: np.ndarray) -> float:
@@ -273,7 +251,7 @@ def test_lpips_missing_or_mismatched_weights_are_clear_errors(tmp_path, rng):
 def test_tracked_mesh_loss_and_encoder_geometry(head, rng):
     """The tracked-mesh loss is the mean squared distance over valid frames; the encoder's geometry map holds each
     texel's displacement from the scan in its local frame (offset_scale units), in the head frame."""
-    from uhap_jax.train.prior_stage import tracked_mesh_loss
+    from uhap_jax.models.losses import tracked_mesh_loss
 
     model = UHAP(head, small_model_config(), rngs=nnx.Rngs(0))
     n = model.layout.num_gaussians

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.raster_oracle import oracle_render, random_scene
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from raster_oracle import oracle_render, random_scene
 
 import kernels
 from kernels import binning

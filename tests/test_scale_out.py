@@ -1,8 +1,6 @@
 """Scale-out: two JAX processes train the tiny prior together and checkpoint; a missing process fails fast; the
 checkpoint exports to a bundle that loads on one device."""
 
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_train_prior import TINY_MODEL, rows, write_layout
+from helpers.layouts import TINY_MODEL, rows, write_prior_layout
+from helpers.processes import cpu_env, free_port
 
-from uhap_jax.export import export_bundle, load_bundle, restore_prior
+from uhap_jax.artifacts.bundles import load_bundle
+from uhap_jax.artifacts.priors import export_bundle, load_prior
 from uhap_jax.models.population import POPULATION_FILE
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _command(workdir, root, tmp_path, process_id: int, port: int, timeout_s: int) -> list[str]:
@@ -37,18 +31,12 @@ def _command(workdir, root, tmp_path, process_id: int, port: int, timeout_s: int
     ]  # fmt: skip
 
 
-def _env() -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # 2 processes x 4 = 8 devices
-    return env
-
-
 def test_two_processes_train_checkpoint_and_export_to_one_device(tmp_path, rng):
     root, workdir = tmp_path / "layout", tmp_path / "run"
-    write_layout(root, rng)
-    port = _free_port()
+    write_prior_layout(root, rng)
+    port = free_port()
     procs = [
-        subprocess.Popen(_command(workdir, root, tmp_path, i, port, 120), env=_env(), stdout=subprocess.PIPE,
+        subprocess.Popen(_command(workdir, root, tmp_path, i, port, 120), env=cpu_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]  # fmt: skip
@@ -63,7 +51,7 @@ def test_two_processes_train_checkpoint_and_export_to_one_device(tmp_path, rng):
 
     # The checkpoint was written by 2 processes over 8 devices; restore and export it here on one device.
     one_device = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
-    restored, config, step = restore_prior(workdir, one_device)
+    restored, config, _, step = load_prior(workdir, one_device)
     assert step == 2 and config.train.mesh.fsdp == 2
     reference = nnx.to_pure_dict(nnx.state(restored, nnx.Param))
     for dtype, tolerance in (("float32", 0.0), ("bfloat16", 1e-2)):
@@ -88,9 +76,9 @@ def test_two_processes_train_checkpoint_and_export_to_one_device(tmp_path, rng):
 
 def test_missing_process_fails_fast_with_a_clear_error(tmp_path, rng):
     root, workdir = tmp_path / "layout", tmp_path / "run"
-    write_layout(root, rng)
+    write_prior_layout(root, rng)
     start = time.monotonic()
-    result = subprocess.run(_command(workdir, root, tmp_path, 0, _free_port(), 10), env=_env(), capture_output=True,
+    result = subprocess.run(_command(workdir, root, tmp_path, 0, free_port(), 10), env=cpu_env(), capture_output=True,
                             text=True, timeout=300)  # fmt: skip
     elapsed = time.monotonic() - start
     assert result.returncode != 0
@@ -101,5 +89,8 @@ def test_missing_process_fails_fast_with_a_clear_error(tmp_path, rng):
 def test_bundle_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="bundle.json"):
         load_bundle(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'checkpoints'}: no prior checkpoints"):
+        load_prior(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        restore_prior(tmp_path)
+        load_prior(tmp_path)

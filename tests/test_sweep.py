@@ -11,18 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_animate import _save_step_zero
-from test_prior import randomise
-from test_scale_out import _env, _free_port
-from test_train_audio import FPS, PRIOR_OVERRIDES, SMALL_SPEECH_MODEL, prior_checkpoint  # noqa: F401 (fixture)
-from test_train_prior import TINY_MODEL, write_layout
+from helpers.layouts import FPS, PRIOR_OVERRIDES, SMALL_SPEECH_MODEL, TINY_MODEL, write_prior_layout
+from helpers.models import randomise, save_step_zero
+from helpers.processes import cpu_env, free_port
 
 from uhap_jax import cli
+from uhap_jax.artifacts.priors import export_bundle, load_prior
 from uhap_jax.config_utils import load_config
-from uhap_jax.eval import sweep
-from uhap_jax.export import export_bundle
-from uhap_jax.geometry import template as template_lib
-from uhap_jax.train import audio_stage, prior_stage
+from uhap_jax.eval import audio_eval, prior_eval, sweep
+from uhap_jax.models.frozen_prior import build_speech_model
+from uhap_jax.train import audio_stage
 from uhap_jax.train.mesh import make_mesh
 
 SCALES = (1.0, 0.5)
@@ -35,7 +33,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     print(f"[trained prior] seed={seed}")
     tmp = tmp_path_factory.mktemp("sweep")
     root, workdir = tmp / "layout", tmp / "prior"
-    write_layout(root, np.random.default_rng(seed))
+    write_prior_layout(root, np.random.default_rng(seed))
     assert cli.main([
         "train", "prior", "--config", "configs/prior.py:tiny", "--workdir", str(workdir),
         f"--config.data.root={root}", f"--config.data.cache_dir={tmp / 'cache'}",
@@ -85,11 +83,11 @@ def test_sweep_writes_csv_plots_and_html(trained, tmp_path):
 
 
 def test_two_processes_split_the_jobs_and_process_zero_merges(trained, tmp_path):
-    out, port = tmp_path / "sweep", _free_port()
+    out, port = tmp_path / "sweep", free_port()
     flags = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--distributed_timeout", "120"]
     command = [sys.executable, "-m", "uhap_jax.cli", *sweep_args(trained, out, (1.0,)), *flags]
     procs = [
-        subprocess.Popen([*command, "--process_id", str(i)], env=_env(), stdout=subprocess.PIPE,
+        subprocess.Popen([*command, "--process_id", str(i)], env=cpu_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]  # fmt: skip
@@ -106,10 +104,11 @@ def test_two_processes_split_the_jobs_and_process_zero_merges(trained, tmp_path)
     assert "wrote" in outputs[0] and "wrote" not in outputs[1]
 
 
-def test_missing_checkpoint_is_named(tmp_path):
+def test_missing_checkpoint_is_named(tmp_path, capsys):
     missing = tmp_path / "no_such_run"
-    with pytest.raises(FileNotFoundError, match=f"{missing}: checkpoint listed in config.checkpoints does not exist"):
-        cli.main(["sweep", "--workdir", str(tmp_path / "out"), f"--config.checkpoints=('{missing}',)"])
+    assert cli.main(["sweep", "--workdir", str(tmp_path / "out"), f"--config.checkpoints=('{missing}',)"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {missing}: checkpoint listed in config.checkpoints does not exist"]
 
 
 def test_a_folder_that_is_no_checkpoint_is_named(tmp_path):
@@ -121,7 +120,7 @@ def test_scaled_views_keep_points_on_the_same_pixels(rng):
     frames, views, size = 2, 3, 16
     intrinsics = np.tile(np.asarray([[20.0, 0, 8], [0, 22.0, 8], [0, 0, 1]], np.float32), (frames, views, 1, 1))
     intrinsics[..., :2, 2] += rng.uniform(-2, 2, (frames, views, 2)).astype(np.float32)
-    eval_set = prior_stage.EvalSet(
+    eval_set = prior_eval.EvalSet(
         encoder_images=rng.integers(0, 256, (frames, 2, size, size, 3), dtype=np.uint8),
         target_images=rng.integers(0, 256, (frames, views, size, size, 3), dtype=np.uint8),
         target_masks=rng.integers(0, 256, (frames, views, size, size), dtype=np.uint8),
@@ -155,12 +154,10 @@ def speech_workdir(prior_checkpoint, tmp_path_factory) -> tuple[Path, Path, Path
         "data.window_frames=4", "data.batch_size=8", "data.num_threads=0", "eval.batch_size=4", "eval.max_lag=2",
         "train.steps=0",
     ])  # fmt: skip
-    prior, _ = audio_stage.restore_prior(audio_stage.prior_config(config), prior_workdir, make_mesh())
-    model = audio_stage.build_model(config, prior, FPS)
+    prior, _, _, _ = load_prior(prior_workdir, make_mesh(), config=audio_eval.prior_config(config))
+    model = build_speech_model(config, prior, FPS)
     randomise(model.speech.head, np.random.default_rng(seed))
-    lip_ids = audio_stage.lip_gaussian_ids(prior.layout, template_lib.procedural_head(24))
-    loss = audio_stage.make_loss_fn(config, lip_ids)
-    _save_step_zero(config, model, prior_stage.make_optimizer(config), loss, workdir)
+    save_step_zero(config, model, workdir)
     _, metrics = audio_stage.train_audio(config, workdir)
     return root, cache, workdir, metrics
 

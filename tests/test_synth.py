@@ -12,6 +12,7 @@ import kernels
 from configs import prior as prior_config
 from data_pipelines import layout, synth
 from uhap_jax.commands import data as data_command
+from uhap_jax.config_utils import UsageError
 from uhap_jax.geometry import template as template_lib
 
 
@@ -241,7 +242,7 @@ def test_cli_rejects_bad_override(tmp_path):
     parser = __import__("uhap_jax.cli", fromlist=["build_parser"]).build_parser()
     args = parser.parse_args(["data", "synth", "--out", str(tmp_path / "x")])
     args.config_overrides = ["--config.no_such_field=3"]
-    with pytest.raises(KeyError, match="no_such_field"):
+    with pytest.raises(UsageError, match="no_such_field"):
         data_command.run_synth(args)
     assert not (tmp_path / "x").exists()
 

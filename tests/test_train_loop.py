@@ -17,38 +17,17 @@ import jax
 import numpy as np
 import optax
 import pytest
+from helpers.layouts import rows
+from helpers.models import host_tree, small_config
 from PIL import Image
 from tensorboardX.proto import event_pb2
 from train_toy_main import ToyData, image_fn, loss_fn, make_model
 
-from uhap_jax.train.loop import Trainer, default_config
+from uhap_jax.train.loop import Trainer
 from uhap_jax.train.mesh import make_mesh
 from uhap_jax.train.metrics import image_grid
 
 TOY_MAIN = Path(__file__).resolve().parent / "train_toy_main.py"
-
-
-def small_config(**overrides):
-    config = default_config()
-    config.steps, config.log_every, config.checkpoint_every = 6, 1, 1000
-    config.sharding.min_shard_size = 256  # shard the toy's 8x64 and 64x2 kernels over fsdp
-    config.update(overrides)
-    return config
-
-
-def host_tree(tree):
-    """Numpy copies (PRNG keys as their key data): the train state is donated on the next step."""
-
-    def fetch(x):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x = jax.random.key_data(x)
-        return np.asarray(jax.device_get(x))
-
-    return jax.tree.map(fetch, tree)
-
-
-def rows(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_same_steps_on_one_and_eight_devices(tmp_path, rng):

@@ -2,68 +2,28 @@
 same step on 1 and 8 devices."""
 
 import json
-from pathlib import Path
 
 import grain
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers.layouts import SIZE, TINY_MODEL, rows, write_prior_layout
+from helpers.models import small_model_config
 from PIL import Image
-from test_prior import random_cameras, small_model_config
 
-from data_pipelines import layout
+from data_pipelines import dataset as dataset_lib
+from data_pipelines import layout, loaders
 from uhap_jax import cli
 from uhap_jax.config_utils import load_config
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.models.population import POPULATION_FILE, AlbedoPopulation
 from uhap_jax.models.prior import UHAP
-from uhap_jax.train import prior_stage
+from uhap_jax.models.render import initial_capacity
+from uhap_jax.train import prior_bench, prior_stage
 from uhap_jax.train.loop import Trainer
 from uhap_jax.train.mesh import make_mesh
-
-SIZE, FRAMES, NUM_CAMERAS = 32, 4, 4
-TINY_MODEL = [
-    "--config.model.template_resolution=24",
-    "--config.model.uv_resolution=16",
-    "--config.model.z_dim=8",
-    "--config.model.decoder_channels=(8, 8)",
-    "--config.model.expression_channels=(4, 8)",
-    "--config.model.expression_hidden=16",
-    "--config.model.color_features=4",
-    "--config.model.color_hidden=8",
-]
-
-
-def write_layout(root: Path, rng: np.random.Generator) -> None:
-    """Two subjects (one held out) with one 4-frame sequence seen by 4 cameras (one held out), 32x32 images."""
-    head = template_lib.procedural_head(24)
-    views, intrinsics = random_cameras(rng, NUM_CAMERAS, SIZE)
-    serials = [f"cam{i}" for i in range(NUM_CAMERAS)]
-    rig = [layout.Camera(s, v.astype(np.float64), k.astype(np.float64), SIZE, SIZE)
-           for s, v, k in zip(serials, views, intrinsics)]  # fmt: skip
-    sequences = {}
-    for subject, split in (("id000", "train"), ("id001", "held_out_identity")):
-        subject_dir = layout.subject_dir(root, subject)
-        layout.write_calibration(subject_dir, rig)
-        scan = head.vertices + rng.normal(0.0, 0.002, head.vertices.shape)
-        layout.write_neutral_scan(subject_dir, scan, head.faces, rng.uniform(0.0, 1.0, head.vertices.shape))
-        seq_dir = layout.sequence_dir(root, subject, "sen_00")
-        for frame in range(FRAMES):
-            for serial in serials:
-                layout.write_image(layout.frame_path(seq_dir, serial, frame),
-                                   rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))  # fmt: skip
-                mask = np.where(rng.uniform(size=(SIZE, SIZE)) > 0.5, 255, 0).astype(np.uint8)
-                layout.write_image(layout.frame_path(seq_dir, serial, frame, kind="masks"), mask)
-        head_pose = {"rotation_vector": rng.normal(0.0, 0.03, (FRAMES, 3)).tolist(),
-                     "translation": rng.normal(0.0, 0.002, (FRAMES, 3)).tolist()}  # fmt: skip
-        layout.write_sequence_meta(seq_dir, fps=25.0, num_frames=FRAMES, head_pose=head_pose)
-        sequences[subject] = {"sen_00": {"split": split}}
-    layout.write_dataset_info(
-        root,
-        {"identities": {"train": ["id000"], "held_out": ["id001"]}, "cameras": serials,
-         "held_out_cameras": [serials[2]], "sequences": sequences},
-    )  # fmt: skip
+from uhap_jax.train.optimizer import make_optimizer
 
 
 @pytest.fixture
@@ -78,13 +38,9 @@ def compilation_cache(tmp_path):
         jax.config.update(name, value)
 
 
-def rows(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_train_prior_writes_metrics_with_eval_rows_and_resumes(tmp_path, rng, capsys, compilation_cache):
     root = tmp_path / "layout"
-    write_layout(root, rng)
+    write_prior_layout(root, rng)
     workdir = tmp_path / "run"
     common = [
         "train", "prior", "--config", "configs/prior.py:tiny", "--workdir", str(workdir),
@@ -122,9 +78,9 @@ def test_train_prior_writes_metrics_with_eval_rows_and_resumes(tmp_path, rng, ca
 
 def test_bad_split_file_names_the_file(tmp_path):
     layout.write_dataset_info(tmp_path, {"identities": {"train": ["id000"]}})
-    records = prior_stage.loaders.FrameRecords(source=None, sequences=[])
+    records = loaders.FrameRecords(source=None, sequences=[])
     with pytest.raises(ValueError, match=r"dataset\.json: needs identities\.train, held_out_cameras"):
-        prior_stage.read_split(tmp_path, records, num_views=2)
+        dataset_lib.read_split(tmp_path, records, num_views=2)
 
 
 def test_same_loss_on_one_and_eight_devices(tmp_path, rng):
@@ -136,12 +92,12 @@ def test_same_loss_on_one_and_eight_devices(tmp_path, rng):
     seed = int(rng.integers(1 << 30))
     model = UHAP(head, config.model, rngs=nnx.Rngs(seed))
     config.data.batch_size, config.data.num_views = 8, 2
-    batch = prior_stage.synthetic_batch(config, model, head, rng)
-    capacity = prior_stage.initial_capacity(model, batch, headroom=1.5)
+    batch = prior_bench.synthetic_batch(config, model, head, rng)
+    capacity = initial_capacity(model, batch, headroom=1.5)
     losses = {}
     for name, mesh in (("one", make_mesh(devices=jax.devices()[:1])), ("eight", make_mesh(data=4, fsdp=2))):
         trainer = Trainer(
-            config.train, UHAP(head, config.model, rngs=nnx.Rngs(seed)), prior_stage.make_optimizer(config),
+            config.train, UHAP(head, config.model, rngs=nnx.Rngs(seed)), make_optimizer(config),
             prior_stage.make_loss_fn(config, capacity), iter(grain.MapDataset.range(1).to_iter_dataset()),
             tmp_path / name, mesh=mesh,
         )  # fmt: skip

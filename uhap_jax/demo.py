@@ -22,12 +22,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from data_pipelines import dataset as dataset_lib
 from data_pipelines import layout, loaders, synth
-from uhap_jax import export, report
+from uhap_jax import report
+from uhap_jax.artifacts.avatars import load_avatar
+from uhap_jax.artifacts.priors import load_prior
 from uhap_jax.config_utils import apply_override, load_config, save_config
-from uhap_jax.geometry import template as template_lib
 from uhap_jax.inference import avatar as avatar_lib
 from uhap_jax.models.prior import UHAP
+from uhap_jax.models.render import encoder_geometry
 from uhap_jax.train import audio_stage, encoder_stage, personalize_stage, prior_stage
 
 logger = logging.getLogger(__name__)
@@ -163,7 +166,7 @@ class Demo:
 
     def animate(self) -> dict:
         audio = self.held_out_speech()
-        avatar = personalize_stage.load_personalized_avatar(self.avatar_dir())
+        avatar = load_avatar(self.avatar_dir())
         out = self.workdir / "talking_head.mp4"
         animation = avatar_lib.animate(avatar, audio, out, camera="front", size=self.config.video_size)
         return {"audio": str(audio), "frames": animation.num_frames, "frames_per_second": animation.frames_per_second}
@@ -219,14 +222,13 @@ class Demo:
     def frames(self, out: Path) -> list[tuple[str, Path]]:
         """Held-out camera views of a training identity (the prior) and of the personalised identity (its
         avatar), each decoded from the codes the prior's encoder gives their held-in views."""
-        base, config, _ = export.restore_prior(self.workdir / "prior")
-        root = prior_stage.dataset_root(config)
-        records = prior_stage.prepared_records(root, config)
-        split = prior_stage.read_split(root, records, config.data.num_views)
-        template = template_lib.procedural_head(config.model.template_resolution)
-        tables = prior_stage.subject_tables(root, records, base, template, config)
+        base, config, template, _ = load_prior(self.workdir / "prior")
+        root = dataset_lib.dataset_root(config)
+        records = dataset_lib.prepared_records(root, config)
+        split = dataset_lib.read_split(root, records, config.data.num_views)
+        tables = dataset_lib.subject_tables(root, records, base.layout, template, config)
         subject = self.held_out_subject()
-        avatar = personalize_stage.load_personalized_avatar(self.avatar_dir())
+        avatar = load_avatar(self.avatar_dir())
         shown = []
         for name, who, model, scan_maps in (
             ("prior", split.train_subjects[0], base, None),
@@ -240,8 +242,10 @@ class Demo:
                        "held-out cameras")  # fmt: skip
             shown.append((caption, report.image_rows([(name, renders, views["target"])], out / f"{name}.png")))
         return shown
-def held_out_views(prior: UHAP, records: loaders.FrameRecords, split: prior_stage.Split,
-                   tables: prior_stage.SubjectTables, subject: str, count: int) -> dict[str, np.ndarray]:  # fmt: skip
+
+
+def held_out_views(prior: UHAP, records: loaders.FrameRecords, split: dataset_lib.Split,
+                   tables: dataset_lib.SubjectTables, subject: str, count: int) -> dict[str, np.ndarray]:  # fmt: skip
     """`count` frames of a subject's multi-view sequences: the prior's codes from their held-in views (and tracked
     meshes), head poses, the first held-out camera and its foreground image on black [K, H, W, 3] in [0, 1]."""
     cameras = set(split.held_in_cameras) | set(split.held_out_cameras)
@@ -258,10 +262,16 @@ def held_out_views(prior: UHAP, records: loaders.FrameRecords, split: prior_stag
     first_view = lambda key: np.stack([t[key][0] for t in targets])  # noqa: E731
     rows = tables.record_rows(np.asarray([i["subject_id"] for i in inputs]), ids)
     images = np.stack([i["images"] for i in inputs]).astype(np.float32) / 255.0
-    codes, _ = prior.encode_expression(images, prior_stage.encoder_geometry(prior, rows))
+    codes, _ = prior.encode_expression(images, encoder_geometry(prior, rows))
     target = first_view("images") / 255.0 * (first_view("masks")[..., None] / 255.0)
-    return {"codes": np.asarray(codes), "rows": rows, "scan_maps": rows["scan_maps"], "target": target,
-            "world_to_cam": first_view("world_to_cam"), "intrinsics": first_view("intrinsics")}
+    return {
+        "codes": np.asarray(codes),
+        "rows": rows,
+        "scan_maps": rows["scan_maps"],
+        "target": target,
+        "world_to_cam": first_view("world_to_cam"),
+        "intrinsics": first_view("intrinsics"),
+    }
 
 
 def render_views(model: UHAP, scan_maps: np.ndarray, views: dict) -> np.ndarray:

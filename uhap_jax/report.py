@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import json
 import math
 from pathlib import Path
 
@@ -15,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from uhap_jax.artifacts.metrics_log import read_rows  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +45,7 @@ class Bar:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_rows(path)  # a torn last line (a killed run) is dropped, not an error
 
 
 def plot_curves(stage_dirs: dict[str, Path], out: Path) -> Path:
@@ -157,7 +156,7 @@ figure {{ margin: 0 0 16px 0; }}
 <p>Synthetic captures, the universal prior, the speech model, the monocular encoder and a personalised avatar,
 all trained in this run. Bars are the ones the project holds the demo to.</p>
 <div class="row">
-<div><h2>Bars</h2><table><tr><th>check</th><th>value</th><th>bar</th><th></th></tr>{''.join(bar_rows)}</table>
+<div><h2>Bars</h2><table><tr><th>check</th><th>value</th><th>bar</th><th></th></tr>{"".join(bar_rows)}</table>
 <h2>Stage times</h2><table>{time_rows}</table></div>
 <div><h2>Talking head (held-out speech)</h2>{video_html}</div>
 </div>

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipelines import layout
 from data_pipelines.layout import AUDIO_RATE, LayoutError
 
 
@@ -64,6 +65,55 @@ def check_principal_point(intrinsics: np.ndarray, width: int, height: int, sourc
         )
 
 
+# How far a stored rotation may be from orthonormal: calibration files print 6-17 significant digits, so real
+# rotations sit within ~1e-6 of R R^T = I; the layout's reader accepts up to 1e-4, and so do we (no looser).
+ROTATION_TOLERANCE = 1e-4
+
+
+def check_rotation(rotation: np.ndarray, source: Path, what: str) -> None:
+    """A rotation block must be orthonormal with determinant +1 (not a reflection, not scaled or sheared)."""
+    rotation = np.asarray(rotation, np.float64)
+    deviation = float(np.max(np.abs(rotation @ rotation.T - np.eye(3))))
+    if deviation > ROTATION_TOLERANCE:
+        raise LayoutError(f"{source}: {what} has a rotation block that is not orthonormal (R Rᵀ is off the "
+                          f"identity by up to {deviation:.3g}, more than {ROTATION_TOLERANCE:g}): "
+                          f"{rotation.tolist()}")  # fmt: skip
+    determinant = float(np.linalg.det(rotation))
+    if determinant < 0:
+        raise LayoutError(f"{source}: {what} has a rotation block with determinant {determinant:.4f}, a mirror "
+                          "image; the axes are not OpenCV's right-handed ones")  # fmt: skip
+
+
+def check_intrinsics(intrinsics: np.ndarray, source: Path, what: str) -> None:
+    """A pinhole K: positive focal lengths, [0 0 1] last row, nothing below the diagonal."""
+    k = np.asarray(intrinsics, np.float64)
+    if not (k[0, 0] > 0 and k[1, 1] > 0):
+        raise LayoutError(f"{source}: {what} has focal lengths fx={k[0, 0]:g}, fy={k[1, 1]:g}; both must be "
+                          "positive (pixels)")  # fmt: skip
+    if not np.allclose(k[2], [0, 0, 1]) or abs(k[1, 0]) > 1e-9:
+        raise LayoutError(f"{source}: {what} is not a pinhole matrix [[fx s cx] [0 fy cy] [0 0 1]]: {k.tolist()}")
+
+
+def check_image_size(width: int, height: int, source: Path) -> None:
+    if not (width > 0 and height > 0):
+        raise LayoutError(f"{source}: frames of {width}x{height} pixels; both sides must be positive")
+
+
+def checked_camera(serial: str, world_to_cam: np.ndarray, intrinsics: np.ndarray, width: int, height: int,
+                   source: Path, hint: str) -> layout.Camera:  # fmt: skip
+    """A layout camera after every check a calibration must pass: a rigid world-to-camera transform, a pinhole
+    K with positive focal lengths, a principal point inside positive-sized frames."""
+    world_to_cam = np.asarray(world_to_cam, np.float64)
+    if not np.allclose(world_to_cam[3], [0, 0, 0, 1]):
+        raise LayoutError(f"{source}: world_2_cam of camera {serial} has last row {world_to_cam[3].tolist()}, "
+                          "not [0, 0, 0, 1]")  # fmt: skip
+    check_rotation(world_to_cam[:3, :3], source, f"world_2_cam of camera {serial}")
+    check_intrinsics(intrinsics, source, f"the intrinsics of camera {serial}")
+    check_image_size(width, height, source)
+    check_principal_point(intrinsics, width, height, source, hint)
+    return layout.Camera(serial, world_to_cam, np.asarray(intrinsics, np.float64), int(width), int(height))
+
+
 def finite_array(value, shape: tuple[int, ...], source: Path, what: str) -> np.ndarray:
     """`value` as float64 of exactly `shape` with no NaN or inf, else a LayoutError naming `source`."""
     try:
@@ -97,6 +147,24 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(payload, dict):
         raise LayoutError(f"{path}: expected a JSON object at the top level")
     return payload
+
+
+def find_participant_dirs(src: Path, marker: Path, what: str) -> tuple[list[Path], list[tuple[Path, LayoutError]]]:
+    """`src` itself when it holds `marker`, else each of its (non-hidden) folders: those holding `marker`, and
+    the others with the error that names them (a folder of participants must hold nothing else)."""
+    src = Path(src)
+    if (src / marker).is_file():
+        return [src], []
+    if not src.is_dir():
+        raise LayoutError(f"{src}: no such folder; give a {what} participant folder or a folder of them")
+    folders = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = [p for p in folders if (p / marker).is_file()]
+    unusable = [(p, LayoutError(f"{p / marker}: missing, so participant {p.name} cannot be imported (a folder "
+                                f"of {what} participants holds only participant folders)"))
+                for p in folders if p not in found]  # fmt: skip
+    if not found and not unusable:
+        raise LayoutError(f"{src}: no {what} participant folder (none holds {marker})")
+    return found, unusable
 
 
 def select_subdirs(parent: Path, wanted: Sequence[str] | None, what: str) -> list[str]:

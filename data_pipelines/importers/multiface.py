@@ -17,7 +17,8 @@ Audio is taken to start at the first frame of its expression.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +80,8 @@ def read_krt(path: Path) -> dict[str, KrtCamera]:
         distortion = _numbers(path, rows[3][0], rows[3][1], 5, f"camera {name}: the distortion row")
         extrinsic = np.array([_numbers(path, n, text, 4, f"camera {name}: an [R|t] row") for n, text in rows[4:]])
         intrinsics = np.array(k)
-        if intrinsics[0, 0] <= 0 or intrinsics[1, 1] <= 0 or not np.allclose(intrinsics[2], [0, 0, 1]):
-            raise LayoutError(f"{path}:{index + 2}: camera {name}: intrinsics are not a pinhole K: {k}")
+        common.check_intrinsics(intrinsics, Path(f"{path}:{index + 2}"), f"camera {name}")
+        common.check_rotation(extrinsic[:, :3], Path(f"{path}:{index + 6}"), f"camera {name}'s [R|t]")
         if name in cameras:
             raise LayoutError(f"{path}:{index + 1}: camera {name} appears twice")
         world_to_cam = common.rigid_world_to_cam(extrinsic[:, :3], extrinsic[:, 3] / MILLIMETRES_PER_METRE)
@@ -91,15 +92,9 @@ def read_krt(path: Path) -> dict[str, KrtCamera]:
     return cameras
 
 
-def find_participants(src: Path) -> list[Path]:
-    """`src` itself when it holds a KRT file, else every child folder that does."""
-    src = Path(src)
-    if (src / "KRT").is_file():
-        return [src]
-    found = sorted(p for p in src.iterdir() if (p / "KRT").is_file()) if src.is_dir() else []
-    if not found:
-        raise LayoutError(f"{src}: no Multiface participant folder (none holds a KRT file)")
-    return found
+def find_participants(src: Path) -> tuple[list[Path], list[tuple[Path, LayoutError]]]:
+    """`src` itself when it holds a KRT file, else its folders: participants, and the unusable ones."""
+    return common.find_participant_dirs(src, Path("KRT"), "Multiface")
 
 
 def _frame_ids(expression_dir: Path, cameras: list[str]) -> list[str]:
@@ -176,14 +171,36 @@ def _write_tracked_meshes(mesh_dir: Path, stems: list[str], seq_dir: Path) -> li
     return poses
 
 
-def import_participant(participant_dir: Path, out_root: Path, options: MultifaceOptions) -> list[str]:
-    """Imports one participant into `out_root/subjects/<folder name>`; all or nothing. Returns notes."""
+def import_participant(
+    participant_dir: Path,
+    out_root: Path,
+    options: MultifaceOptions,
+    on_bad_sequence: Callable[[str, LayoutError], None] | None = None,
+) -> list[str]:
+    """Imports one participant into `out_root/subjects/<folder name>`; all or nothing. Returns notes.
+
+    An expression that fails is an error, or, given `on_bad_sequence`, reported to it and left out.
+    """
     participant = _Participant(Path(participant_dir), read_krt(Path(participant_dir) / "KRT"), options)
     expressions = common.select_subdirs(participant.directory / "images", options.sequences, "expressions")
     notes: list[str] = []
-    with layout.staged_dir(layout.subject_dir(out_root, participant.directory.name)) as staging:
+    subject = participant.directory.name
+    with layout.staged_dir(layout.subject_dir(out_root, subject)) as staging:
+        imported = 0
         for expression in expressions:
-            notes += participant.write_expression(expression, staging / "sequences" / expression)
+            cameras = dict(participant.cameras)
+            try:
+                notes += participant.write_expression(expression, staging / "sequences" / expression)
+            except LayoutError as error:
+                if on_bad_sequence is None:
+                    raise
+                participant.cameras = cameras  # the failed expression's cameras are not kept
+                shutil.rmtree(staging / "sequences" / expression, ignore_errors=True)
+                on_bad_sequence(f"{subject}/{expression}", error)
+                continue
+            imported += 1
+        if not imported:
+            raise LayoutError(f"{participant_dir}: none of its {len(expressions)} expressions could be imported")
         layout.write_calibration(staging, list(participant.cameras.values()))
     return notes
 
@@ -200,7 +217,12 @@ class _Participant:
         image = layout.read_image(path)
         height, width = image.shape[:2]
         krt = self.krt[name]
-        camera = self.cameras.setdefault(name, layout.Camera(name, krt.world_to_cam, krt.intrinsics, width, height))
+        if name not in self.cameras:
+            krt_file = self.directory / "KRT"
+            hint = "the KRT file belongs to other images"
+            self.cameras[name] = common.checked_camera(name, krt.world_to_cam, krt.intrinsics, width, height,
+                                                       krt_file, hint)  # fmt: skip
+        camera = self.cameras[name]
         if (width, height) != (camera.width, camera.height):
             known = f"{camera.width}x{camera.height}"
             raise LayoutError(f"{path}: {width}x{height} pixels, but camera {name} is {known} elsewhere")

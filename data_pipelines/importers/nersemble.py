@@ -6,17 +6,21 @@ Source layout (as the `nersemble-data` toolkit downloads it):
                                                "intrinsics": 3x3 shared by all cameras}
 <pid:03d>/calibration/color_calibration.json  optional {serial: CCM [3, terms]} (Cheung et al. 2004)
 <pid:03d>/sequences/<seq>/images/cam_<serial>.mp4
+<pid:03d>/sequences/<seq>/alpha_maps/cam_<serial>.mp4   optional foreground alpha, imported as the masks
 ```
 NeRSemble already uses metres and OpenCV world-to-camera matrices, so cameras pass through unchanged; the
 intrinsics are rescaled when they were calibrated at another resolution than the videos (`calib_resolution`).
 The colour matrices follow the toolkit's `correct_color`: decode sRGB to linear, expand RGB into the
-Cheung-2004 polynomial terms the matrix width asks for, multiply, and encode back to sRGB.
+Cheung-2004 polynomial terms the matrix width asks for, multiply, encode back to sRGB, and convert to 8 bits as it
+does (clip to [0, 255], then truncate). Every camera is checked (rigid world_2_cam with a proper rotation, pinhole
+K with positive focal lengths and the principal point inside the frame) before a frame is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,7 @@ from data_pipelines.layout import LayoutError
 
 CAMERA_PARAMS = Path("calibration") / "camera_params.json"
 COLOR_CALIBRATION = Path("calibration") / "color_calibration.json"
+ALPHA_MAPS = "alpha_maps"
 FORMAT_NAME = "nersemble"
 
 
@@ -94,19 +99,14 @@ def apply_color_correction(image: np.ndarray, ccm: np.ndarray, chunk: int = 1 <<
     for start in range(0, len(pixels), chunk):
         rgb = srgb_to_linear(pixels[start : start + chunk].astype(np.float64) / 255.0)
         corrected = linear_to_srgb(_cheung_expansion(rgb, ccm.shape[1]) @ ccm.T)
-        out[start : start + chunk] = np.clip(np.round(corrected * 255.0), 0, 255).astype(np.uint8)
+        # As the official kit (`nersemble_data.util.color_correction.correct_color`): clip, then truncate.
+        out[start : start + chunk] = np.clip(corrected * 255.0, 0, 255).astype(np.uint8)
     return out.reshape(image.shape)
 
 
-def find_participants(src: Path) -> list[Path]:
-    """`src` itself when it is a participant folder, else every child folder holding a camera_params.json."""
-    src = Path(src)
-    if (src / CAMERA_PARAMS).is_file():
-        return [src]
-    found = sorted(p for p in src.iterdir() if (p / CAMERA_PARAMS).is_file()) if src.is_dir() else []
-    if not found:
-        raise LayoutError(f"{src}: no NeRSemble participant folder (none holds {CAMERA_PARAMS})")
-    return found
+def find_participants(src: Path) -> tuple[list[Path], list[tuple[Path, LayoutError]]]:
+    """`src` itself when it is a participant folder, else its folders: participants, and the unusable ones."""
+    return common.find_participant_dirs(src, CAMERA_PARAMS, "NeRSemble")
 
 
 def read_camera_params(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -145,8 +145,16 @@ def read_color_calibration(path: Path) -> dict[str, np.ndarray]:
     return ccms
 
 
-def import_participant(participant_dir: Path, out_root: Path, options: NersembleOptions) -> list[str]:
-    """Imports one participant into `out_root/subjects/<folder name>`; all or nothing. Returns notes."""
+def import_participant(
+    participant_dir: Path,
+    out_root: Path,
+    options: NersembleOptions,
+    on_bad_sequence: Callable[[str, LayoutError], None] | None = None,
+) -> list[str]:
+    """Imports one participant into `out_root/subjects/<folder name>`; all or nothing. Returns notes.
+
+    A sequence that fails is an error, or, given `on_bad_sequence`, reported to it and left out.
+    """
     participant_dir = Path(participant_dir)
     subject = participant_dir.name
     extrinsics, intrinsics = read_camera_params(participant_dir / CAMERA_PARAMS)
@@ -156,9 +164,22 @@ def import_participant(participant_dir: Path, out_root: Path, options: Nersemble
     notes = [] if ccms is not None else [f"{color_path}: no colour correction applied"]
     cameras: dict[str, layout.Camera] = {}
     with layout.staged_dir(layout.subject_dir(out_root, subject)) as staging:
+        imported = 0
         for sequence in wanted:
             context = _SequenceSource(participant_dir, subject, sequence, extrinsics, intrinsics, ccms, options)
-            notes += context.write(staging / "sequences" / sequence, cameras)
+            seen = dict(cameras)
+            try:
+                notes += context.write(staging / "sequences" / sequence, seen)
+            except LayoutError as error:
+                if on_bad_sequence is None:
+                    raise
+                shutil.rmtree(staging / "sequences" / sequence, ignore_errors=True)
+                on_bad_sequence(f"{subject}/{sequence}", error)
+                continue
+            cameras.update(seen)
+            imported += 1
+        if not imported:
+            raise LayoutError(f"{participant_dir}: none of its {len(wanted)} sequences could be imported")
         layout.write_calibration(staging, list(cameras.values()))
     return notes
 
@@ -187,8 +208,7 @@ class _SequenceSource:
         if self.options.calib_resolution is not None:
             k = common.scale_intrinsics(k, self.options.calib_resolution, (info.width, info.height))
         hint = "check --calib-resolution" if self.options.calib_resolution else "pass --calib-resolution WxH"
-        common.check_principal_point(k, info.width, info.height, params, hint)
-        return layout.Camera(serial, self.extrinsics[serial], k, info.width, info.height)
+        return common.checked_camera(serial, self.extrinsics[serial], k, info.width, info.height, params, hint)
 
     def write(self, seq_dir: Path, cameras: dict[str, layout.Camera]) -> list[str]:
         """Decodes every camera's video into `seq_dir`, then the audio and meta.json; returns notes."""
@@ -216,6 +236,8 @@ class _SequenceSource:
             per_video = ", ".join(f"{p.name}: {n}" for p, n in frame_counts.items())
             raise LayoutError(f"{images_dir}: the cameras disagree on the frame count ({per_video})")
         num_frames = counts[0]
+        masked = [serial for serial in (p.stem.removeprefix("cam_") for p in videos)
+                  if self._write_masks(seq_dir, cameras[serial], num_frames)]  # fmt: skip
         audio_notes = self._write_audio(seq_dir, videos, infos, num_frames, fps)
         has_audio = (seq_dir / layout.AUDIO_FILE).is_file()
         layout.write_sequence_meta(
@@ -226,9 +248,33 @@ class _SequenceSource:
             cameras=sorted(p.stem.removeprefix("cam_") for p in videos),
             has_audio=has_audio,
             color_corrected=self.ccms is not None,
+            masked_cameras=masked,
             notes=audio_notes,
         )
         return audio_notes
+
+    def _write_masks(self, seq_dir: Path, camera: layout.Camera, num_frames: int) -> bool:
+        """`alpha_maps/cam_<serial>.mp4` as the camera's masks (grey levels: the channels' mean), when present;
+        it must match the images frame for frame."""
+        path = self.participant_dir / "sequences" / self.sequence / ALPHA_MAPS / f"cam_{camera.serial}.mp4"
+        if not path.is_file():
+            return False
+        info = video.probe_video(path)
+        if (info.width, info.height) != (camera.width, camera.height):
+            raise LayoutError(f"{path}: {info.width}x{info.height} alpha maps, but the images of camera "
+                              f"{camera.serial} are {camera.width}x{camera.height}")  # fmt: skip
+        count = 0
+        for index, frame in enumerate(video.read_video_frames(path)):
+            if index >= num_frames:
+                count = index + 1
+                break
+            alpha = np.round(frame.mean(axis=2)).astype(np.uint8)
+            layout.write_image(layout.frame_path(seq_dir, camera.serial, index, kind="masks"), alpha)
+            count = index + 1
+        if count != num_frames:
+            more = "more than" if count > num_frames else f"only {count} of"
+            raise LayoutError(f"{path}: {more} the {num_frames} frames of cam_{camera.serial}.mp4")
+        return True
 
     def _write_frames(self, path: Path, seq_dir: Path, serial: str) -> int:
         ccm = self.ccms[serial] if self.ccms is not None else None

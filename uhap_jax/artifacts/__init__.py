@@ -1,1 +1,2 @@
-"""Artifacts on disk: training checkpoints and params-only restore, inference bundles, avatar folders, safe output folders."""
+"""Artifacts on disk: training checkpoints and params-only restore, inference bundles, avatar folders, safe output
+folders."""

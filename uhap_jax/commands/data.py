@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from uhap_jax.artifacts import output_dirs
+from uhap_jax.commands import common
 from uhap_jax.config_utils import apply_override
 
 
@@ -22,7 +24,7 @@ def register(subparsers) -> None:
     synth.add_argument("--preset", choices=("tiny", "base"), default="tiny")
     synth.add_argument("--seed", type=int, default=None, help="overrides the preset's seed")
     synth.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    synth.set_defaults(func=run_synth)
+    synth.set_defaults(func=run_synth, takes_config=True)
     _add_import_parser(actions)
     _add_prepare_parser(actions)
 
@@ -35,7 +37,8 @@ def run_synth(args: argparse.Namespace) -> int:
         apply_override(config, item, source=f"synth preset {args.preset!r}")
     if args.seed is not None:
         config.seed = args.seed
-    info = synth.generate(args.out, config, progress=not args.no_progress)
+    with output_dirs.replacing(args.out, "dataset") as staging:
+        info = synth.generate(staging, config, progress=not args.no_progress)
     num_sequences = sum(len(s) for s in info["sequences"].values())
     print(f"wrote {len(info['sequences'])} subjects, {num_sequences} sequences to {args.out}")
     return 0
@@ -61,15 +64,29 @@ def _add_import_parser(commands) -> None:
     parser.add_argument(
         "--max-audio-overhang", type=float, default=0.5, help="seconds of audio after the last frame cut with a note"
     )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out a participant or sequence that cannot be imported (one SKIPPED line each) instead of failing",
+    )
     parser.set_defaults(func=run_import)
 
 
 def run_import(args: argparse.Namespace) -> int:
     from data_pipelines import importers
-    from data_pipelines.layout import LayoutError
 
+    common.require_dir(args.src, "--src", f"a {args.format} participant folder or a folder of them")
+    clash = output_dirs.overlapping_input(args.out, [args.src, args.audio])
+    if clash is not None:
+        raise common.UsageError(f"--out {args.out}: overlaps the input {clash}; give a layout folder of its own")
+    if args.out.exists() and not args.out.is_dir():
+        raise common.UsageError(f"--out {args.out}: is a file; give a layout folder (new, or one to add to)")
+    if args.max_audio_overhang < 0:
+        raise common.UsageError(f"--max-audio-overhang {args.max_audio_overhang}: must be 0 or more seconds")
     sequences = args.sequences.split(",") if args.sequences else None
     if args.format == "nersemble":
+        if args.audio is not None:
+            common.require_dir(args.audio, "--audio", "a folder of <participant>/<sequence>.wav files")
         options = importers.nersemble.NersembleOptions(
             audio_dir=args.audio,
             calib_resolution=args.calib_resolution,
@@ -80,20 +97,21 @@ def run_import(args: argparse.Namespace) -> int:
     else:
         nersemble_only = [args.audio, args.calib_resolution, args.no_color_calibration or None]
         if any(option is not None for option in nersemble_only):
-            print("error: --audio, --calib-resolution, --no-color-calibration need --format nersemble", file=sys.stderr)
-            return 2
+            raise common.UsageError("--audio, --calib-resolution and --no-color-calibration need --format nersemble")
         options = importers.multiface.MultifaceOptions(
             sequences=sequences, max_audio_overhang_s=args.max_audio_overhang
         )
-    try:
-        notes = importers.import_capture(args.format, args.src, args.out, options)
-    except LayoutError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for subject, subject_notes in notes.items():
+    report = importers.import_capture(args.format, args.src, args.out, options, skip_bad=args.skip_bad)
+    for subject, subject_notes in report.notes.items():
         print(f"imported {subject} into {args.out}")
         for note in subject_notes:
             print(f"  note: {note}")
+    for item, reason in report.skipped:
+        print(f"SKIPPED {item}: {reason}", file=sys.stderr)
+    summary = f"imported {len(report.notes)} participant(s) into {args.out}"
+    if report.skipped:
+        summary += f"; SKIPPED {len(report.skipped)} (--skip-bad; see the lines above)"
+    print(summary)
     return 0
 
 
@@ -102,17 +120,21 @@ def _add_prepare_parser(commands) -> None:
     parser.add_argument("--root", required=True, type=Path, help="layout root (holds subjects/)")
     parser.add_argument("--data-dir", required=True, type=Path, help="TFDS data dir to write into")
     parser.add_argument("--audio-window", type=float, default=0.5, help="seconds of audio kept per frame")
+    parser.add_argument("--decoded", action="store_true",
+                        help="also decode every PNG once into uint8 rows per camera-frame (~1 MiB each at 512^2), "
+                             "what `data.decoded` loaders read")  # fmt: skip
     parser.set_defaults(func=run_prepare)
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     from data_pipelines import tfds_builder
-    from data_pipelines.layout import LayoutError
 
-    try:
-        dataset_dir = tfds_builder.prepare(args.root, args.data_dir, audio_window_s=args.audio_window)
-    except LayoutError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    common.require_dataset(args.root, "--root")
+    dataset_dir = tfds_builder.prepare(args.root, args.data_dir, audio_window_s=args.audio_window)
     print(f"prepared {dataset_dir}")
+    if args.decoded:
+        from data_pipelines import frame_cache
+
+        cache = frame_cache.build(dataset_dir, frame_cache.cache_path(args.data_dir, dataset_dir))
+        print(f"decoded {cache}")
     return 0

@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from pathlib import Path
+
+from uhap_jax.commands import common
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="synthesise, train every stage, personalise, animate, report")
     parser.add_argument("--workdir", type=Path, default=None, help="default: ./uhap-demo-<time> (a new folder)")
     parser.add_argument("--config", default="demo:tiny", help="configs/demo.py[:preset]")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, takes_config=True)
 
 
 def run(args: argparse.Namespace) -> int:
     from uhap_jax.config_utils import load_config
     from uhap_jax.demo import default_workdir, run_demo
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    common.log_to_stdout()
     config = load_config(args.config, args.config_overrides)
     workdir = args.workdir or default_workdir()
     print(f"uhap demo: workdir {workdir}", flush=True)

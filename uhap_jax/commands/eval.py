@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from pathlib import Path
+
+from uhap_jax.commands import common
 
 
 def register(subparsers) -> None:
@@ -28,8 +28,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from uhap_jax.eval.evaluate import evaluate_checkpoint
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    common.log_to_stdout()
+    if not (args.workdir / "bundle.json").is_file():
+        common.require_checkpoint(args.workdir, "--workdir", "uhap train")
+    if args.data is not None:
+        common.require_dataset(args.data, "--data")
     metrics = evaluate_checkpoint(args.workdir, data=args.data, cache_dir=args.cache_dir)
     width = max(map(len, metrics))
     for name, value in metrics.items():

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from uhap_jax.export import DTYPES
+from uhap_jax.artifacts import output_dirs
+from uhap_jax.artifacts.bundles import DTYPES
+from uhap_jax.commands import common
 
 
 def register(subparsers) -> None:
@@ -17,8 +19,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from uhap_jax.export import export_bundle
+    from uhap_jax.artifacts.priors import export_bundle
 
+    common.log_to_stdout()
+    common.require_checkpoint(args.workdir, "--workdir", "uhap train prior")
+    output_dirs.check_replaceable(args.out, "bundle", inputs=[args.workdir])
     out = export_bundle(args.workdir, args.out, dtype=args.dtype)
     print(f"wrote {out}")
     return 0

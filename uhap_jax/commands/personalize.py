@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import signal
-import sys
 from pathlib import Path
 
+from uhap_jax.artifacts import output_dirs
+from uhap_jax.commands import common
+
 PREEMPTED = 128 + signal.SIGTERM
-
-
-def _log_to_stdout() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def register(subparsers) -> None:
@@ -38,15 +34,30 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the avatar folder (replaced when complete)")
     parser.add_argument("--config", default="personalize:tiny", help="configs/personalize.py[:preset]")
     parser.add_argument("--workdir", type=Path, default=None, help="the fine-tune's checkpoints (<out>.work)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, takes_config=True)
 
 
 def run(args: argparse.Namespace) -> int:
     from uhap_jax.config_utils import load_config
     from uhap_jax.train.personalize_stage import personalize
 
-    _log_to_stdout()
+    common.log_to_stdout()
     config = load_config(args.config, getattr(args, "config_overrides", []))
+    common.bounded(config.max_frames, "--config.max_frames", "FRAMES")
+    common.bounded(config.image_size, "--config.image_size", "SIZE")
+    common.require_prior(args.prior, "--prior")
+    common.require_checkpoint(args.encoder, "--encoder", "uhap train encoder")
+    common.require_checkpoint(args.audio_model, "--audio-model", "uhap train audio")
+    if not args.video.exists():  # a layout folder, or (where supported) a plain video file
+        raise FileNotFoundError(f"--video {args.video}: does not exist; give a capture-layout subject folder or one "
+                                "of its sequence folders")  # fmt: skip
+    inputs = [args.prior, args.encoder, args.audio_model, args.video]
+    output_dirs.check_replaceable(args.out, "avatar", inputs=inputs)
+    workdir = args.workdir or (Path(config.workdir) if config.workdir else None)
+    if workdir is not None:
+        clash = output_dirs.overlapping_input(workdir, [*inputs, args.out])
+        if clash is not None:
+            raise common.UsageError(f"--workdir {workdir}: overlaps {clash}; give the fine-tune a folder of its own")
     result = personalize(args.prior, args.encoder, args.video, args.out, config, audio_workdir=args.audio_model,
                          workdir=args.workdir)  # fmt: skip
     print(json.dumps({"avatar": str(result.avatar) if result.avatar else None, "step": result.step,

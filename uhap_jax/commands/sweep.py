@@ -10,10 +10,9 @@ auto-detected); process 0 writes S/results.csv, S/results.html and S/plots/<metr
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
+from uhap_jax.commands import common
 from uhap_jax.config_utils import load_config
 from uhap_jax.train.distributed import add_distributed_args, initialize_from_args
 
@@ -28,16 +27,15 @@ def register(subparsers) -> None:
     parser.add_argument("--config", default="sweep:tiny", help="configs/sweep.py[:preset] (default: tiny)")
     parser.add_argument("--workdir", type=Path, required=True, help="parts/, results.csv, results.html, plots/")
     add_distributed_args(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, takes_config=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    common.log_to_stdout()
+    config = load_config(args.config, args.config_overrides)  # a bad override fails before any start-up
     initialize_from_args(args)
     from uhap_jax.eval.sweep import run_sweep  # after distributed start-up: it imports the models
 
-    config = load_config(args.config, args.config_overrides)
     rows = run_sweep(config, args.workdir)
     if rows is not None:
         print(f"wrote {args.workdir / 'results.csv'} ({len(rows)} rows), results.html and plots/")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import ml_collections
 
-from uhap_jax.eval import sweep
-from uhap_jax.train import prior_stage
+from data_pipelines import dataset as dataset_lib
+from uhap_jax.artifacts.checkpoints import single_device_mesh
+from uhap_jax.artifacts.priors import load_prior
+from uhap_jax.eval import audio_eval, sweep
 
 
 def _data(config: ml_collections.ConfigDict, data: Path | None, cache_dir: Path | None) -> ml_collections.ConfigDict:
@@ -26,18 +27,18 @@ def evaluate_checkpoint(path: str | Path, *, data: Path | None = None, cache_dir
     """A speech-model workdir: LVE (mm²) with its zero-motion, neutral and shuffled-audio baselines, per split, and
     the lip-sync offset; a prior workdir or bundle: held-out-view PSNR/SSIM and neutral-scan Chamfer (mm)."""
     path = Path(path)
-    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices()[:1])
+    mesh = single_device_mesh()
     if sweep.checkpoint_kind(path) == "audio":
-        checkpoint = sweep.load_speech_checkpoint(path, mesh)
+        checkpoint = audio_eval.load_speech_checkpoint(path, mesh)
         config = _data(checkpoint.prior_config, data, cache_dir)
-        root = prior_stage.dataset_root(config)
-        records = prior_stage.prepared_records(root, config)
-        metrics, step = sweep.speech_metrics(checkpoint, root, records, path / "eval_codes.npz", mesh)
+        root = dataset_lib.dataset_root(config)
+        records = dataset_lib.prepared_records(root, config)
+        metrics, step = audio_eval.speech_metrics(checkpoint, root, records, path / "eval_codes.npz", mesh)
     else:
-        model, train_config, step, kind, template = sweep.load_checkpoint(path, mesh)
+        model, train_config, template, step = load_prior(path, mesh)
         config = _data(train_config, data, cache_dir)
-        root = prior_stage.dataset_root(config)
-        records = prior_stage.prepared_records(root, config)
+        root = dataset_lib.dataset_root(config)
+        records = dataset_lib.prepared_records(root, config)
         job = sweep.Job(0, str(path), str(root), {"image_scale": 1.0, "num_views": 0})
         sweep_config = ml_collections.ConfigDict({"eval": {"num_frames": config.eval.num_frames,
                                                            "batch_size": config.eval.batch_size}})  # fmt: skip

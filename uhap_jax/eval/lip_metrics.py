@@ -27,14 +27,10 @@ def _vertex_sequence(vertices, name: str) -> np.ndarray:
 def _vertex_ids(ids, num_vertices: int, name: str) -> np.ndarray:
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(
-            f"{name} must be a non-empty 1-d array of vertex indices, got {ids.dtype} {ids.shape}"
-        )
+        raise ValueError(f"{name} must be a non-empty 1-d array of vertex indices, got {ids.dtype} {ids.shape}")
     outside = ids[(ids < 0) | (ids >= num_vertices)]
     if outside.size:
-        raise ValueError(
-            f"{name} indexes vertices {outside.tolist()}, outside the mesh's {num_vertices} vertices"
-        )
+        raise ValueError(f"{name} indexes vertices {outside.tolist()}, outside the mesh's {num_vertices} vertices")
     return ids
 
 
@@ -108,9 +104,7 @@ def upper_face_dynamics_deviation(pred_vertices, gt_vertices, neutral_vertices, 
     upper_face_ids = _vertex_ids(upper_face_ids, pred.shape[1], "upper_face_ids")
 
     def motion_dynamics(vertices: np.ndarray) -> float:
-        squared_motion = np.sum(
-            (vertices[:, upper_face_ids] - neutral[upper_face_ids]) ** 2, axis=-1
-        )  # [T, U]
+        squared_motion = np.sum((vertices[:, upper_face_ids] - neutral[upper_face_ids]) ** 2, axis=-1)  # [T, U]
         return float(np.mean(np.std(squared_motion, axis=0)))
 
     return motion_dynamics(gt) - motion_dynamics(pred)
@@ -150,9 +144,7 @@ def mouth_opening(vertices, upper_lip_ids, lower_lip_ids) -> np.ndarray:
     upper = _vertex_ids(np.atleast_1d(upper_lip_ids), vertices.shape[1], "upper_lip_ids")
     lower = _vertex_ids(np.atleast_1d(lower_lip_ids), vertices.shape[1], "lower_lip_ids")
     if upper.shape != lower.shape:
-        raise ValueError(
-            f"upper_lip_ids {upper.shape} and lower_lip_ids {lower.shape} must pair up one to one"
-        )
+        raise ValueError(f"upper_lip_ids {upper.shape} and lower_lip_ids {lower.shape} must pair up one to one")
     return np.mean(np.linalg.norm(vertices[:, upper] - vertices[:, lower], axis=-1), axis=1)
 
 
@@ -179,9 +171,7 @@ def lip_sync_offset(audio_envelope, mouth_opening_per_frame, max_lag: int = 10) 
     audio = np.asarray(audio_envelope, np.float64)
     mouth = np.asarray(mouth_opening_per_frame, np.float64)
     if audio.ndim != 1 or audio.shape != mouth.shape:
-        raise ValueError(
-            f"envelope {audio.shape} and mouth opening {mouth.shape} must be equal-length 1-d arrays"
-        )
+        raise ValueError(f"envelope {audio.shape} and mouth opening {mouth.shape} must be equal-length 1-d arrays")
     if max_lag < 0 or audio.size < 2 * max_lag + 3:
         raise ValueError(f"{audio.size} frames are too few for lags of ±{max_lag} (need {2 * max_lag + 3})")
     lags = np.arange(-max_lag, max_lag + 1)

@@ -7,7 +7,7 @@ Steps that orbax or the record preparation may synchronise across processes (pre
 each checkpoint) run on every process in the same order; only the evaluation itself is split, so an uneven
 share of jobs cannot deadlock a barrier.
 
-An audio-stage workdir is scored as the audio stage's own eval scores it (`audio_stage.make_evaluator`): its
+An audio-stage workdir is scored as the audio stage's own eval scores it (`eval.audio_eval.make_evaluator`): its
 speech model and the prior it names, on the dataset's held-out sentences and identities, fill `lve` (mm²) and
 `sync_offset` (frames); psnr, ssim and scan_chamfer stay empty for it, and the settings do not change it, so it
 runs once per (checkpoint, dataset) and the other settings' rows repeat its numbers.
@@ -30,12 +30,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from data_pipelines import dataset as dataset_lib
+from uhap_jax.artifacts.bundles import BUNDLE_FILE
+from uhap_jax.artifacts.checkpoints import single_device_mesh
+from uhap_jax.artifacts.priors import load_prior
 from uhap_jax.config_utils import read_config
-from uhap_jax.export import BUNDLE_FILE, load_bundle, load_template, restore_prior
+from uhap_jax.eval import audio_eval, prior_eval
 from uhap_jax.geometry import template as template_lib
-from uhap_jax.inference.avatar import restore_speech
 from uhap_jax.models.prior import UHAP
-from uhap_jax.train import audio_stage, prior_stage
+from uhap_jax.models.render import initial_capacity
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ def checkpoint_kind(path: Path) -> str:
         raise ValueError(f"{path / 'config.json'}: an audio-stage config without prior_workdir")
     if jax.process_count() > 1:
         raise ValueError(f"{path}: audio-stage workdirs are evaluated by single-process sweeps only "
-                         "(`restore_speech` places the speech model on global device 0)")  # fmt: skip
+                         "(`restore_speech` places the speech model on one device)")  # fmt: skip
     return "audio"
 
 
@@ -100,25 +103,13 @@ def _as_tuple(value) -> tuple:
 
 
 def data_config(config: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
-    """What `prior_stage.dataset_root` and `prepared_records` read: where the data is and where to cache it."""
+    """What `dataset_lib.dataset_root` and `prepared_records` read: where the data is and where to cache it."""
     return ml_collections.ConfigDict(
         {"data": {"root": dataset, "synth_preset": config.synth_preset, "cache_dir": config.cache_dir}}
     )
 
 
-def load_checkpoint(path: Path, mesh: jax.sharding.Mesh) -> tuple[UHAP, ml_collections.ConfigDict, int, str,
-                                                                    template_lib.Template]:  # fmt: skip
-    """The prior of a workdir (latest checkpoint) or bundle, with its training config, step, kind and template."""
-    kind = checkpoint_kind(path)
-    if kind == "bundle":
-        model, config = load_bundle(path, mesh)
-        step = int(json.loads((path / BUNDLE_FILE).read_text())["step"])
-        return model, config, step, kind, load_template(path / "template.npz")
-    model, config, step = restore_prior(path, mesh)
-    return model, config, step, kind, template_lib.procedural_head(config.model.template_resolution)
-
-
-def scale_views(eval_set: prior_stage.EvalSet, scale: float) -> prior_stage.EvalSet:
+def scale_views(eval_set: prior_eval.EvalSet, scale: float) -> prior_eval.EvalSet:
     """The eval set with its held-out views resampled by `scale` (area filter when shrinking) and the
     intrinsics scaled to match: with pixel centres at (j + 0.5, i + 0.5), K's rows scale exactly."""
     if scale == 1.0:
@@ -148,54 +139,20 @@ def evaluate_job(job: Job, model: UHAP, train_config: ml_collections.ConfigDict,
         config.data.num_views = int(job.setting["num_views"])
     config.eval.num_frames = sweep_config.eval.num_frames
     config.eval.batch_size = sweep_config.eval.batch_size
-    split = prior_stage.read_split(root, records, config.data.num_views)
-    tables = prior_stage.subject_tables(root, records, model, template, config)
-    eval_set = scale_views(
-        prior_stage.build_eval_set(records, split, tables, config), float(job.setting["image_scale"])
-    )
+    split = dataset_lib.read_split(root, records, config.data.num_views)
+    tables = dataset_lib.subject_tables(root, records, model.layout, template, config)
+    eval_set = scale_views(prior_eval.build_eval_set(records, split, tables, config), float(job.setting["image_scale"]))
     with jax.set_mesh(mesh):
-        capacity = prior_stage.initial_capacity(model, eval_set.probe(config.eval.batch_size),
+        capacity = initial_capacity(model, eval_set.probe(config.eval.batch_size),
                                                 config.render.capacity_headroom)  # fmt: skip
-        metrics = prior_stage.Evaluator(eval_set, tables, capacity, config)(model)
+        metrics = prior_eval.Evaluator(eval_set, tables, capacity, config)(model)
     return {name.removeprefix("eval/"): value for name, value in metrics.items()}
 
 
-@dataclasses.dataclass(frozen=True)
-class SpeechCheckpoint:
-    """An audio-stage workdir: its config, the prior it was trained against (restored as the stage does)."""
-
-    path: Path
-    config: ml_collections.ConfigDict
-    prior_config: ml_collections.ConfigDict
-    prior: UHAP
-    prior_step: int
-
-
-def load_speech_checkpoint(path: Path, mesh: jax.sharding.Mesh) -> SpeechCheckpoint:
-    config = read_config(path / "config.json")
-    prior_cfg = audio_stage.prior_config(config)
-    prior, prior_step = audio_stage.restore_prior(prior_cfg, config.prior_workdir, mesh)
-    return SpeechCheckpoint(path, config, prior_cfg, prior, prior_step)
-
-
-def speech_metrics(checkpoint: SpeechCheckpoint, root: Path, records, codes_cache: Path,
-                   mesh) -> tuple[dict[str, float], int]:  # fmt: skip
-    """The audio stage's eval metrics (`eval/lve`, its baselines, sync offset...) of the latest speech model on
-    the dataset's held-out sequences; and the speech model's step."""
-    config, prior_cfg, prior = checkpoint.config, checkpoint.prior_config, checkpoint.prior
-    fps = audio_stage.training_fps(root, records)
-    speech, step = restore_speech(checkpoint.path, prior, fps)
-    sequences, scan_maps = audio_stage.speech_targets(config, prior_cfg, prior, checkpoint.prior_step, root, records,
-                                                      fps, codes_cache)  # fmt: skip
-    evaluator = audio_stage.make_evaluator(config, prior_cfg, prior, sequences, scan_maps, fps)
-    with jax.set_mesh(mesh):
-        return evaluator(audio_stage.SpeechWithPrior(speech, prior)), step
-
-
-def evaluate_speech(checkpoint: SpeechCheckpoint, root: Path, records, codes_cache: Path,
+def evaluate_speech(checkpoint: audio_eval.SpeechCheckpoint, root: Path, records, codes_cache: Path,
                     mesh) -> tuple[dict[str, float], int]:  # fmt: skip
     """The sweep's columns for a speech model: LVE (mm²) and sync offset (frames), and its step."""
-    metrics, step = speech_metrics(checkpoint, root, records, codes_cache, mesh)
+    metrics, step = audio_eval.speech_metrics(checkpoint, root, records, codes_cache, mesh)
     return {"lve": metrics["eval/lve"], "sync_offset": int(metrics["eval/sync_offset_frames"])}, step
 
 
@@ -206,16 +163,16 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> list[di
     index, count = jax.process_index(), jax.process_count()
     mine = [job for job in jobs if job.index % count == index]
     logger.info("sweep: %d jobs, %d on process %d of %d", len(jobs), len(mine), index, count)
-    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices()[:1])
+    mesh = single_device_mesh()
     datasets = {}
     for dataset in dict.fromkeys(job.dataset for job in jobs):  # collective: every process, same order
         data = data_config(config, dataset)
-        root = prior_stage.dataset_root(data)
-        datasets[dataset] = (root, prior_stage.prepared_records(root, data))
+        root = dataset_lib.dataset_root(data)
+        datasets[dataset] = (root, dataset_lib.prepared_records(root, data))
     rows = []
     for checkpoint in dict.fromkeys(job.checkpoint for job in jobs):  # loading may synchronise processes
         if checkpoint_kind(Path(checkpoint)) == "audio":
-            speech_checkpoint = load_speech_checkpoint(Path(checkpoint), mesh)
+            speech_checkpoint = audio_eval.load_speech_checkpoint(Path(checkpoint), mesh)
             by_dataset = {}
             for job in (j for j in mine if j.checkpoint == checkpoint):
                 start = time.perf_counter()
@@ -225,7 +182,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> list[di
                 metrics, step = by_dataset[job.dataset]
                 rows.append(_row(job, config, "audio", step, metrics, start))
             continue
-        model, train_config, step, kind, template = load_checkpoint(Path(checkpoint), mesh)
+        kind = checkpoint_kind(Path(checkpoint))
+        model, train_config, template, step = load_prior(checkpoint, mesh)
         for job in (j for j in mine if j.checkpoint == checkpoint):
             start = time.perf_counter()
             root, records = datasets[job.dataset]

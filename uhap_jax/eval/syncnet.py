@@ -252,9 +252,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A flat name -> array mapping from a .pth/.pt/.model (torch), .npz or .safetensors file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path}: file not found (SyncNet weights are never downloaded; give a local file)"
-        )
+        raise FileNotFoundError(f"{path}: file not found (SyncNet weights are never downloaded; give a local file)")
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
@@ -265,18 +263,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return safetensors.numpy.load_file(path)
     if suffix in (".pth", ".pt", ".model"):
         return _read_torch_state_dict(path)
-    raise ValueError(
-        f"{path}: unknown weight format {suffix!r}; expected .pth/.pt/.model, .npz or .safetensors"
-    )
+    raise ValueError(f"{path}: unknown weight format {suffix!r}; expected .pth/.pt/.model, .npz or .safetensors")
 
 
 def _read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as error:
-        raise ImportError(
-            f"{path}: reading a PyTorch file needs torch; or convert it to .npz/.safetensors"
-        ) from error
+        raise ImportError(f"{path}: reading a PyTorch file needs torch; or convert it to .npz/.safetensors") from error
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a bad or unsafe pickle
@@ -295,15 +289,11 @@ def load_syncnet(path: str | os.PathLike, embedding_dim: int = EMBEDDING_DIM) ->
     missing = sorted(set(key_map) - set(tensors))
     unexpected = sorted(set(tensors) - set(key_map))
     if missing or unexpected:
-        raise ValueError(
-            f"{path}: not a syncnet_v2 state dict: missing keys {missing}; unexpected keys {unexpected}"
-        )
+        raise ValueError(f"{path}: not a syncnet_v2 state dict: missing keys {missing}; unexpected keys {unexpected}")
     for key, (variable, layout) in key_map.items():
         expected = _torch_shape(layout, tuple(variable.get_value().shape))
         if tuple(tensors[key].shape) != expected:
-            raise ValueError(
-                f"{path}: {key} has shape {tuple(tensors[key].shape)}; SyncNet expects {expected}"
-            )
+            raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)}; SyncNet expects {expected}")
         variable.set_value(jnp.asarray(_to_flax(layout, np.asarray(tensors[key], np.float32))))
     return model
 
@@ -334,9 +324,7 @@ def scores_from_embeddings(video: np.ndarray, audio: np.ndarray, vshift: int = 1
     """
     video, audio = np.asarray(video, np.float64), np.asarray(audio, np.float64)
     if video.ndim != 2 or video.shape != audio.shape:
-        raise ValueError(
-            f"video {video.shape} and audio {audio.shape} embeddings must be equal [N, D] arrays"
-        )
+        raise ValueError(f"video {video.shape} and audio {audio.shape} embeddings must be equal [N, D] arrays")
     padded = np.pad(audio, ((vshift, vshift), (0, 0)))
     shifts = np.arange(2 * vshift + 1)
     windows = padded[np.arange(len(video))[:, None] + shifts[None, :]]  # [N, 2·vshift + 1, D]
@@ -352,9 +340,7 @@ def mfcc_windows(waveform: np.ndarray, num_windows: int) -> np.ndarray:
     coefficients = mfcc(to_int16_units(waveform)).astype(np.float32)
     needed = MFCC_STEPS_PER_FRAME * (num_windows - 1) + MFCC_WINDOW_STEPS
     if coefficients.shape[0] < needed:
-        raise ValueError(
-            f"audio gives {coefficients.shape[0]} MFCC steps, {num_windows} windows need {needed}"
-        )
+        raise ValueError(f"audio gives {coefficients.shape[0]} MFCC steps, {num_windows} windows need {needed}")
     starts = MFCC_STEPS_PER_FRAME * np.arange(num_windows)
     return coefficients[starts[:, None] + np.arange(MFCC_WINDOW_STEPS)[None, :]].transpose(0, 2, 1)
 
@@ -382,9 +368,7 @@ def lip_sync_error(
     min(T, samples // 640) − 5 windows.
     """
     if fps != FPS or sample_rate != SAMPLE_RATE:
-        raise ValueError(
-            f"SyncNet expects {FPS} fps video and {SAMPLE_RATE} Hz audio, got {fps} fps, {sample_rate} Hz"
-        )
+        raise ValueError(f"SyncNet expects {FPS} fps video and {SAMPLE_RATE} Hz audio, got {fps} fps, {sample_rate} Hz")
     crops = np.asarray(face_crops)
     waveform = np.asarray(waveform, np.float64)
     if crops.ndim != 4 or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3):
@@ -394,9 +378,7 @@ def lip_sync_error(
     samples_per_frame = SAMPLE_RATE // FPS
     num_windows = min(len(crops), waveform.size // samples_per_frame) - WINDOW_FRAMES
     if num_windows < 1:
-        raise ValueError(
-            f"{len(crops)} frames and {waveform.size} samples are too short for a 5-frame window"
-        )
+        raise ValueError(f"{len(crops)} frames and {waveform.size} samples are too short for a 5-frame window")
     audio_windows = mfcc_windows(waveform, num_windows)
     crops_bgr = crops[..., ::-1].astype(np.float32)
     video_embeddings, audio_embeddings = [], []

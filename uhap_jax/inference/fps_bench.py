@@ -30,6 +30,7 @@ from flax import nnx
 
 from uhap_jax.inference.camera_paths import CameraPath, orbit
 from uhap_jax.models.prior import UHAP
+from uhap_jax.models.render import CAPACITY_HEADROOM, sized_capacity
 
 CapacityPolicy = Literal["widest", "measured"]
 HostDtype = Literal["uint8", "float32"]
@@ -58,9 +59,6 @@ class _Renderer:
     def __init__(self, model: UHAP, scan_maps: np.ndarray, path: CameraPath, z_first: np.ndarray, *,
                  batch_size: int, capacity: CapacityPolicy, capacity_headroom: float | None,
                  host_dtype: HostDtype):  # fmt: skip
-        from kernels import binning
-        from uhap_jax.inference.avatar import CAPACITY_HEADROOM
-
         if batch_size <= 0:
             raise ValueError(f"fps bench: batch size must be positive, got {batch_size}")
         if capacity not in ("widest", "measured"):
@@ -95,8 +93,7 @@ class _Renderer:
             self.capacity = int(model.capacity_for(widest, views, ks, **size) * headroom)
         else:
             headroom = CAPACITY_HEADROOM if capacity_headroom is None else capacity_headroom
-            needed = model.capacity_for(gaussians, views, ks, **size)
-            self.capacity = binning.bucket_capacity(int(np.ceil(needed * headroom)))
+            self.capacity = sized_capacity(model, gaussians, views, ks, **size, headroom=headroom).value
         self.capacity = max(self.capacity, 1)
 
         @jax.jit
@@ -170,7 +167,7 @@ def benchmark_animation(
     Frame t is seen by camera t of `path`, with the head pose at rest. The pair capacity (static, per camera):
     "widest" is the prior train stage's bound, every scale at its maximum x `capacity_headroom` (default 1.5),
     safe for any trained model of the preset; "measured" is `uhap animate`'s, the first batch's pairs x
-    `capacity_headroom` (default avatar.CAPACITY_HEADROOM), bucketed. An overflow (NaN images) is an error,
+    `capacity_headroom` (default models.render.CAPACITY_HEADROOM), bucketed. An overflow (NaN images) is an error,
     never a fast wrong number. `host_dtype`: frames read back as float32 or as uint8 made on the device.
     """
     frames = len(z)
@@ -276,7 +273,7 @@ def benchmark_end_to_end(
 def build_prior(config, seed: int = 0) -> tuple[UHAP, np.ndarray]:
     """An untrained prior of `config` (a prior stage config) and one identity's scan maps (the template)."""
     from uhap_jax.geometry import template as template_lib
-    from uhap_jax.models.prior import scan_uv_maps
+    from uhap_jax.geometry.texels import scan_uv_maps
 
     template = template_lib.procedural_head(config.model.template_resolution)
     model = UHAP(template, config.model, rngs=nnx.Rngs(seed))

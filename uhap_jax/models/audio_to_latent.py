@@ -240,9 +240,7 @@ class AudioToLatent(nnx.Module):
             features = jax.lax.stop_gradient(features)
         return features
 
-    def __call__(
-        self, waveform: jax.Array, num_frames: int, attention_mask: jax.Array | None = None
-    ) -> jax.Array:
+    def __call__(self, waveform: jax.Array, num_frames: int, attention_mask: jax.Array | None = None) -> jax.Array:
         """`num_frames` video frames at config.fps; the waveform should cover num_frames / fps seconds.
 
         `attention_mask` [B, S] marks real samples for the encoder; the temporal transformer attends over all
@@ -278,15 +276,11 @@ def build_audio_to_latent(
     (transformers layout, never downloaded); "scratch" initialises the encoder from `encoder_hf_config`."""
     if config.encoder_mode == "scratch":
         if encoder_hf_config is None or encoder_path is not None:
-            raise ValueError(
-                "encoder_mode 'scratch' takes encoder_hf_config (a transformers config), no encoder_path"
-            )
+            raise ValueError("encoder_mode 'scratch' takes encoder_hf_config (a transformers config), no encoder_path")
         encoder = AudioEncoder.from_config(encoder_hf_config, rngs=rngs)
     else:
         if encoder_path is None or encoder_hf_config is not None:
-            raise ValueError(
-                f"encoder_mode {config.encoder_mode!r} takes encoder_path (a local model folder)"
-            )
+            raise ValueError(f"encoder_mode {config.encoder_mode!r} takes encoder_path (a local model folder)")
         encoder = AudioEncoder.from_pretrained(encoder_path)
         if config.encoder_mode == "finetune":
             encoder.train()

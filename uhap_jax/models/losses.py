@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from uhap_jax.eval.image_metrics import ssim
+from uhap_jax.models.image_metrics import ssim
 
 
 def masked_l1(pred: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Array:
@@ -75,6 +75,16 @@ def albedo_l1(points: jax.Array, colours: jax.Array, targets: jax.Array, target_
 def offset_regularizer(offsets: jax.Array) -> jax.Array:
     """Mean squared length of the decoded position offsets (metres^2): keeps Gaussians near the surface."""
     return jnp.mean(jnp.sum(offsets**2, axis=-1))
+
+
+def view_colour_spread(colours: jax.Array) -> jax.Array:
+    """Mean squared deviation of each Gaussian's colour [B, C, N, 3] over the C cameras from its camera mean.
+
+    View-dependent colour lets every Gaussian take a different colour in each training camera; with a rig's
+    handful of fixed cameras that fits the training views (and hides geometry errors) at the expense of the
+    views in between. Penalising the spread keeps the colour view-dependent only where the images demand it.
+    """
+    return jnp.mean(jnp.sum((colours - jnp.mean(colours, axis=1, keepdims=True)) ** 2, axis=-1))
 
 
 def scale_regularizer(scales: jax.Array, max_scale: float) -> jax.Array:
@@ -171,3 +181,9 @@ def load_lpips(path: str | Path) -> LPIPS:
     for level, head in enumerate(model.heads):
         head.kernel[...] = jnp.asarray(weights[f"lin{level}.model.1.weight"].transpose(2, 3, 1, 0), jnp.float32)
     return model
+
+
+def tracked_mesh_loss(means: jax.Array, tracked: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean squared distance (m²) of posed Gaussians [B, N, 3] to their tracked points, over valid frames."""
+    per_frame = jnp.mean(jnp.sum((means - tracked) ** 2, axis=-1), axis=-1)
+    return jnp.sum(valid * per_frame) / jnp.maximum(jnp.sum(valid), 1.0)

@@ -16,7 +16,6 @@ with the scan's albedo.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import NamedTuple
 
@@ -29,6 +28,7 @@ from flax import nnx
 import kernels
 from uhap_jax.geometry import rotations
 from uhap_jax.geometry import template as template_lib
+from uhap_jax.geometry.texels import TexelLayout
 
 SCAN_CHANNELS = 6  # identity geometry offset (3, metres, world axes) and albedo (3, in [0, 1])
 
@@ -46,64 +46,6 @@ def _zeros_init(key, shape, dtype=jnp.float32):
 
 class TemplateConstant(nnx.Variable):
     """Fixed per-Gaussian template data (surface points, frames, base scales): state, but never trained."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class TexelLayout:
-    """Which texels of an R x R UV map carry a Gaussian, and where each sits on the template mesh."""
-
-    resolution: int
-    face_ids: np.ndarray  # [N] int32
-    barys: np.ndarray  # [N, 3] float32
-    texel_yx: np.ndarray  # [N, 2] int32 (row, column)
-    num_vertices: int  # of the template, to check that a scan is in its topology
-
-    @classmethod
-    def build(cls, template: template_lib.Template, resolution: int) -> TexelLayout:
-        face_ids, barys, texel_yx = template_lib.uv_sample(template, resolution)
-        if len(face_ids) == 0:
-            raise ValueError(f"the template's UV layout covers no texel centre at resolution {resolution}")
-        return cls(resolution, face_ids, barys, texel_yx, len(template.vertices))
-
-    @property
-    def num_gaussians(self) -> int:
-        return len(self.face_ids)
-
-    def mask(self) -> np.ndarray:
-        """[R, R] float32: 1 on texels that carry a Gaussian."""
-        mask = np.zeros((self.resolution, self.resolution), np.float32)
-        mask[self.texel_yx[:, 0], self.texel_yx[:, 1]] = 1.0
-        return mask
-
-    def gather(self, maps: jax.Array) -> jax.Array:
-        """UV maps [..., R, R, K] -> per-Gaussian values [..., N, K]."""
-        return maps[..., self.texel_yx[:, 0], self.texel_yx[:, 1], :]
-
-    def scatter(self, values: np.ndarray) -> np.ndarray:
-        """Per-Gaussian values [N, K] -> UV maps [R, R, K], zero on texels without a Gaussian."""
-        values = np.asarray(values, np.float32)
-        maps = np.zeros((self.resolution, self.resolution, values.shape[-1]), np.float32)
-        maps[self.texel_yx[:, 0], self.texel_yx[:, 1]] = values
-        return maps
-
-
-def scan_uv_maps(
-    layout: TexelLayout, template: template_lib.Template, vertices: np.ndarray, colours: np.ndarray, source: str
-) -> np.ndarray:
-    """A neutral scan in the template's topology -> UV maps [R, R, 6]: geometry offset (metres) and albedo.
-
-    `source` names the scan in errors. Scans in another topology must be registered to the template first.
-    """
-    vertices, colours = np.asarray(vertices, np.float32), np.asarray(colours, np.float32)
-    if vertices.shape != (layout.num_vertices, 3) or colours.shape != vertices.shape:
-        raise ValueError(
-            f"{source}: neutral scan has {vertices.shape[0]} vertices (colours {list(colours.shape)}), but the "
-            f"template has {layout.num_vertices}; scans must be registered to the template's topology"
-        )
-    scan_points = template_lib.surface_points(vertices, template.faces, layout.face_ids, layout.barys)
-    template_points = template_lib.surface_points(template.vertices, template.faces, layout.face_ids, layout.barys)
-    albedo = template_lib.surface_points(colours, template.faces, layout.face_ids, layout.barys)
-    return layout.scatter(np.concatenate([np.asarray(scan_points - template_points), np.asarray(albedo)], -1))
 
 
 def decoder_resolutions(config: ml_collections.ConfigDict) -> list[int]:
@@ -402,3 +344,8 @@ class UHAP(nnx.Module):
 
 def _unbatch(gaussians: Gaussians) -> list[Gaussians]:
     return [Gaussians(*(field[b] for field in gaussians)) for b in range(gaussians.means.shape[0])]
+
+
+def build_prior(template: template_lib.Template, config: ml_collections.ConfigDict) -> UHAP:
+    """A freshly initialised prior of a prior config (`config.model`, seeded by `config.train.seed`)."""
+    return UHAP(template, config.model, rngs=nnx.Rngs(config.train.seed))

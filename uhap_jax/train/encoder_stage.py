@@ -12,139 +12,56 @@ Besides, the first `data.turned_frames` frames of every step are rendered by the
 turned further (`turns`), and the encoder learns their code and pose too: the rig's cameras are tens of
 degrees apart, and a phone video's head turns fall between them.
 
-Every `eval.every` steps, and at the end, rows go into `<workdir>/metrics.jsonl` for the held-out sentences of
-the training identities (and, with a `_held_out_identity` suffix, the held-out identities' multi-view
-sequences; with `_train`, training frames, in-sample): `eval/code_mse` beside `eval/code_mse_mean_baseline`
-(always predicting the mean training code), `eval/rotation_error_deg` / `eval/translation_error_mm` beside the
-zero-motion baseline, and `eval/photo_psnr`, the view re-rendered from the prediction, beside
-`eval/photo_psnr_target`, the same from the prior's own code and the true pose (the best the encoder can reach
-through this prior).
+Every `eval.every` steps, and at the end, `uhap_jax.eval.encoder_eval` scores code, pose and re-rendered view on
+fixed frames of each split, beside their baselines, into `<workdir>/metrics.jsonl`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 import kernels
+from data_pipelines import dataset as dataset_lib
 from data_pipelines import layout, loaders
-from kernels import binning
-from uhap_jax import export
-from uhap_jax.config_utils import apply_override, read_config
-from uhap_jax.eval import image_metrics
+from uhap_jax.artifacts.expression_codes import CODES_FILE, code_targets
+from uhap_jax.artifacts.priors import load_prior
+from uhap_jax.eval import encoder_eval
 from uhap_jax.geometry import rotations
-from uhap_jax.geometry import template as template_lib
-from uhap_jax.models import losses
-from uhap_jax.models.audio_to_latent import freeze
-from uhap_jax.models.mono_encoder import MonoEncoder
-from uhap_jax.models.prior import UHAP
-from uhap_jax.train import audio_stage, prior_stage
-from uhap_jax.train.checkpoint import restore_latest
+from uhap_jax.models import image_metrics, losses
+from uhap_jax.models.frozen_prior import EncoderWithPrior, build_encoder
+from uhap_jax.models.render import render_views, targets
 from uhap_jax.train.loop import Trainer, TrainResult
 from uhap_jax.train.mesh import batch_sharding, make_mesh
+from uhap_jax.train.optimizer import make_optimizer
 
 logger = logging.getLogger(__name__)
 
-CODES_FILE = "expression_codes.npz"
 INFO_FILE = "encoder_info.json"
-EVAL_SPLITS = ("held_out_sentence", "held_out_identity")
 _DEG = 180.0 / np.pi
 _MM = 1e3
 
 
-# ------------------------------------------------------------------------------------- the prior and its data
+# ------------------------------------------------------------------------------------- data
 
 
-def data_config(config: ml_collections.ConfigDict, prior_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The prior's config with the data fields that `config.data` sets (root, synth_preset, cache_dir)."""
-    merged = ml_collections.ConfigDict(prior_cfg.to_dict())
-    for field in ("root", "synth_preset", "cache_dir"):
-        if config.data.get(field):
-            apply_override(merged, f"data.{field}={config.data[field]}", source="the encoder config's data")
-    return merged
-
-
-def restore_frozen_prior(prior_workdir: str | Path, mesh) -> tuple[UHAP, ml_collections.ConfigDict, int]:
-    """The prior of the latest checkpoint in `prior_workdir`, replicated on `mesh`, with its config and step."""
-    if not prior_workdir:
-        raise ValueError("the encoder stage needs a trained prior: pass --config.prior_workdir=<prior workdir>")
-    return export.restore_prior(prior_workdir, mesh)
-
-
-def coded_sequences(root: Path, records: loaders.FrameRecords, held_in: list[str]) -> list[audio_stage.Sequence]:
-    """The train, held-out-sentence and held-out-identity sequences that every held-in camera saw."""
-    info = layout.read_dataset_info(root)
-    train_subjects = set(info["identities"]["train"])
-    chosen = []
-    for row in records.sequences:
-        entry = info["sequences"].get(row["subject"], {}).get(row["sequence"], {})
-        split = entry.get("split")
-        if split not in ("train", *EVAL_SPLITS) or (split == "train" and row["subject"] not in train_subjects):
-            continue
-        if set(held_in) - set(row["serials"]):
-            continue  # monocular or partial captures carry no multi-view target
-        chosen.append(audio_stage.Sequence(
-            row["subject"], row["sequence"], row["subject_id"], split, entry.get("sentence_index", row["sequence"]),
-            row["first_record"], row["num_frames"], np.zeros(0, np.float32),
-        ))  # fmt: skip
-    if not any(s.split == "train" for s in chosen):
-        raise ValueError(f"{root / layout.DATASET_FILE}: no train-split multi-view sequence of a training identity")
-    return chosen
-
-
-def code_targets(
-    prior: UHAP, prior_step: int, prior_workdir: str | Path, root: Path, records: loaders.FrameRecords,
-    tables: prior_stage.SubjectTables, held_in: list[str], batch_size: int, cache: Path,
-    keep: Callable[[audio_stage.Sequence], bool] | None = None,
-) -> tuple[list[audio_stage.Sequence], np.ndarray]:  # fmt: skip
-    """The coded sequences (those `keep` accepts), and per record the prior's code [num_records, z_dim] (zero for
-    uncoded records). The codes are the audio stage's (`audio_stage.expression_codes`): one definition of them.
-    """
-    sequences = [s for s in coded_sequences(root, records, held_in) if keep is None or keep(s)]
-    digest = hashlib.sha256((root / layout.DATASET_FILE).read_bytes()).hexdigest()[:16]
-    key = f"{Path(prior_workdir).resolve()}@{prior_step}|{root.resolve()}|{digest}|{','.join(held_in)}"
-    sequences = audio_stage.expression_codes(
-        prior=prior, records=records, tables=tables, sequences=sequences, held_in=held_in, batch_size=batch_size,
-        cache=cache, key=key,
-    )  # fmt: skip
-    codes = np.zeros((len(records.source), prior.z_dim), np.float32)
-    for s in sequences:
-        codes[s.first_record : s.first_record + s.num_frames] = s.codes
-    return sequences, codes
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Tables:
-    """What the records do not hold, gathered per example on device: codes and pose per record, scans per subject."""
-
-    codes: np.ndarray  # [num_records, z_dim]
-    head_pose: np.ndarray  # [num_records, 6]
-    first_record: np.ndarray  # [num_sequences]
-    scan_maps: np.ndarray  # [num_subjects, R, R, 6]
-
-
-class EncoderBatches(prior_stage.GatheredBatches):
+class EncoderBatches(dataset_lib.GatheredBatches):
     """The multi-view loader's one-view batches, squeezed to [B, ...], with each frame's targets and scan."""
 
-    def __init__(self, inner: loaders.GlobalBatchIterator, tables: Tables, mesh: jax.sharding.Mesh):
+    def __init__(self, inner: loaders.GlobalBatchIterator, tables: encoder_eval.Tables, mesh: jax.sharding.Mesh):
         replicated = NamedSharding(mesh, PartitionSpec())
-        super().__init__(inner, jax.tree.map(lambda x: jax.device_put(x, replicated), tables), mesh)
+        super().__init__(inner, jax.tree.map(lambda x: jax.device_put(x, replicated), tables), batch_sharding(mesh))
 
     @staticmethod
-    def _attach(tables: Tables, batch: dict) -> dict:
+    def _attach(tables: encoder_eval.Tables, batch: dict) -> dict:
         record = tables.first_record[batch["sequence_id"]] + batch["frame_index"]
         pose = tables.head_pose[record]
         return {
@@ -156,30 +73,6 @@ class EncoderBatches(prior_stage.GatheredBatches):
 
 
 # ------------------------------------------------------------------------------------- model and loss
-
-
-class EncoderWithPrior(nnx.Module):
-    """The MonoEncoder being trained beside the frozen prior that renders its predictions."""
-
-    def __init__(self, encoder: MonoEncoder, prior: UHAP):
-        freeze(prior)
-        self.encoder = encoder
-        self.prior = prior
-
-
-def targets(images: jax.Array, masks: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """uint8 images [..., H, W, 3] and masks [..., H, W] -> masks in [0, 1] and the foreground on black."""
-    masks = masks.astype(jnp.float32) / 255.0
-    return masks, images.astype(jnp.float32) / 255.0 * masks[..., None]
-
-
-def render_views(prior: UHAP, z, scan_maps, rotation, translation, world_to_cam, intrinsics, *, width: int,
-                 height: int, capacity: int) -> kernels.Rendered:  # fmt: skip
-    """Each frame's avatar (code, scan, pose) rendered into its one camera: images [B, H, W, 3]."""
-    posed = prior.decode(z, scan_maps, rotation, translation)
-    out = prior.render(posed, world_to_cam[:, None], intrinsics[:, None], width=width, height=height,
-                       capacity=capacity)  # fmt: skip
-    return jax.tree.map(lambda x: x[:, 0] if x.ndim > 1 else x, out)
 
 
 def turn_heads(rng: jax.Array, rotation: jax.Array, max_yaw_deg: float, max_pitch_deg: float) -> jax.Array:
@@ -207,8 +100,9 @@ def make_loss_fn(config: ml_collections.ConfigDict, code_variance: float, capaci
         z, predicted, shift = model.encoder(images, batch["world_to_cam"], batch["intrinsics"])
         return {
             "code": jnp.mean((z - codes) ** 2) / code_variance,
-            "rotation": jnp.mean(_pseudo_huber(jnp.sum((_DEG * (predicted - rotation)) ** 2, -1),
-                                               weights.rotation_linear_deg)),  # fmt: skip
+            "rotation": jnp.mean(
+                _pseudo_huber(jnp.sum((_DEG * (predicted - rotation)) ** 2, -1), weights.rotation_linear_deg)
+            ),  # fmt: skip
             "translation": jnp.mean(jnp.sum((_MM * (shift - translation)) ** 2, -1)),
         }, (z, predicted, shift)
 
@@ -260,190 +154,44 @@ def make_loss_fn(config: ml_collections.ConfigDict, code_variance: float, capaci
     return loss_fn
 
 
-def probe_capacity(prior: UHAP, z, scan_maps, rotation, translation, world_to_cam, intrinsics, *, width: int,
-                   height: int, headroom: float) -> kernels.AdaptiveCapacity:  # fmt: skip
-    """The pair capacity that these frames need (each in its one camera), x `headroom`, bucketed."""
-    posed = prior.decode(z, scan_maps, rotation, translation)
-    needed = prior.capacity_for(posed, world_to_cam[:, None], intrinsics[:, None], width=width, height=height)
-    return kernels.AdaptiveCapacity(int(needed * headroom), headroom)
-
-
-def grow_capacity(capacity: kernels.AdaptiveCapacity, n_pairs: int) -> bool:
-    """Make room for `n_pairs` (x headroom); True when it grew. Eval re-renders a batch that overflowed."""
-    needed = int(n_pairs * capacity.headroom)
-    if needed <= capacity.value:
-        return False
-    capacity.value = binning.bucket_capacity(needed)
-    return True
-
-
-# ------------------------------------------------------------------------------------- evaluation
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalFrames:
-    """Fixed frames of one split, each seen by one held-in camera, with its targets."""
-
-    split: str
-    images: np.ndarray  # [E, H, W, 3] uint8
-    masks: np.ndarray  # [E, H, W] uint8
-    world_to_cam: np.ndarray  # [E, 4, 4]
-    intrinsics: np.ndarray  # [E, 3, 3]
-    codes: np.ndarray  # [E, z_dim]
-    head_pose: np.ndarray  # [E, 6]
-    scan_maps: np.ndarray  # [E, R, R, 6]
-
-
-def build_eval_frames(records: loaders.FrameRecords, sequences: list[audio_stage.Sequence], split: str,
-                      held_in: list[str], tables: Tables, count: int, seed: int) -> EvalFrames | None:  # fmt: skip
-    """`count` frames spread evenly over the split's sequences, each with a random held-in camera."""
-    frames = [(s, f) for s in sequences if s.split == split for f in range(s.num_frames)]
-    if not frames or count <= 0:
-        return None
-    rng = np.random.default_rng(seed)
-    chosen = [frames[i] for i in np.linspace(0, len(frames) - 1, count).round().astype(int)]
-    views = []
-    for s, f in chosen:
-        record = records.source[s.first_record + f]
-        views.append(loaders.SingleView(str(rng.choice(held_in))).map(record))
-    stack = lambda key: np.stack([v[key] for v in views])  # noqa: E731
-    index = np.asarray([s.first_record + f for s, f in chosen])
-    return EvalFrames(
-        split, stack("images"), stack("masks"), stack("world_to_cam"), stack("intrinsics"), tables.codes[index],
-        tables.head_pose[index], tables.scan_maps[[s.subject_id for s, _ in chosen]],
-    )  # fmt: skip
-
-
-def rotation_error_deg(predicted: jax.Array, true: jax.Array) -> jax.Array:
-    """Geodesic angle (degrees) between rotation vectors [..., 3]."""
-    relative = jnp.swapaxes(rotations.axis_angle_to_matrix(predicted), -1, -2) @ rotations.axis_angle_to_matrix(true)
-    quat = rotations.matrix_to_quaternion(relative)
-    return _DEG * 2.0 * jnp.arctan2(jnp.linalg.norm(quat[..., 1:], axis=-1), jnp.abs(quat[..., 0]))
-
-
-class Evaluator:
-    """Code MSE, pose error and photometric PSNR of the encoder on fixed frames, with their baselines."""
-
-    def __init__(self, frame_sets: list[EvalFrames], mean_code: np.ndarray, capacity: kernels.AdaptiveCapacity,
-                 batch_size: int):  # fmt: skip
-        self.frame_sets, self.mean_code, self.capacity, self.batch_size = frame_sets, mean_code, capacity, batch_size
-        self._score = jax.jit(self._score_batch, static_argnums=(0, 1))
-
-    @staticmethod
-    def _score_batch(capacity: int, graphdef, state, batch: dict) -> dict[str, jax.Array]:
-        model = nnx.merge(graphdef, state)
-        images = batch["images"].astype(jnp.float32) / 255.0
-        z, rotation, translation = model.encoder(images, batch["world_to_cam"], batch["intrinsics"])
-        true_rotation, true_translation = batch["head_pose"][:, :3], batch["head_pose"][:, 3:]
-        height, width = images.shape[1:3]
-        _, target = targets(batch["images"], batch["masks"])
-        both = render_views(
-            model.prior, jnp.concatenate([z, batch["codes"]]), jnp.concatenate([batch["scan_maps"]] * 2),
-            jnp.concatenate([rotation, true_rotation]), jnp.concatenate([translation, true_translation]),
-            jnp.concatenate([batch["world_to_cam"]] * 2), jnp.concatenate([batch["intrinsics"]] * 2),
-            width=width, height=height, capacity=capacity,
-        )  # fmt: skip
-        psnr = image_metrics.psnr(jnp.clip(both.rgb, 0.0, 1.0), jnp.concatenate([target, target]))
-        return {
-            "code_se": jnp.mean((z - batch["codes"]) ** 2, -1),
-            "rotation_deg": rotation_error_deg(rotation, true_rotation),
-            "translation_mm": _MM * jnp.linalg.norm(translation - true_translation, axis=-1),
-            "psnr": psnr[: z.shape[0]], "psnr_target": psnr[z.shape[0] :], "n_pairs": jnp.max(both.stats.n_pairs),
-        }  # fmt: skip
-
-    def _scores(self, graphdef, state, frames: EvalFrames) -> dict[str, np.ndarray]:
-        fields = ("images", "masks", "world_to_cam", "intrinsics", "codes", "head_pose", "scan_maps")
-        count, parts = len(frames.images), []
-        for start in range(0, count, self.batch_size):
-            index = np.minimum(np.arange(start, start + self.batch_size), count - 1)  # pad with the last frame
-            batch = {f: getattr(frames, f)[index] for f in fields}
-            while True:  # an overflowing batch rendered NaN: grow the capacity and score it again
-                scores = jax.device_get(self._score(self.capacity.value, graphdef, state, batch))
-                if not grow_capacity(self.capacity, int(scores.pop("n_pairs"))):
-                    break
-            parts.append({k: v[: min(self.batch_size, count - start)] for k, v in scores.items()})
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def __call__(self, model: EncoderWithPrior) -> dict[str, float]:
-        graphdef, state = nnx.split(model)
-        metrics = {}
-        for frames in self.frame_sets:
-            suffix = "" if frames.split == "held_out_sentence" else f"_{frames.split}"
-            scores = self._scores(graphdef, state, frames)
-            true_rotation = frames.head_pose[:, :3]
-            metrics |= {
-                f"eval/code_mse{suffix}": float(np.mean(scores["code_se"])),
-                f"eval/code_mse_mean_baseline{suffix}": float(np.mean((frames.codes - self.mean_code) ** 2)),
-                f"eval/rotation_error_deg{suffix}": float(np.mean(scores["rotation_deg"])),
-                f"eval/rotation_error_deg_zero_motion{suffix}": float(_DEG * np.mean(
-                    np.linalg.norm(true_rotation, axis=-1))),
-                f"eval/translation_error_mm{suffix}": float(np.mean(scores["translation_mm"])),
-                f"eval/translation_error_mm_zero_motion{suffix}": float(_MM * np.mean(
-                    np.linalg.norm(frames.head_pose[:, 3:], axis=-1))),
-                f"eval/photo_psnr{suffix}": float(np.mean(scores["psnr"])),
-                f"eval/photo_psnr_target{suffix}": float(np.mean(scores["psnr_target"])),
-            }  # fmt: skip
-        return metrics
-
-
 # ------------------------------------------------------------------------------------- the stage
-
-
-def build_encoder(config: ml_collections.ConfigDict, prior: UHAP) -> MonoEncoder:
-    return MonoEncoder(prior.z_dim, config.model, rngs=nnx.Rngs(config.train.seed))
 
 
 def train_encoder(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[TrainResult, dict[str, float]]:
     """Trains (or resumes) the MonoEncoder in `workdir` against the prior in `config.prior_workdir`."""
     workdir = Path(workdir)
+    if not config.prior_workdir:
+        raise ValueError("the encoder stage needs a trained prior: pass --config.prior_workdir=<prior workdir>")
     mesh = make_mesh(config.train.mesh.data, config.train.mesh.fsdp)
-    prior, prior_cfg, prior_step = restore_frozen_prior(config.prior_workdir, mesh)
+    prior, prior_cfg, template, prior_step = load_prior(config.prior_workdir, mesh)
     logger.info("prior: step %d of %s", prior_step, config.prior_workdir)
-    data_cfg = data_config(config, prior_cfg)
-    root = prior_stage.dataset_root(data_cfg)
-    records = prior_stage.prepared_records(root, data_cfg)
-    split = prior_stage.read_split(root, records, 1)
-    template = template_lib.procedural_head(prior_cfg.model.template_resolution)
-    subjects = prior_stage.subject_tables(root, records, prior, template, prior_cfg)
+    data_cfg = dataset_lib.with_data_of(prior_cfg, config, "the encoder config's data")
+    root = dataset_lib.dataset_root(data_cfg)
+    records = dataset_lib.prepared_records(root, data_cfg)
+    split = dataset_lib.read_split(root, records, 1)
+    subjects = dataset_lib.subject_tables(root, records, prior.layout, template, prior_cfg)
     sequences, codes = code_targets(
         prior, prior_step, config.prior_workdir, root, records, subjects, split.held_in_cameras,
         config.data.code_batch_size, workdir / CODES_FILE,
     )  # fmt: skip
     multihost_utils.sync_global_devices("uhap encoder targets")
-    tables = Tables(codes, subjects.head_pose, subjects.first_record, subjects.scan_maps)
+    tables = encoder_eval.Tables(codes, subjects.head_pose, subjects.first_record, subjects.scan_maps)
     train_codes = codes[split.train_records]
     mean_code, code_variance = train_codes.mean(0), float(train_codes.var(0).mean())
-
-    frame_sets = [
-        f for f in (build_eval_frames(records, sequences, s, split.held_in_cameras, tables, config.eval.num_frames,
-                                      config.train.seed) for s in (*EVAL_SPLITS, "train")) if f is not None
-    ]  # fmt: skip
-    if not frame_sets:
-        raise ValueError(f"{root / layout.DATASET_FILE}: no held-out sentence or identity to evaluate on")
-    probe = frame_sets[0]
-    capacity = probe_capacity(
-        prior, probe.codes, probe.scan_maps, probe.head_pose[:, :3], probe.head_pose[:, 3:], probe.world_to_cam,
-        probe.intrinsics, width=probe.images.shape[2], height=probe.images.shape[1],
-        headroom=config.render.capacity_headroom,
-    )  # fmt: skip
-    evaluator = Evaluator(frame_sets, mean_code, capacity, config.eval.batch_size)
+    evaluator = encoder_eval.make_evaluator(records, sequences, split.held_in_cameras, tables, prior, mean_code,
+                                            config, root / layout.DATASET_FILE)  # fmt: skip
 
     encoder = build_encoder(config, prior)
     encoder.set_code_statistics(train_codes)  # it starts at the mean-code baseline
     model = EncoderWithPrior(encoder, prior)
-    options = loaders.LoaderOptions(
-        global_batch=config.data.batch_size, seed=config.train.seed, num_threads=config.data.num_threads,
-        prefetch=config.data.prefetch,
-    )  # fmt: skip
-    train_records = loaders.FrameRecords(prior_stage.RecordSubset(records.source, split.train_records),
-                                         records.sequences)  # fmt: skip
-    frames = loaders.multiview_loader(train_records, batch_sharding(mesh), options, num_views=1,
+    frames = loaders.multiview_loader(dataset_lib.train_frames(records, split), batch_sharding(mesh),
+                                      dataset_lib.loader_options(config), num_views=1,
                                       serials=split.held_in_cameras)  # fmt: skip
     data = EncoderBatches(frames, tables, mesh)
-    loss_fn = make_loss_fn(config, code_variance, capacity)
+    loss_fn = make_loss_fn(config, code_variance, evaluator.capacity)
     renders = config.loss.photometric > 0 and config.data.photo_frames > 0  # the Trainer grows the capacity then
-    trainer = Trainer(config.train, model, prior_stage.make_optimizer(config), loss_fn, data, workdir, mesh=mesh,
-                      capacity=capacity if renders else None)  # fmt: skip
+    trainer = Trainer(config.train, model, make_optimizer(config), loss_fn, data, workdir, mesh=mesh,
+                      capacity=evaluator.capacity if renders else None)  # fmt: skip
     if jax.process_index() == 0:
         info = {"prior_workdir": str(Path(config.prior_workdir).absolute()), "prior_step": prior_step,
                 "z_dim": prior.z_dim, "held_in_cameras": split.held_in_cameras}  # fmt: skip
@@ -452,18 +200,3 @@ def train_encoder(config: ml_collections.ConfigDict, workdir: str | Path) -> tup
         return trainer.run_with_evals(evaluator, config.eval.every)
     finally:
         trainer.close()
-
-
-def restore_encoder(encoder_workdir: str | Path, prior: UHAP) -> tuple[MonoEncoder, int]:
-    """The MonoEncoder of the latest checkpoint of an encoder workdir, and its step, on one device.
-
-    `prior` (not modified) fixes z_dim and the frozen half of the checkpoint's structure; it should be the
-    prior the encoder was trained against (`encoder_info.json` says which), or the codes mean nothing.
-    """
-    workdir = Path(encoder_workdir)
-    config = read_config(workdir / "config.json")
-    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
-    model, step = restore_latest(workdir, EncoderWithPrior(build_encoder(config, prior), nnx.clone(prior)),
-                                 prior_stage.make_optimizer(config), mesh, what="encoder",
-                                 expect=f"{workdir / 'config.json'} and the given prior")  # fmt: skip
-    return model.encoder, step

@@ -35,7 +35,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 import kernels
-from uhap_jax.train.checkpoint import Checkpointer, abstract_like
+from uhap_jax.artifacts.checkpoints import Checkpointer, abstract_like
 from uhap_jax.train.mesh import batch_sharding, make_mesh, put_batch, replicated
 from uhap_jax.train.metrics import MetricWriter, Progress, image_grid
 from uhap_jax.train.sharding import place, tree_shardings

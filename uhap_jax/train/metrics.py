@@ -6,13 +6,19 @@ Only process 0 writes; on other processes the writer is a no-op, so callers need
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tensorboardX import SummaryWriter
+
+from uhap_jax.artifacts.metrics_log import read_rows
+
+logger = logging.getLogger(__name__)
 
 
 def _json_value(value: float) -> float | int | None:
@@ -39,9 +45,10 @@ class MetricWriter:
         """Drop rows past `step`: a run killed after its last checkpoint redoes those steps on resume."""
         if not self.enabled or not self.jsonl_path.exists():
             return
-        with self.jsonl_path.open() as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        self.jsonl_path.write_text("".join(kept))
+        kept = "".join(json.dumps(row) + "\n" for row in read_rows(self.jsonl_path) if row["step"] <= step)
+        temp = self.jsonl_path.with_name(f".{self.jsonl_path.name}.tmp")
+        temp.write_text(kept)
+        os.replace(temp, self.jsonl_path)
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:

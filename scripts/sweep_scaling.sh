@@ -13,17 +13,12 @@
 #
 # Reports per GPU count: wall seconds of the whole `uhap sweep` (start-up, loading, compile, jobs, merge), the job
 # phase (the slowest process's summed job seconds from results.csv), jobs/s and images/s, and the efficiency
-# (throughput / (GPUs x 1-GPU throughput)). Needs `.whl/extra/*.whl` carried (Python 3.12 wheels). On a CPU
-# machine it runs too (JAX_PLATFORMS=cpu, small PRIOR/SIZE) as a smoke test of the script.
+# (throughput / (GPUs x 1-GPU throughput)). On a CPU machine it runs too (JAX_PLATFORMS=cpu, small PRIOR/SIZE) as a
+# smoke test of the script.
+# Called by `bash scripts/device.sh sweep-scaling` (which installs the wheels); the argument is the GPU count.
 set -uo pipefail
 START=$SECONDS
-export XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
-if [ -d .whl/extra ] && [ -z "${NO_WHEELS:-}" ]; then
-  pip install -q --no-index --no-deps --target /tmp/site .whl/extra/*.whl 2>&1 | grep -v WARNING | tail -3
-  export PYTHONPATH=$PWD:/tmp/site
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+total=${1:-1}
 WORK=${WORK:-/tmp/uhap_sweep_scaling}
 PRIOR=${PRIOR:-configs/prior.py:base}
 SIZE=${SIZE:-512}
@@ -34,24 +29,16 @@ export UHAP_CACHE=$WORK/cache
 LOG=${OUT:-$WORK}/sweep_scaling.log
 mkdir -p "$WORK"
 : >"$LOG"
-if command -v nvidia-smi >/dev/null; then
-  nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c
-  total=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
-else
-  total=${CPU_PROCESSES:-2}
-  echo "no nvidia-smi: $total CPU processes at most"
-fi
 
 python3 - "$WORK" "$PRIOR" "$SIZE" <<'EOF' 2>&1 | tee -a "$LOG" | grep -v '^W0000\|^I0000\|^E0000\|^ *$'
-import json, pathlib, sys, time
+import pathlib, sys, time
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
-from data_pipelines import synth
-from uhap_jax import export
-from uhap_jax.config_utils import load_config, save_config
+from data_pipelines import dataset, synth
+from uhap_jax.artifacts import bundles
+from uhap_jax.config_utils import load_config
 from uhap_jax.geometry import template as template_lib
-from uhap_jax.train import prior_stage
+from uhap_jax.models.prior import build_prior
 
 work, prior_spec, size = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 config = load_config(prior_spec)
@@ -64,19 +51,14 @@ if not (data_root / "dataset.json").is_file():
                     max_seconds=0.4, num_cameras=6, held_out_cameras=(1, 4), monocular=False))
     synth.generate(data_root, cfg, progress=False)
 data = ml_collections.ConfigDict({"data": {"root": str(data_root), "synth_preset": "tiny", "cache_dir": ""}})
-records = prior_stage.prepared_records(prior_stage.dataset_root(data), data)
+records = dataset.prepared_records(dataset.dataset_root(data), data)
 print(f"setup: dataset {data_root} ({len(records.source)} records at {size}²) in {time.perf_counter() - start:.1f} s")
 bundle = work / "bundle"
-if not (bundle / export.BUNDLE_FILE).is_file():  # what `uhap export` writes, from a freshly initialised prior
+if not (bundle / bundles.BUNDLE_FILE).is_file():  # what `uhap export` writes, from a freshly initialised prior
     template = template_lib.procedural_head(config.model.template_resolution)
-    model = export.build_prior(template, config)
-    bundle.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save((bundle / "params").absolute(), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    save_config(config, bundle / "config.json")
-    export.save_template(template, bundle / "template.npz")
+    params = nnx.to_pure_dict(nnx.state(build_prior(template, config), nnx.Param))
     manifest = {"kind": "uhap_prior", "step": 0, "dtype": "float32", "source": f"untrained {prior_spec}"}
-    (bundle / export.BUNDLE_FILE).write_text(json.dumps(manifest, indent=1))
+    bundles.save_bundle(params, config, template, bundle, manifest)
 print(f"setup: untrained {prior_spec} bundle in {bundle}; setup done in {time.perf_counter() - start:.1f} s")
 EOF
 [ -f "$WORK/bundle/bundle.json" ] || { echo "setup failed; see $LOG"; exit 1; }

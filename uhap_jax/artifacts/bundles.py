@@ -6,12 +6,13 @@ that loads on any device count.
     bundle/template.npz   the template mesh, UVs, regions and rig data
     bundle/params/        orbax checkpoint of the parameters (a pure dict)
     bundle/albedo_population.npz  the training identities' albedo population, when the workdir has one
+
+`uhap_jax.artifacts.priors.export_bundle` writes one from a training workdir.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -22,64 +23,25 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from uhap_jax.artifacts.checkpoints import single_device_mesh
 from uhap_jax.config_utils import read_config, save_config
 from uhap_jax.geometry import template as template_lib
-from uhap_jax.models.population import POPULATION_FILE
-from uhap_jax.models.prior import UHAP
-from uhap_jax.train import prior_stage
-from uhap_jax.train.checkpoint import restore_latest
+from uhap_jax.models.prior import UHAP, build_prior
 
 BUNDLE_FILE = "bundle.json"
 DTYPES = ("float32", "bfloat16")
 
 
-def build_prior(template: template_lib.Template, config: ml_collections.ConfigDict) -> UHAP:
-    """A freshly initialised prior of `config` (its parameters are overwritten by a restore)."""
-    return UHAP(template, config.model, rngs=nnx.Rngs(config.train.seed))
-
-
-def _single_device_mesh() -> jax.sharding.Mesh:
-    return jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
-
-
-def restore_prior(
-    workdir: str | Path, mesh: jax.sharding.Mesh | None = None
-) -> tuple[UHAP, ml_collections.ConfigDict, int]:
-    """The prior of the latest checkpoint in `<workdir>`, replicated on `mesh` (default: one device), with its
-    config and step. Works whatever mesh or process count the checkpoint was written with."""
-    workdir = Path(workdir)
-    config = read_config(workdir / "config.json")
-    template = template_lib.procedural_head(config.model.template_resolution)
-    mesh = mesh or _single_device_mesh()
-    model, step = restore_latest(workdir, build_prior(template, config), prior_stage.make_optimizer(config), mesh,
-                                 what="prior", expect=str(workdir / "config.json"))  # fmt: skip
-    return model, config, step
-
-
-def export_bundle(workdir: str | Path, out: str | Path, dtype: str = "float32") -> Path:
-    """Write an inference bundle of the latest checkpoint in `workdir` to `out` (replaced only when complete)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    model, config, step = restore_prior(workdir)
-    template = template_lib.procedural_head(config.model.template_resolution)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    if dtype == "bfloat16":
-        params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-    out = Path(out)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+def save_bundle(params: dict, config: ml_collections.ConfigDict, template: template_lib.Template, out: Path,
+                manifest: dict) -> None:  # fmt: skip
+    """A bundle in the folder `out` (created if missing) of these parameters (a pure dict), their config and
+    template, and `manifest`."""
+    out.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(staging.absolute() / "params", params)
-    save_config(config, staging / "config.json")
-    save_template(template, staging / "template.npz")
-    if (Path(workdir) / POPULATION_FILE).is_file():
-        shutil.copy(Path(workdir) / POPULATION_FILE, staging / POPULATION_FILE)
-    manifest = {"kind": "uhap_prior", "step": step, "dtype": dtype, "source": str(Path(workdir).absolute())}
-    (staging / BUNDLE_FILE).write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return out
+        checkpointer.save(out.absolute() / "params", params)
+    save_config(config, out / "config.json")
+    save_template(template, out / "template.npz")
+    (out / BUNDLE_FILE).write_text(json.dumps(manifest, indent=1))
 
 
 def load_bundle(path: str | Path, mesh: jax.sharding.Mesh | None = None) -> tuple[UHAP, ml_collections.ConfigDict]:
@@ -92,10 +54,9 @@ def load_bundle(path: str | Path, mesh: jax.sharding.Mesh | None = None) -> tupl
     if manifest.get("kind") != "uhap_prior":
         raise ValueError(f"{manifest_file}: kind {manifest.get('kind')!r} is not 'uhap_prior'")
     config = read_config(path / "config.json")
-    template = load_template(path / "template.npz")
-    model = build_prior(template, config)
+    model = build_prior(load_template(path / "template.npz"), config)
     params = nnx.state(model, nnx.Param)
-    replicated = NamedSharding(mesh or _single_device_mesh(), PartitionSpec())
+    replicated = NamedSharding(mesh or single_device_mesh(), PartitionSpec())
     stored = jnp.bfloat16 if manifest["dtype"] == "bfloat16" else None
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(
@@ -115,6 +76,7 @@ def load_bundle(path: str | Path, mesh: jax.sharding.Mesh | None = None) -> tupl
 
 
 def save_template(template: template_lib.Template, path: Path) -> None:
+    """The template mesh, UVs, regions and rig data as one npz (`load_template` reads it back)."""
     arrays = {
         "vertices": template.vertices, "faces": template.faces, "uvs": template.uvs,
         "region_ids": template.region_ids, "region_names": np.array(template.region_names),
@@ -126,6 +88,7 @@ def save_template(template: template_lib.Template, path: Path) -> None:
 
 
 def load_template(path: Path) -> template_lib.Template:
+    """The template that `save_template` wrote."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the bundle has no template")
     with np.load(path) as data:

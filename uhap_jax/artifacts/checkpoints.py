@@ -1,7 +1,8 @@
 """Checkpoints in `<workdir>/checkpoints/<step>/`: the train state plus each process's data-iterator state.
 
 Built on orbax's asynchronous `CheckpointManager`. Restoring takes abstract targets that carry shardings,
-so a checkpoint written on one mesh loads onto any other (a different device count or mesh shape).
+so a checkpoint written on one mesh loads onto any other (a different device count or mesh shape). The Trainer
+resumes the whole state; `restore_latest` reads only the parameters, for inference and evaluation (no optimiser).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -124,35 +124,36 @@ class Checkpointer:
         self._manager.close()
 
 
-def restore_latest(workdir: str | Path, model: nnx.Module, optimizer, mesh: jax.sharding.Mesh, *, what: str,
+def single_device_mesh() -> jax.sharding.Mesh:
+    """A mesh of this process's first device: where restored models for inference and evaluation live."""
+    return jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices()[:1])
+
+
+def restore_latest(workdir: str | Path, model: nnx.Module, mesh: jax.sharding.Mesh, *, what: str,
                    expect: str = "") -> tuple[nnx.Module, int]:  # fmt: skip
     """`model` (an nnx.Module of the trained structure) holding the parameters of the latest checkpoint that the
-    Trainer wrote in `workdir`, replicated on `mesh`, and its step. The optimiser only gives the saved state its
-    shape; whatever mesh or process count wrote the checkpoint, it restores here. `what` and `expect` word the
-    errors: a missing checkpoint names `what`, a mismatch says that it must match `expect`."""
+    Trainer wrote in `workdir`, replicated on `mesh`, and its step. Only the parameters are read (no optimiser
+    state is needed or loaded); whatever mesh or process count wrote the checkpoint, they restore here. `what`
+    and `expect` word the errors: a missing checkpoint names `what`, a mismatch says that it must match `expect`."""
     workdir = Path(workdir)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    host_state = {
-        "params": nnx.to_pure_dict(params),
-        "rest": nnx.to_pure_dict(rest),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key(0),
-        "nonfinite_steps": jnp.zeros((), jnp.int32),
-    }
-    shapes = jax.eval_shape(lambda s: {**s, "opt_state": optimizer.init(s["params"])}, host_state)
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+    abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                       nnx.to_pure_dict(params))}  # fmt: skip
     checkpointer = Checkpointer(workdir, use_async=False)
     try:
         step = checkpointer.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{workdir / 'checkpoints'}: holds no finished {what} checkpoint")
+    finally:
+        checkpointer.close()
+    if step is None:
+        raise FileNotFoundError(f"{workdir / 'checkpoints'}: holds no finished {what} checkpoint")
+    state_dir = checkpointer.directory / str(step) / "state"
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    with ocp.PyTreeCheckpointer() as reader:
         try:
-            state = checkpointer.restore(step, abstract)
+            state = reader.restore(state_dir, args=ocp.args.PyTreeRestore(abstract, restore_args, partial_restore=True))
         except (ValueError, KeyError) as error:
             message = f"{checkpointer.directory / str(step)}: does not match {expect or what}"
             raise ValueError(f"{message}: {error}") from error
-    finally:
-        checkpointer.close()
     nnx.replace_by_pure_dict(params, state["params"])
     return nnx.merge(graphdef, params, rest), step

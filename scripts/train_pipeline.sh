@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Issue 19 on one GPU machine, in one call (`bash scripts/device.sh train-pipeline`, or alone): synthesise the reduced base dataset (timed), `uhap bench train
+# --real-data` (step alone, loader alone, end to end, peak memory), a base-preset training run with held-out-camera
+# evals every EVERY steps until the call's time is spent (the curve), then the batch-size search with what is left.
+# Everything goes to $OUT as it happens (synth.log, bench.log, train.log, metrics.jsonl, search.log), so a call
+# cut short still returns what it did. A warm machine keeps /tmp: the dataset and its caches are made once.
+#   TASKS="synth bench curve search" (default all), BUDGET_S (default 570: the call's limit less a margin),
+#   CONFIG, CURVE_ARGS (extra --config.* overrides of the curve run), RUN (its name), SEARCH ("8,16,32,...").
+# On a CPU machine, for a smoke test: CONFIG=configs/prior.py:tiny SYNTH_ARGS=... NO_WHEELS=1.
+set -uo pipefail
+START=$SECONDS
+BUDGET_S=${BUDGET_S:-570}
+TASKS=${TASKS:-synth bench curve search}
+OUT=${OUT:-/tmp/out19}
+mkdir -p "$OUT"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ] && ! python3 -c "import grain, tensorflow_datasets" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    2>&1 | grep -v WARNING | tail -3
+  export PYTHONPATH=$PWD:/tmp/site
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # device.sh installed them already, or a CPU machine
+fi
+WORK=${WORK:-/tmp/uhap19}
+export UHAP_CACHE=$WORK/cache
+DATA=$WORK/synth
+CONFIG=${CONFIG:-configs/prior.py:base}
+SYNTH_ARGS=${SYNTH_ARGS:---preset base --config.num_identities=6 --config.sentences_per_identity=3 --config.max_seconds=2.0}
+RUN=${RUN:-fixed}
+F='^W0000\|^I0000\|^E0000\|slow_operation\|Constant folding\|This isn.t\|XLA has some\|If you.d like\|^ *$\|examples/s\]'
+left() { echo $((BUDGET_S - (SECONDS - START))); }
+(nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader 2>/dev/null || echo "no GPU") | tee "$OUT/device.txt"
+nproc | sed 's/^/cores: /' | tee -a "$OUT/device.txt"
+
+if [[ " $TASKS " == *" synth "* ]] && [ ! -f "$DATA/dataset.json" ]; then
+  t=$SECONDS
+  python3 -m uhap_jax.cli data synth --out "$DATA" $SYNTH_ARGS 2>&1 | tr '\r' '\n' | grep -v "$F" | tail -4 \
+    | tee "$OUT/synth.log"
+  echo "synth: $((SECONDS - t)) s ($(find "$DATA" -name '*.png' | wc -l) PNGs): uhap data synth $SYNTH_ARGS" \
+    | tee -a "$OUT/synth.log"
+fi
+
+if [[ " $TASKS " == *" bench "* ]]; then
+  echo "== uhap bench train --config $CONFIG --real-data DATA (t=$((SECONDS - START)) s)"
+  timeout -k 10 $(( $(left) < ${BENCH_S:-240} ? $(left) : ${BENCH_S:-240} )) python3 -m uhap_jax.cli bench train --config "$CONFIG" \
+    --real-data "$DATA" --steps "${STEPS:-100}" ${BENCH_ARGS:-} 2>&1 | grep -v "$F" | tee "$OUT/bench.log" | grep -v "Generating\|Dataset capture\|Downloading\|\[A" | tail -12
+fi
+
+if [[ " $TASKS " == *" curve "* ]]; then
+  echo "== curve $RUN: uhap train prior --config $CONFIG --config.eval.every=${EVERY:-200} ${CURVE_ARGS:-} (t=$((SECONDS - START)) s)"
+  rm -rf "$WORK/run_$RUN"
+  SPARE=${SEARCH_S:-0}
+  [[ " $TASKS " == *" search "* ]] || SPARE=0
+  timeout -k 30 $(( $(left) - SPARE - 20 )) python3 -m uhap_jax.cli train prior --config "$CONFIG" \
+    --workdir "$WORK/run_$RUN" --config.data.root="$DATA" --config.eval.every="${EVERY:-200}" ${CURVE_ARGS:-} 2>&1 \
+    | tr '\r' '\n' | grep -v "$F" > "$OUT/train_$RUN.log"
+  cp "$WORK/run_$RUN/metrics.jsonl" "$OUT/metrics_$RUN.jsonl" 2>/dev/null
+  grep "eval at step" "$OUT/train_$RUN.log" | sed 's/.*eval at step/eval at step/' | tail -40
+  grep -i "error\|Traceback" "$OUT/train_$RUN.log" | head -5
+fi
+
+if [[ " $TASKS " == *" search "* ]] && [ "$(left)" -gt 60 ]; then
+  echo "== batch search ${SEARCH:-8,16,32,64} (t=$((SECONDS - START)) s)"
+  timeout -k 10 $(( $(left) - 5 )) python3 -m uhap_jax.cli bench train --config "$CONFIG" \
+    --batch-search "${SEARCH:-8,16,32,64}" --repeats 3 2>&1 | grep -v "$F" | tee "$OUT/search.log" | tail -12
+fi
+echo "done in $((SECONDS - START)) s"

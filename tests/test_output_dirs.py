@@ -1,0 +1,184 @@
+"""Output folders and crash-safe files: a command replaces only what is its own, never an input, and an
+interruption or an error never costs the old contents; torn metrics rows and code caches are rebuilt, not fatal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipelines.dataset import Sequence
+from uhap_jax import cli
+from uhap_jax.artifacts import output_dirs
+from uhap_jax.artifacts.expression_codes import cached_codes
+from uhap_jax.artifacts.metrics_log import read_rows
+from uhap_jax.config_utils import UsageError
+from uhap_jax.train.metrics import MetricWriter
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".staging-" in p.name or ".old-" in p.name]
+
+
+def _bundle(folder: Path, rng: np.random.Generator) -> dict[str, bytes]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bundle.json").write_text(json.dumps({"kind": "uhap_prior", "step": int(rng.integers(100))}))
+    (folder / "params.bin").write_bytes(rng.bytes(256))
+    return _files(folder)
+
+
+@pytest.mark.parametrize("state", ["missing", "empty", "ours"])
+def test_replaces_a_missing_empty_or_own_folder_completely(tmp_path, rng, state):
+    out = tmp_path / "bundle"
+    if state == "empty":
+        out.mkdir()
+    elif state == "ours":
+        _bundle(out, rng)
+        (out / "stale.txt").write_text("from the last export")
+    new = rng.bytes(128)
+    with output_dirs.replacing(out, "bundle", inputs=[tmp_path / "workdir"]) as staging:
+        assert staging.parent == tmp_path and staging.is_dir() and not any(staging.iterdir())
+        (staging / "bundle.json").write_text(json.dumps({"kind": "uhap_prior"}))
+        (staging / "params.bin").write_bytes(new)
+    assert sorted(_files(out)) == ["bundle.json", "params.bin"] and (out / "params.bin").read_bytes() == new
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda out, rng: (out.mkdir(), (out / "thesis.pdf").write_bytes(rng.bytes(64))), "not a bundle"),
+        (lambda out, rng: (out.mkdir(), (out / "avatar.json").write_text('{"kind": "uhap_avatar"}')), "not a bundle"),
+        (lambda out, rng: (out.mkdir(), (out / "bundle.json").write_text("{torn")), "not a bundle"),
+        (lambda out, rng: out.write_bytes(rng.bytes(16)), "is a file"),
+    ],
+)
+def test_refuses_folders_that_are_not_its_own(tmp_path, rng, make, message):
+    out = tmp_path / "out"
+    make(out, rng)
+    before = _files(tmp_path)
+    with pytest.raises(UsageError, match=message):
+        with output_dirs.replacing(out, "bundle"):
+            raise AssertionError("the block must not run")
+    assert _files(tmp_path) == before and _leftovers(tmp_path) == []
+
+
+def test_refuses_an_input_a_folder_inside_one_or_one_holding_one(tmp_path, rng):
+    workdir = tmp_path / "runs" / "prior"
+    data = rng.bytes(64)
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "checkpoints" / "state").write_bytes(data)
+    (workdir / "bundle.json").write_text(json.dumps({"kind": "uhap_prior"}))  # even one that looks like ours
+    link = tmp_path / "link"
+    link.symlink_to(workdir)
+    cases = [(workdir, "is the input"), (workdir / "bundle", "lies inside"), (tmp_path / "runs", "contains"),
+             (link, "is the input"), (tmp_path / "..", "contains")]  # fmt: skip
+    for out, relation in cases:
+        with pytest.raises(UsageError, match=relation):
+            output_dirs.check_replaceable(out, "bundle", inputs=[workdir])
+    assert (workdir / "checkpoints" / "state").read_bytes() == data
+
+
+def test_refuses_a_symbolic_link_as_the_output(tmp_path, rng):
+    target = tmp_path / "real"
+    _bundle(target, rng)
+    (tmp_path / "out").symlink_to(target)
+    with pytest.raises(UsageError, match="symbolic link"):
+        output_dirs.check_replaceable(tmp_path / "out", "bundle")
+
+
+def test_an_error_in_the_block_keeps_the_old_folder_and_removes_staging(tmp_path, rng):
+    out = tmp_path / "bundle"
+    before = _bundle(out, rng)
+    with pytest.raises(RuntimeError, match="disk full"):
+        with output_dirs.replacing(out, "bundle") as staging:
+            (staging / "bundle.json").write_text("{}")
+            raise RuntimeError("disk full")
+    assert _files(out) == before and _leftovers(tmp_path) == []
+
+
+def test_a_failed_move_puts_the_old_folder_back(tmp_path, rng):
+    out = tmp_path / "bundle"
+    before = _bundle(out, rng)
+    with pytest.raises(FileNotFoundError):
+        output_dirs.replace_dir(tmp_path / "vanished-staging", out)
+    assert _files(out) == before and _leftovers(tmp_path) == []
+
+
+def test_two_runs_never_share_a_staging_folder(tmp_path, rng):
+    out = tmp_path / "bundle"
+    with output_dirs.replacing(out, "bundle") as first, output_dirs.replacing(out, "bundle") as second:
+        assert first != second and first.is_dir() and second.is_dir()
+        for staging in (first, second):
+            (staging / "bundle.json").write_text(json.dumps({"kind": "uhap_prior", "from": staging.name}))
+    assert json.loads((out / "bundle.json").read_text())["from"] == first.name  # the last to finish wins
+    assert _leftovers(tmp_path) == []
+
+
+def test_data_synth_refuses_a_foreign_out_before_generating(tmp_path, rng, capsys):
+    (tmp_path / "mine.txt").write_bytes(rng.bytes(32))
+    before = _files(tmp_path)
+    assert cli.main(["data", "synth", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a dataset written by uhap" in err[0]
+    assert _files(tmp_path) == before
+
+
+def test_save_npz_atomic_keeps_the_old_file_when_writing_fails(tmp_path, rng):
+    path = tmp_path / "codes.npz"
+    first = rng.normal(size=(5, 3))
+    output_dirs.save_npz_atomic(path, codes=first)
+    np.testing.assert_array_equal(np.load(path)["codes"], first)
+
+    class Unsavable:
+        def __array__(self, *args, **kwargs):
+            raise OSError("no space left on device")
+
+    with pytest.raises(OSError, match="no space"):
+        output_dirs.save_npz_atomic(path, codes=Unsavable())
+    np.testing.assert_array_equal(np.load(path)["codes"], first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.npz"]
+
+
+# -------------------- torn files of an interrupted run
+
+
+def test_torn_metrics_line_is_dropped_and_rewritten(tmp_path, rng, caplog):
+    rows = [{"step": step, "loss": float(rng.normal())} for step in (10, 20, 30)]
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    (tmp_path / "metrics.jsonl").write_text(text + '{"step": 40, "lo')  # killed mid-write
+    assert read_rows(tmp_path / "metrics.jsonl") == rows
+    assert "unreadable metrics row" in caplog.text
+    writer = MetricWriter(tmp_path)
+    writer.truncate_after(20)  # what a resume from step 20 does
+    writer.close()
+    assert read_rows(tmp_path / "metrics.jsonl") == rows[:2]
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(json.dumps(row) + "\n" for row in rows[:2])
+
+
+def _sequences(rng: np.random.Generator) -> list[Sequence]:
+    return [Sequence("id000", f"sen_{i:02d}", 0, "train", i, 10 * i, 10, np.zeros(0, np.float32))
+            for i in range(2)]  # fmt: skip
+
+
+def test_torn_code_cache_is_recomputed_not_fatal(tmp_path, rng, caplog):
+    sequences = _sequences(rng)
+    codes = {s.key: rng.normal(size=(s.num_frames, 4)).astype(np.float32) for s in sequences}
+    cache = tmp_path / "expression_codes.npz"
+    output_dirs.save_npz_atomic(cache, key=np.asarray("prior@5"), **codes)
+    cached = cached_codes(cache, "prior@5", sequences)
+    for sequence in cached:
+        np.testing.assert_array_equal(sequence.codes, codes[sequence.key])
+    assert cached_codes(cache, "prior@6", sequences) is None  # another prior checkpoint
+    data = cache.read_bytes()
+    cache.write_bytes(data[: len(data) // 2])  # a run killed while writing it (before writes were atomic)
+    assert cached_codes(cache, "prior@5", sequences) is None
+    assert "unreadable" in caplog.text
+    cache.write_bytes(b"")
+    assert cached_codes(cache, "prior@5", sequences) is None

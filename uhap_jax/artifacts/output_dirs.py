@@ -1,0 +1,121 @@
+"""Output folders that never cost a user their data: what a command may replace, and how it replaces it.
+
+A command writes its result (a bundle, an avatar, a dataset) into a folder it may replace only when that folder
+is missing, empty, or carries our own manifest of the same kind; never when it is, contains or lies inside one of
+the command's inputs. Replacing writes into a unique staging folder beside the target, moves the old folder
+aside, moves the new one in, and only then deletes the old one: an interruption at any point leaves either the
+old or the new folder in place (at worst the old one under `.<name>.old-*`), and two runs never share a staging
+folder. A failed write removes its staging folder and leaves the target as it was.
+
+Small files that a crash must not tear (caches) are written through `save_npz_atomic`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data_pipelines.layout import replace_dir
+from uhap_jax.config_utils import UsageError
+
+__all__ = ["KINDS", "check_replaceable", "overlapping_input", "replace_dir", "replacing", "save_npz_atomic"]
+
+
+def _kind_is(value: str, field: str = "kind") -> Callable[[dict], bool]:
+    return lambda manifest: manifest.get(field) == value
+
+
+# kind -> (manifest file, test on its JSON object): what marks a folder as one of ours that may be replaced.
+KINDS: dict[str, tuple[str, Callable[[dict], bool]]] = {
+    "bundle": ("bundle.json", _kind_is("uhap_prior")),
+    "avatar": ("avatar.json", _kind_is("uhap_avatar")),
+    "dataset": ("dataset.json", _kind_is("uhap data synth", field="generator")),
+}
+
+
+def _manifest(folder: Path, kind: str) -> bool:
+    """Whether `folder` carries our manifest of `kind` (a readable JSON object that says so)."""
+    name, accepts = KINDS[kind]
+    try:
+        payload = json.loads((folder / name).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(payload, dict) and accepts(payload)
+
+
+def overlapping_input(out: Path, inputs: Sequence[Path | str | None]) -> Path | None:
+    """The first input that `out` is, contains or lies inside (symbolic links resolved), else None."""
+    target = Path(out).resolve()
+    for item in inputs:
+        if item is None or str(item) == "":
+            continue
+        source = Path(item).resolve()
+        if target == source or target in source.parents or source in target.parents:
+            return Path(item)
+    return None
+
+
+def check_replaceable(out: Path, kind: str, *, inputs: Sequence[Path | str | None] = (), flag: str = "--out") -> Path:
+    """Refuses (UsageError, one line naming `flag`) an output folder that the command may not replace."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown output kind {kind!r}; known: {', '.join(KINDS)}")
+    out = Path(out)
+    clash = overlapping_input(out, inputs)
+    if clash is not None:
+        relation = ("is" if out.resolve() == clash.resolve() else
+                    "lies inside" if clash.resolve() in out.resolve().parents else "contains")  # fmt: skip
+        raise UsageError(f"{flag} {out}: {relation} the input {clash}; writing there would destroy it, so give "
+                         "another folder")  # fmt: skip
+    if out.is_symlink():
+        raise UsageError(f"{flag} {out}: is a symbolic link; give the folder itself or a new path")
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise UsageError(f"{flag} {out}: is a file, not a folder; give a new or empty folder")
+    if any(out.iterdir()) and not _manifest(out, kind):
+        manifest = KINDS[kind][0]
+        raise UsageError(f"{flag} {out}: holds files but is not a {kind} written by uhap (no {manifest} of one); "
+                         f"give a new or empty folder, or remove {out} yourself")  # fmt: skip
+    return out
+
+
+@contextlib.contextmanager
+def replacing(out: Path, kind: str, *, inputs: Sequence[Path | str | None] = (), flag: str = "--out") -> Iterator[Path]:
+    """Yields a new empty staging folder beside `out`; on success it becomes `out` (see the module docstring).
+
+    The checks run before the block (so nothing is computed for a refused folder) and again after it (the folder
+    may have changed meanwhile). The block must write the kind's manifest into the staging folder.
+    """
+    out = check_replaceable(Path(out), kind, inputs=inputs, flag=flag)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        yield staging
+        check_replaceable(out, kind, inputs=inputs, flag=flag)
+        replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """`np.savez` whose file is complete or absent (a temp file beside it, then one rename): a run killed while
+    writing a cache leaves the old cache or none, never a torn one."""
+    path = Path(path)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, **arrays)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -14,6 +14,7 @@ from data_pipelines import layout, synth
 from uhap_jax.commands import data as data_command
 from uhap_jax.config_utils import UsageError
 from uhap_jax.geometry import template as template_lib
+from uhap_jax.geometry.texels import TexelLayout, scan_uv_maps
 
 
 @pytest.fixture(scope="module")
@@ -362,10 +363,8 @@ def test_neutral_scan_is_a_noisy_holey_resampled_capture(rng):
     skin = template.region_mask("face") | template.region_mask("lips")
     fit, _ = kd_tree(dense).query(registered[skin])
     assert np.median(fit) < 1.5e-3 and not np.allclose(registered, truth, atol=1e-4)
-    from uhap_jax.models import prior
-
-    texels = prior.TexelLayout.build(template, 32)
-    maps = prior.scan_uv_maps(texels, template, registered, colours, "registered scan")
+    texels = TexelLayout.build(template, 32)
+    maps = scan_uv_maps(texels, template, registered, colours, "registered scan")
     assert maps.shape == (32, 32, 6) and np.isfinite(maps).all()
 
 

@@ -5,6 +5,7 @@
 <root>/subjects/<id>/calibration/camera_params.json
     {"world_2_cam": {serial: 4x4}, "intrinsics": {serial: 3x3}, "image_size": {serial: [W, H]}}
 <root>/subjects/<id>/neutral_scan/mesh.ply   (or mesh.obj) vertices, faces, per-vertex colours
+<root>/subjects/<id>/neutral_scan/scan.ply   optional: the raw scan that mesh.ply registers (any topology)
 <root>/subjects/<id>/sequences/<seq>/audio.wav
 <root>/subjects/<id>/sequences/<seq>/images/cam_<serial>/<frame:05d>.png
 <root>/subjects/<id>/sequences/<seq>/masks/cam_<serial>/<frame:05d>.png
@@ -40,6 +41,8 @@ META_FILE = "meta.json"
 VERTICES_FILE = "vertices.npy"
 AUDIO_FILE = "audio.wav"
 SCAN_DIR = "neutral_scan"
+SCAN_FILE = "mesh.ply"  # in the template's topology where a model reads it
+RAW_SCAN_FILE = "scan.ply"  # the raw scan, in its own topology, with holes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,9 +262,12 @@ def read_image(path: Path) -> np.ndarray:
 # -------------------- neutral scan
 
 
-def write_neutral_scan(subject_dir: Path, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray) -> None:
-    """Writes `neutral_scan/mesh.ply` (binary): vertices [V,3] metres, faces [F,3], colours [V,3] in [0,1]."""
-    path = Path(subject_dir) / SCAN_DIR / "mesh.ply"
+def write_neutral_scan(
+    subject_dir: Path, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray, *, file_name: str = SCAN_FILE
+) -> None:
+    """Writes `neutral_scan/mesh.ply` (binary): vertices [V,3] metres, faces [F,3], colours [V,3] in [0,1];
+    `file_name=RAW_SCAN_FILE` writes the raw scan beside it."""
+    path = Path(subject_dir) / SCAN_DIR / file_name
     vertices, faces, colors = _check_scan(path, vertices, faces, colors)
     vertex_records = np.empty(
         len(vertices), dtype=[("xyz", "<f4", 3), ("rgb", "u1", 3)]
@@ -312,6 +318,15 @@ def read_neutral_scan(subject_dir: Path) -> tuple[np.ndarray, np.ndarray, np.nda
     else:
         raise LayoutError(f"{scan_dir}: no neutral scan (expected mesh.ply or mesh.obj)")
     vertices, faces, colors = _check_scan(path, vertices, faces, colors)
+    return vertices, faces.astype(np.int32), colors
+
+
+def read_raw_scan(subject_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reads the optional raw scan `neutral_scan/scan.ply` (any topology): vertices, faces, colours."""
+    path = Path(subject_dir) / SCAN_DIR / RAW_SCAN_FILE
+    if not path.is_file():
+        raise LayoutError(f"{path}: no raw scan (it is optional; mesh.ply is the registered scan)")
+    vertices, faces, colors = _check_scan(path, *_read_ply(path))
     return vertices, faces.astype(np.int32), colors
 
 

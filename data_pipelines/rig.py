@@ -5,7 +5,8 @@ with a dominance that peaks at the phoneme's centre and decays faster after it t
 set per identity). Bilabials and labiodentals dominate the lip channels strongly, so the lips do close on
 p/b/m and tuck under the teeth on f/v. Blinks, gaze saccades and brow raises on stressed syllables are added on
 top. `deform` turns the per-frame controls into vertices: the jaw really rotates the lower face, lower teeth and
-tongue about the jaw pivot, which opens the mouth slit and shows the mouth interior.
+tongue about the jaw pivot, which opens the mouth slit and shows the mouth interior; the upper lip lifts off the
+teeth on /f v/ and spread vowels, and the tongue's tip rises to the teeth on /t d n l th/.
 """
 
 from __future__ import annotations
@@ -19,23 +20,30 @@ from data_pipelines.speech import Phoneme
 from uhap_jax.geometry.rotations import axis_angle_to_matrix
 from uhap_jax.geometry.template import Template
 
-MOUTH_CONTROLS = ("jaw_open", "lip_round", "lip_spread", "lip_press", "lip_under_teeth")
+MOUTH_CONTROLS = (
+    "jaw_open", "lip_round", "lip_spread", "lip_press", "lip_under_teeth", "upper_lip_raise", "tongue_up",
+    "tongue_out",
+)  # fmt: skip
 EXPRESSION_NAMES = (*MOUTH_CONTROLS, "blink", "gaze_yaw", "gaze_pitch", "brow_raise")
 
 MAX_JAW_ANGLE = 0.2  # radians at jaw_open = 1
 MAX_GAZE_ANGLE = 0.35  # radians at gaze = +-1
 
-# Viseme classes: (targets for MOUTH_CONTROLS, dominance for MOUTH_CONTROLS).
+# Viseme classes: (targets for MOUTH_CONTROLS, dominance for MOUTH_CONTROLS). Spread vowels and /f v/ lift the
+# upper lip off the teeth; /t d n l/ raise the tongue's tip to the ridge behind the teeth, /th/ puts it between
+# the teeth; bilabials dominate the lips so that they close.
 _VISEMES = {
-    "rest": ((0.0, 0.0, 0.0, 0.0, 0.0), (0.6, 0.3, 0.3, 0.3, 0.3)),
-    "open_vowel": ((0.9, 0.0, 0.1, 0.0, 0.0), (1.0, 0.5, 0.5, 1.0, 1.0)),
-    "mid_vowel": ((0.5, 0.0, 0.2, 0.0, 0.0), (1.0, 0.5, 0.5, 1.0, 1.0)),
-    "front_vowel": ((0.25, 0.0, 0.8, 0.0, 0.0), (1.0, 0.5, 1.0, 1.0, 1.0)),
-    "round_vowel": ((0.4, 0.9, 0.0, 0.0, 0.0), (1.0, 1.0, 1.0, 1.0, 1.0)),
-    "rounded_consonant": ((0.15, 0.8, 0.0, 0.0, 0.0), (0.6, 1.0, 1.0, 0.5, 0.5)),
-    "bilabial": ((0.02, 0.0, 0.0, 1.0, 0.0), (2.0, 0.5, 0.5, 4.0, 2.0)),
-    "labiodental": ((0.08, 0.0, 0.0, 0.0, 1.0), (1.5, 0.5, 0.5, 2.0, 4.0)),
-    "consonant": ((0.2, 0.0, 0.1, 0.0, 0.0), (0.4, 0.2, 0.2, 0.3, 0.3)),
+    "rest": ((0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0), (0.6, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.5)),
+    "open_vowel": ((0.9, 0.0, 0.1, 0.0, 0.0, 0.25, 0.0, 0.0), (1.0, 0.5, 0.5, 1.0, 1.0, 0.5, 1.0, 0.5)),
+    "mid_vowel": ((0.5, 0.0, 0.2, 0.0, 0.0, 0.2, 0.0, 0.0), (1.0, 0.5, 0.5, 1.0, 1.0, 0.5, 1.0, 0.5)),
+    "front_vowel": ((0.25, 0.0, 0.8, 0.0, 0.0, 0.8, 0.0, 0.0), (1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5)),
+    "round_vowel": ((0.4, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0), (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5)),
+    "rounded_consonant": ((0.15, 0.8, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0), (0.6, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5)),
+    "bilabial": ((0.02, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0), (2.0, 0.5, 0.5, 4.0, 2.0, 4.0, 0.5, 1.0)),
+    "labiodental": ((0.08, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0), (1.5, 0.5, 0.5, 2.0, 4.0, 4.0, 0.5, 1.0)),
+    "alveolar": ((0.25, 0.0, 0.1, 0.0, 0.0, 0.2, 1.0, 0.0), (0.6, 0.2, 0.2, 0.3, 0.3, 0.5, 4.0, 0.5)),
+    "dental": ((0.3, 0.0, 0.15, 0.0, 0.0, 0.4, 1.0, 1.0), (0.8, 0.2, 0.2, 0.3, 0.3, 1.0, 4.0, 4.0)),
+    "consonant": ((0.2, 0.0, 0.1, 0.0, 0.0, 0.1, 0.0, 0.0), (0.4, 0.2, 0.2, 0.3, 0.3, 0.3, 0.3, 0.5)),
 }
 _OPEN_VOWELS = {"a", "A", "aI", "aU", "V", "a#", "A:", "A@", "aI@", "aU@", "0", "a:"}
 _ROUND_VOWELS = {"u", "u:", "U", "o", "o:", "O", "O:", "oU", "OI", "O@", "U@", "o@", "u@", "W"}
@@ -54,6 +62,10 @@ def viseme_class(symbol: str) -> str:
         return "labiodental"
     if core in ("w", "W"):
         return "rounded_consonant"
+    if core in ("T", "D"):
+        return "dental"
+    if core[0] in "tdnl":
+        return "alveolar"
     for vowels, name in (
         (_OPEN_VOWELS, "open_vowel"),
         (_ROUND_VOWELS, "round_vowel"),
@@ -84,15 +96,15 @@ class Style:
 
 
 def mouth_controls(phonemes: tuple[Phoneme, ...], duration: float, times: np.ndarray, style: Style = Style()):
-    """Cohen-Massaro blending: [T, 5] MOUTH_CONTROLS at `times` (seconds) from timed phonemes."""
+    """Cohen-Massaro blending: [T, len(MOUTH_CONTROLS)] MOUTH_CONTROLS at `times` (seconds) from timed phonemes."""
     if not phonemes:
         return np.zeros((len(times), len(MOUTH_CONTROLS)), np.float32)
     starts = np.array([p.start for p in phonemes])
     ends = np.append(starts[1:], max(duration, starts[-1] + 0.05))
     centres = 0.5 * (starts + ends)
     classes = [viseme_class(p.symbol) for p in phonemes]
-    targets = np.array([_VISEMES[c][0] for c in classes])  # [P, 5]
-    alpha = np.array([_VISEMES[c][1] for c in classes])  # [P, 5]
+    targets = np.array([_VISEMES[c][0] for c in classes])  # [P, K]
+    alpha = np.array([_VISEMES[c][1] for c in classes])  # [P, K]
     # Rate of decay (1/s): slower before a phoneme (anticipation) than after it (carry-over).
     theta_before = 28.0 / style.anticipation
     theta_after = 40.0
@@ -100,7 +112,7 @@ def mouth_controls(phonemes: tuple[Phoneme, ...], duration: float, times: np.nda
     half_width = 0.5 * (ends - starts)[None, :]
     distance = np.maximum(np.abs(offset) - 0.5 * half_width, 0.0)  # flat top over the phoneme's core
     theta = np.where(offset < 0, theta_before, theta_after)
-    dominance = alpha[None, :, :] * np.exp(-theta * distance)[..., None]  # [T, P, 5]
+    dominance = alpha[None, :, :] * np.exp(-theta * distance)[..., None]  # [T, P, K]
     blended = (dominance * targets[None]).sum(1) / np.maximum(dominance.sum(1), 1e-6)
     blended[:, 0] *= style.articulation
     blended[:, 1:3] *= style.articulation
@@ -165,8 +177,13 @@ def deform(template: Template, expressions: jnp.ndarray) -> jnp.ndarray:
     press = controls["lip_press"]
     offset += 0.002 * press * lips * z_axis  # pressed lips roll inward
     tuck = controls["lip_under_teeth"]
-    offset += tuck * w["lip_lower"] * (0.004 * y_axis + 0.008 * z_axis)
-    shaped = rest + offset
+    offset += tuck * w["lip_lower"] * (0.001 * y_axis + 0.008 * z_axis)
+    # The upper lip lifts off the upper teeth (spread vowels, /f v/), unless the lips press together.
+    pressed = jnp.clip((press - 0.5) / 0.4, 0.0, 1.0)
+    offset += controls["upper_lip_raise"] * (1.0 - pressed) * w["lip_upper"] * (0.0045 * y_axis - 0.001 * z_axis)
+    tip = _tongue_tip(template)[None, :, None]
+    shaped = rest + offset + controls["tongue_up"] * tip * (0.0095 * y_axis - 0.004 * z_axis)
+    shaped += controls["tongue_out"] * tip * (-0.0025 * y_axis - 0.016 * z_axis)  # between the teeth, /th/
 
     # The jaw: pressing or tucking lips hold the lower lip up against the jaw's rotation.
     engaged = jnp.clip((jnp.maximum(press, tuck) - 0.5) / 0.4, 0.0, 1.0)
@@ -189,6 +206,16 @@ def deform(template: Template, expressions: jnp.ndarray) -> jnp.ndarray:
         turned = jnp.einsum("fvij,fvj->fvi", eye_rotation, vertices - centre) + centre
         vertices = jnp.where(w[f"eyeball_{side}"] > 0.5, turned, vertices)
     return vertices
+
+
+def _tongue_tip(template: Template) -> jnp.ndarray:
+    """[V] weight of the tongue's tip: 1 at its front edge, falling to 0 halfway back; 0 off the tongue
+    (jnp: the vertices may be traced, as when an identity's shape is a jit argument)."""
+    tongue = template.region_mask("tongue")
+    z = jnp.asarray(template.vertices)[:, 2]
+    front, back = jnp.min(jnp.where(tongue, z, jnp.inf)), jnp.max(jnp.where(tongue, z, -jnp.inf))
+    along = jnp.clip((z - front) / jnp.maximum(back - front, 1e-9), 0.0, 1.0)
+    return jnp.where(tongue, jnp.clip(1.0 - 2.0 * along, 0.0, 1.0) ** 1.5, 0.0)
 
 
 def lip_gap(template: Template, vertices: jnp.ndarray) -> jnp.ndarray:

@@ -1,19 +1,24 @@
 """Synthetic talking-head captures: seeded identities speak eSpeak sentences in front of a multi-view rig.
 
-For each identity: a seeded shape (smooth deformation of the template) and albedo, whose neutral mesh is its
-neutral scan; sentences spoken with a per-identity voice; phonemes drive the rig (`rig.py`); a small rigid head
-pose per frame; one Gaussian per UV texel on the posed surface, rendered with `kernels.rasterize` into every
-camera, with alpha masks, 16 kHz audio, the ground-truth meshes and the per-frame expression controls. One more
-sequence per identity is monocular, seen by a single camera at a pose outside the rig, the head turning left and
-right as phone-capture protocols ask (a near-frontal video alone leaves the head's depth unseen). The split (held-out
-identities, sentences and cameras) goes into `dataset.json`. Everything is written through `layout.staged_dir`,
-so an interrupted run leaves no half-written dataset.
+For each identity: a seeded shape (smooth deformation of the template plus narrow local features) and a look
+(`shading.py`: sub-texel albedo detail, relief, materials, hair and brow strands, ears, neck); a neutral scan
+captured as a scanner would (`scanner.py`: resampled, noisy, with holes) and registered to the template; its own
+voice, recorded through a room and a microphone (`voices.py`); phonemes drive the rig (`rig.py`), mouth
+appearance included; a small rigid head pose per frame. Each frame is a surface 4x denser than the model's texels
+plus the strands and patches off the template, lit by rig lights and seen through each camera's gain, white
+balance and noise, rendered with `kernels.rasterize`, with soft-edged masks, 16 kHz audio, the ground-truth
+template-topology meshes and the per-frame expression controls. One more sequence per identity is monocular, seen
+by a phone-like camera (wider lens, closer, exposure drift, motion blur) at a pose outside the rig, the head turning
+left and right as phone-capture protocols ask (a near-frontal video alone leaves the head's depth unseen). The split
+(held-out identities, sentences, cameras and voices) goes into `dataset.json`. Everything is written through
+`layout.staged_dir`, so an interrupted run leaves no half-written dataset.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 import kernels
-from data_pipelines import layout, rig, speech
+from data_pipelines import layout, rig, scanner, shading, speech, voices
 from uhap_jax.geometry import cameras as camera_lib
 from uhap_jax.geometry import rotations
 from uhap_jax.geometry import template as template_lib
@@ -43,7 +50,6 @@ SENTENCES = (
     "The mouse ate a piece of cheese.",
     "Maybe Bobby will arrive before five.",
 )
-VOICES = ("en-us", "en-us+f3", "en-us+m3", "en+f2", "en-029", "en-gb-x-rp", "en-us+f4", "en-us+m1")
 MONO_SERIAL = "mono"
 _FRAME_BUCKET = 32  # clips are padded to a multiple of this many frames before the (jitted) rig
 
@@ -68,7 +74,22 @@ def synth_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.monocular = True
     config.monocular_turn_deg = 30.0  # the monocular sequence's head turn: yaw amplitude of one left-right sweep
     config.template_resolution = 48  # skin grid rows of the procedural head
-    config.gaussian_uv_resolution = 64  # one Gaussian per texel of this UV map
+    # The generator's surface: one Gaussian per texel of this UV map, 4x the model's (configs/prior.py) texels.
+    config.gaussian_uv_resolution = 64
+    config.model_uv_resolution = 32  # the prior's UV resolution, recorded to state the density ratio
+    # Primitives off the template (shading.Counts): hair and brow strands, ears, neck.
+    config.hair_strands = 300  # at 64^2 (2.5 mm a pixel) strands are sub-pixel: a few hundred make the look
+    config.hair_segments = 3
+    config.brow_strands = 30
+    config.ear_points = 80
+    config.neck_points = 300
+    config.scan_resolution = 96  # the raw scan's sample grid (a UV map of this size, jittered)
+    config.read_noise = 0.006  # sensor noise, in [0, 1] image units
+    config.shot_noise = 0.015
+    config.monocular_fov_deg = 55.0  # the phone's lens: wider than the rig's, and held closer
+    config.monocular_noise_scale = 2.0  # a phone's small sensor is noisier
+    config.exposure_drift = 0.12  # the phone's auto-exposure wanders by about this fraction
+    config.motion_blur_shutter = 0.5  # of the frame interval: the phone's blur follows the head's motion
     config.images_per_batch = 16  # (frame, camera) images rendered per jitted call
     # "pallas": each 16x16 tile stops once its pixels are opaque. On CPU it runs interpreted and renders these
     # scenes ~1.7x faster than "reference" (images agree within one 8-bit level).
@@ -83,8 +104,17 @@ def synth_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         config.num_cameras = 12
         config.held_out_cameras = (3, 8)
         config.image_size = 512
+        config.images_per_batch = 48
+        config.render_backend = "auto"  # the CUDA kernels on an NVIDIA GPU
         config.template_resolution = 96
-        config.gaussian_uv_resolution = 384
+        config.gaussian_uv_resolution = 544  # 512 falls 0.4% short of 4x at the layout's borders
+        config.model_uv_resolution = 256
+        config.scan_resolution = 256
+        config.hair_strands = 24000
+        config.hair_segments = 6
+        config.brow_strands = 500
+        config.ear_points = 3000
+        config.neck_points = 16000
     else:
         raise ValueError(f"synth preset must be 'tiny' or 'base', got {preset!r}")
     return config
@@ -97,46 +127,76 @@ def synth_config(preset: str = "tiny") -> ml_collections.ConfigDict:
 class Identity:
     name: str
     template: template_lib.Template  # the template deformed into this identity's neutral shape
-    albedo: np.ndarray  # [V, 3] per-vertex colours in [0, 1]
+    albedo: np.ndarray  # [V, 3] coarse per-vertex colours in [0, 1] (the detail lives in `look`)
     voice: speech.Voice
     style: rig.Style
+    look: shading.Look  # what the cameras see: detail, relief, materials, hair, ears and neck
 
 
 _HAIR = np.array([[0.05, 0.04, 0.03], [0.25, 0.15, 0.08], [0.55, 0.4, 0.2], [0.5, 0.2, 0.08], [0.55, 0.55, 0.55]])
 _IRIS = np.array([[0.2, 0.35, 0.6], [0.25, 0.45, 0.25], [0.3, 0.18, 0.08], [0.4, 0.3, 0.15]])
 _FIXED_COLOURS = {
-    "mouth_interior": (0.35, 0.07, 0.08),
+    "mouth_interior": (0.55, 0.16, 0.17),
     "teeth": (0.93, 0.9, 0.82),
     "tongue": (0.78, 0.38, 0.4),
     "eyeball": (0.92, 0.9, 0.88),
 }
 
 
-def make_identity(template: template_lib.Template, index: int, rng: np.random.Generator) -> Identity:
-    """A seeded identity: smooth shape field, skin/lip/hair/iris colours, voice and speaking style."""
+def counts(config: ml_collections.ConfigDict) -> shading.Counts:
+    """The preset's primitive counts off the template."""
+    return shading.Counts(config.hair_strands, config.hair_segments, config.brow_strands, config.ear_points,
+                          config.neck_points)  # fmt: skip
+
+
+def make_identity(
+    template: template_lib.Template, index: int, rng: np.random.Generator, sampler: SurfaceSampler,
+    primitive_counts: shading.Counts, voice: speech.Voice,
+) -> Identity:  # fmt: skip
+    """A seeded identity: shape field, skin/lip/hair/iris colours with fine detail, speaking style; `voice` is
+    chosen by the caller (voices.py), so that held-out voices stay out of training."""
     vertices, anchors = _identity_shape(template, rng)
     shaped = dataclasses.replace(template, vertices=vertices, anchors=anchors)
+    albedo, hair = _identity_albedo(template, rng)
+    look = shading.make_look(template, vertices, albedo, sampler.face_ids, sampler.barys, hair, primitive_counts, rng)
     return Identity(
         name=f"id{index:03d}",
         template=shaped,
-        albedo=_identity_albedo(template, rng),
-        voice=speech.Voice(
-            name=VOICES[index % len(VOICES)],
-            rate_wpm=int(rng.integers(145, 185)),
-            pitch=int(rng.integers(30, 75)),
-            pitch_range=int(rng.integers(30, 80)),
-        ),
+        albedo=albedo,
+        voice=voice,
         style=rig.Style(
             anticipation=float(rng.uniform(0.7, 1.5)),
             articulation=float(rng.uniform(0.8, 1.1)),
             blink_rate_hz=float(rng.uniform(0.2, 0.5)),
             brow_emphasis=float(rng.uniform(0.3, 1.0)),
         ),
+        look=look,
     )
 
 
+def scan_identity(template: template_lib.Template, identity: Identity, sampler: SurfaceSampler, resolution: int,
+                  rng: np.random.Generator) -> scanner.Scan:  # fmt: skip
+    """The identity's neutral as a scanner captures it: its detailed, displaced surface (looked up at the
+    nearest of the generator's samples), resampled, noisy and with holes (`scanner.scan`)."""
+    corners = identity.template.vertices[template.faces[sampler.face_ids]]
+    samples = np.einsum("nk,nkd->nd", sampler.barys, corners)
+    tree = cKDTree(samples)
+    vertices = identity.template.vertices
+
+    def lookup(values: np.ndarray):
+        def at(face_ids: np.ndarray, barys: np.ndarray) -> np.ndarray:
+            points = np.einsum("nk,nkd->nd", barys, vertices[template.faces[face_ids]])
+            return values[tree.query(points)[1]]
+
+        return at
+
+    return scanner.scan(template, vertices, lookup(identity.look.albedo), lookup(identity.look.displacement),
+                        resolution, rng)  # fmt: skip
+
+
 def _identity_shape(template: template_lib.Template, rng: np.random.Generator):
-    """Per-axis scale plus a few broad Gaussian displacement bumps: a smooth field over all of space.
+    """Per-axis scale, a few broad Gaussian displacement bumps and narrow radial features on the face: a
+    field over all of space.
 
     Eyeballs move rigidly with the field at their centres, so that they stay spheres that can turn.
     """
@@ -145,9 +205,17 @@ def _identity_shape(template: template_lib.Template, rng: np.random.Generator):
     sigmas = rng.uniform(0.03, 0.06, 6)
     displacements = rng.normal(0.0, 0.004, (6, 3))
 
+    # Local features on the face (nose, cheekbones, chin, brow ridge): narrow radial bumps of a few mm.
+    front = template.vertices[(template.vertices[:, 2] < -0.04) & template.region_mask("face")]
+    feature_centres = front[rng.choice(len(front), 8, replace=False)]
+    feature_sigmas = rng.uniform(0.006, 0.015, 8)
+    feature_heights = rng.normal(0.0, 0.0025, 8)
+
     def field(points: np.ndarray) -> np.ndarray:
         weights = np.exp(-0.5 * np.sum((points[:, None] - centres) ** 2, -1) / sigmas**2)
-        return points * scale + weights @ displacements
+        local = np.exp(-0.5 * np.sum((points[:, None] - feature_centres) ** 2, -1) / feature_sigmas**2)
+        radial = points / np.maximum(np.linalg.norm(points, axis=-1, keepdims=True), 1e-9)
+        return points * scale + weights @ displacements + (local @ feature_heights)[:, None] * radial
 
     vertices = field(template.vertices.astype(np.float64))
     anchors = {name: field(point[None].astype(np.float64))[0] for name, point in template.anchors.items()}
@@ -158,7 +226,8 @@ def _identity_shape(template: template_lib.Template, rng: np.random.Generator):
     return vertices.astype(np.float32), {name: a.astype(np.float32) for name, a in anchors.items()}
 
 
-def _identity_albedo(template: template_lib.Template, rng: np.random.Generator) -> np.ndarray:
+def _identity_albedo(template: template_lib.Template, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Coarse per-vertex colours [V, 3] and the hair colour [3]."""
     tone = rng.uniform()
     skin = (1 - tone) * np.array([0.88, 0.7, 0.6]) + tone * np.array([0.38, 0.24, 0.17])
     skin = np.clip(skin * rng.uniform(0.95, 1.05, 3), 0, 1)
@@ -178,7 +247,7 @@ def _identity_albedo(template: template_lib.Template, rng: np.random.Generator) 
     skin_like = np.isin(template.region_ids, [template.region_names.index("face")])
     albedo[skin_like] *= 1.0 + 0.12 * cheeks[skin_like, None] * np.array([0.5, -0.4, -0.4])
     albedo *= rng.uniform(0.97, 1.03, (len(albedo), 1))
-    return np.clip(albedo, 0.0, 1.0).astype(np.float32)
+    return np.clip(albedo, 0.0, 1.0).astype(np.float32), hair
 
 
 # --------------------------------------------------------------------------------------------- cameras
@@ -211,9 +280,47 @@ def _camera(serial, azimuth, elevation, distance, config, rng, fov_scale: float 
 
 
 def monocular_camera(config: ml_collections.ConfigDict, rng: np.random.Generator) -> layout.Camera:
-    """A phone-like camera: near-frontal, a little closer and wider than the rig's cameras."""
+    """A phone-like camera: near-frontal, with a wider lens (`monocular_fov_deg`) held closer, so that the head
+    fills about as much of the frame as in the rig, under a phone's stronger perspective."""
     azimuth, elevation = np.deg2rad(rng.uniform(-15, 15)), np.deg2rad(rng.uniform(-5, 10))
-    return _camera(MONO_SERIAL, azimuth, elevation, config.camera_distance * 0.8, config, rng, fov_scale=1.2)
+    fov_scale = config.monocular_fov_deg / config.fov_deg
+    distance = config.camera_distance * np.tan(np.deg2rad(config.fov_deg) / 2)
+    distance /= np.tan(np.deg2rad(config.monocular_fov_deg) / 2) / 1.2
+    return _camera(MONO_SERIAL, azimuth, elevation, distance, config, rng, fov_scale=fov_scale)
+
+
+def camera_gains(serials: list[str], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per camera: gain x white balance [3] (sensors and colour calibration are never quite equal)."""
+    return {s: (rng.uniform(0.85, 1.15) * rng.normal(1.0, 0.04, 3)).astype(np.float32) for s in serials}
+
+
+def exposure_drift(num_frames: int, amount: float, rng: np.random.Generator) -> np.ndarray:
+    """[F] a phone's auto-exposure: a smooth random wander of about +-`amount` around 1."""
+    steps = np.cumsum(rng.normal(0.0, 1.0, num_frames + 24))
+    smooth = np.convolve(steps, np.hanning(25) / np.hanning(25).sum(), mode="valid")[:num_frames]
+    smooth = (smooth - smooth.mean()) / (smooth.std() + 1e-9)
+    return (1.0 + amount * np.tanh(smooth)).astype(np.float32)
+
+
+def motion_blur(images: np.ndarray, shifts: np.ndarray, taps: int = 5) -> np.ndarray:
+    """Blurs each image [F, H, W(, 3)] uint8 along its own 2D motion `shifts` [F, 2] (x, y pixels over the
+    exposure): the mean of `taps` copies shifted evenly across it."""
+    out = np.empty_like(images)
+    for frame, (image, shift) in enumerate(zip(images.astype(np.float32), shifts)):
+        acc = np.zeros_like(image)
+        for fraction in np.linspace(-0.5, 0.5, taps):
+            offset = (fraction * shift[1], fraction * shift[0]) + (0,) * (image.ndim - 2)
+            acc += ndimage.shift(image, offset, order=1, mode="nearest")
+        out[frame] = np.clip(np.round(acc / taps), 0, 255).astype(np.uint8)
+    return out
+
+
+def image_motion(camera: layout.Camera, rotation: np.ndarray, translation: np.ndarray, shutter: float) -> np.ndarray:
+    """[F, 2] pixels the face moves while the shutter is open (`shutter` of the frame interval): the tip of
+    the nose's projected velocity, by central differences."""
+    nose = np.einsum("fij,j->fi", rotation, np.array([0.0, -0.005, -0.11])) + translation
+    pixels, _ = camera_lib.project(nose, camera.world_to_cam, camera.intrinsics)
+    return shutter * np.gradient(pixels, axis=0)
 
 
 # --------------------------------------------------------------------------------------------- rendering
@@ -221,7 +328,7 @@ def monocular_camera(config: ml_collections.ConfigDict, rng: np.random.Generator
 
 @dataclasses.dataclass(frozen=True)
 class SurfaceSampler:
-    """One Gaussian per UV texel of the template: its face, barycentrics, and the texel footprint scale.
+    """The generator's dense surface: one small flat Gaussian per texel of a UV map finer than the model's.
 
     `outward` is +-1 per sample where the skin's face normal must flip to point out of the head, and 0 for
     the parts inside the mouth and the eyeballs; a camera never sees skin from inside the closed head, so
@@ -244,24 +351,26 @@ class SurfaceSampler:
         outward = np.where(skin[template.region_ids[template.faces[face_ids, 0]]], sign, 0.0)
         return cls(template.faces, template.uvs, face_ids, barys, outward.astype(np.float32), resolution)
 
-    def colours(self, albedo: np.ndarray) -> jnp.ndarray:
-        return template_lib.surface_points(albedo, self.faces, self.face_ids, self.barys)
-
-    def gaussians(self, vertices: jnp.ndarray):
-        """Flat Gaussians on the surface of one posed mesh [V, 3]: means, quats, scales, opacities."""
+    def gaussians(self, vertices: jnp.ndarray, displacement: jnp.ndarray | None = None):
+        """Flat Gaussians on one posed mesh [V, 3], moved `displacement` [N] along the outward normal of the
+        skin: means, quats, scales, and the (outward where known) face normals and tangents."""
         means = template_lib.surface_points(vertices, self.faces, self.face_ids, self.barys)
         normal, tangent = template_lib.surface_frames(vertices, self.faces, self.uvs, self.face_ids)
         frame = jnp.stack([tangent, jnp.cross(normal, tangent), normal], axis=-1)
         dp_du, dp_dv = template_lib.uv_jacobian(vertices, self.faces, self.uvs, self.face_ids)
         footprint = jnp.maximum(jnp.linalg.norm(dp_du, axis=-1), jnp.linalg.norm(dp_dv, axis=-1))
-        in_plane = jnp.clip(0.8 * footprint / self.resolution, 2e-4, 4e-3)
+        in_plane = jnp.clip(0.8 * footprint / self.resolution, 1e-4, 4e-3)
         scales = jnp.stack([in_plane, in_plane, jnp.full_like(in_plane, 1e-4)], axis=-1)
-        return means, rotations.matrix_to_quaternion(frame), scales, normal
+        outward = normal * jnp.where(self.outward == 0, 1.0, self.outward)[:, None]
+        if displacement is not None:
+            means = means + outward * displacement[:, None]
+        return means, rotations.matrix_to_quaternion(frame), scales, outward, tangent
 
     def visible_opacities(self, means, normals, world_to_cam) -> jnp.ndarray:
-        """[C, N] opacity 0.99, or 0 (culled by the rasterizer) for skin facing away from camera c."""
+        """[C, N] opacity 0.99, or 0 (culled by the rasterizer) for skin facing away from camera c; `normals`
+        are the outward normals that `gaussians` returns."""
         centres = -jnp.einsum("cji,cj->ci", world_to_cam[:, :3, :3], world_to_cam[:, :3, 3])
-        facing = jnp.einsum("nd,cnd->cn", normals * self.outward[:, None], centres[:, None] - means)
+        facing = jnp.einsum("nd,cnd->cn", normals, centres[:, None] - means)
         return jnp.where((self.outward == 0) | (facing > 0), 0.99, 0.0).astype(means.dtype)
 
 
@@ -272,39 +381,80 @@ def _points_and_normals(vertices, faces, uvs, face_ids, barys):
     return template_lib.surface_points(vertices, faces, face_ids, barys), normals
 
 
+def _scene(sampler: SurfaceSampler, look: shading.Look, vertices, rotation, jaw_open, world_to_cam):
+    """Every Gaussian of one frame seen by one camera: means, quats, scales, opacities and shaded colours."""
+    means, quats, scales, normals, tangents = sampler.gaussians(vertices, look.displacement)
+    opacities = sampler.visible_opacities(means, normals, world_to_cam[None])[0]
+    up = rotation[:, 1]
+    bump_t = jnp.cross(up, normals)
+    bump_t = bump_t / jnp.maximum(jnp.linalg.norm(bump_t, axis=-1, keepdims=True), 1e-9)
+    bump_b = jnp.cross(normals, bump_t)
+    shading_normals = normals - look.bump[:, :1] * bump_t - look.bump[:, 1:] * bump_b
+    extra_means, extra_quats, extra_frames = shading.posed_extras(look, vertices, rotation)
+    extra_normals, extra_tangents = extra_frames[..., 2], extra_frames[..., 0]
+    centre = -world_to_cam[:3, :3].T @ world_to_cam[:3, 3]
+    facing = jnp.sum(extra_normals * (centre - extra_means), -1) > 0
+    extra_opacities = jnp.where((look.closed > 0.5) & ~facing, 0.0, jnp.where(look.strand > 0.5, 0.9, 0.99))
+    all_means = jnp.concatenate([means, extra_means])
+    colours = shading.shade(
+        jnp.concatenate([look.albedo, look.extra_albedo]),
+        jnp.concatenate([shading_normals, extra_normals]),
+        jnp.concatenate([tangents, extra_tangents]),
+        jnp.concatenate([jnp.zeros(len(means)), look.strand]),
+        jnp.concatenate([look.specular, look.extra_specular]),
+        jnp.concatenate([look.shininess, look.extra_shininess]),
+        jnp.concatenate([look.occlusion, look.extra_occlusion]),
+        all_means,
+        centre,
+    )
+    light = jnp.concatenate([shading.cavity_light(look.cavity_depth, jaw_open), jnp.ones(len(extra_means))])
+    return (
+        all_means,
+        jnp.concatenate([quats, extra_quats]),
+        jnp.concatenate([scales, look.scales]),
+        jnp.concatenate([opacities, extra_opacities]).astype(means.dtype),
+        colours * light[:, None],
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("resolution",))
-def _visible_gaussians(vertices, world_to_cam, sampler_arrays, resolution):
-    """The Gaussians of one mesh, with opacities [C, N] culled per camera as when rendering."""
-    sampler = SurfaceSampler(*sampler_arrays, resolution)
-    means, quats, scales, normals = sampler.gaussians(vertices)
-    return means, quats, scales, sampler.visible_opacities(means, normals, world_to_cam)
+def _visible_gaussians(vertices, rotation, world_to_cam, sampler_arrays, look_arrays, resolution):
+    """The Gaussians of one mesh in each camera [C]: means, quats, scales, opacities [C, N]."""
+    sampler, look = SurfaceSampler(*sampler_arrays, resolution), shading.Look(*look_arrays)
+    scenes = [_scene(sampler, look, vertices, rotation, 0.0, view) for view in world_to_cam]
+    return scenes[0][0], scenes[0][1], scenes[0][2], jnp.stack([s[3] for s in scenes])
 
 
 @functools.partial(jax.jit, static_argnames=("statics",))
-def _render_images(vertices, world_to_cam, intrinsics, colours, sampler_arrays, statics):
-    """Image i shows posed mesh vertices[i] [V, 3] from camera i, one image after another (`lax.map`).
+def _render_images(vertices, rotation, jaw_open, world_to_cam, intrinsics, gains, keys, noise, look_arrays,
+                   sampler_arrays, statics):  # fmt: skip
+    """Image i shows posed mesh vertices[i] [V, 3] (head rotation [i], jaw opening [i]) from camera i, through
+    that camera's response (gain [i] [3], noise key [i], read and shot noise `noise` [2]), one image after another
+    (`lax.map`).
 
     One image per step keeps every shape independent of the camera count, so the rig's and the monocular
-    camera's sequences share one compiled program.
+    camera's sequences share one compiled program; the identity's look is an argument, so identities share it.
     """
     resolution, width, height, capacity, backend = statics
-    sampler = SurfaceSampler(*sampler_arrays, resolution)
+    sampler, look = SurfaceSampler(*sampler_arrays, resolution), shading.Look(*look_arrays)
 
     def render_image(image):
-        frame_vertices, view, k = image
-        means, quats, scales, normals = sampler.gaussians(frame_vertices)
-        opacities = sampler.visible_opacities(means, normals, view[None])[0]
+        frame_vertices, frame_rotation, frame_jaw, view, k, gain, key = image
+        means, quats, scales, opacities, colours = _scene(sampler, look, frame_vertices, frame_rotation,
+                                                          frame_jaw, view)  # fmt: skip
         out = kernels.rasterize(
             means, quats, scales, opacities, colours, view[None], k[None],
             width=width, height=height, capacity=capacity, backend=backend,
         )  # fmt: skip
-        return _to_uint8(out.rgb[0]), _to_uint8(out.alpha[0]), out.stats.overflow
+        rgb = shading.camera_response(out.rgb[0], gain, key, noise[0], noise[1])
+        return _to_uint8(rgb), _to_uint8(shading.soften(out.alpha[0])), out.stats.overflow
 
-    return jax.lax.map(render_image, (vertices, world_to_cam, intrinsics))
+    return jax.lax.map(render_image, (vertices, rotation, jaw_open, world_to_cam, intrinsics, gains, keys))
 
 
 class Renderer:
-    """Renders posed meshes [F, V, 3] into cameras in jitted batches of `images_per_batch` (frame, camera) images.
+    """Renders posed meshes [F, V, 3] of one identity's look into cameras, in jitted batches of
+    `images_per_batch` (frame, camera) images.
 
     The pair capacity is sized once, from the first frame in every camera, so that all sequences run one
     compiled program; an overflow (never silent) doubles it and renders the sequence again.
@@ -318,45 +468,60 @@ class Renderer:
         arrays = (sampler.faces, sampler.uvs, sampler.face_ids, sampler.barys, sampler.outward)
         self._arrays = tuple(jnp.asarray(a) for a in arrays)
 
-    def size_capacity(self, vertices: np.ndarray, cameras: list[layout.Camera]) -> None:
+    def size_capacity(self, vertices: np.ndarray, look: shading.Look, cameras: list[layout.Camera]) -> None:
         """Pairs the mesh `vertices` [V, 3] needs in the busiest camera, back-facing skin culled as when rendering,
-        plus headroom: over whole clips the busiest image needed at most 12% more pairs than the first frame.
+        plus headroom: over whole clips the busiest image needed at most 12% more pairs than the first frame, and
+        other identities' hair may need more.
 
         Binning and the interpreted CPU kernel do work in proportion to the capacity: tight saves ~5% here.
         """
         world_to_cam, intrinsics = _camera_arrays(cameras)
-        resolution = self.sampler.resolution
-        means, quats, scales, opacities = _visible_gaussians(vertices, world_to_cam, self._arrays, resolution)
+        means, quats, scales, opacities = _visible_gaussians(
+            vertices, np.eye(3, dtype=np.float32), world_to_cam, self._arrays, _look_arrays(look),
+            self.sampler.resolution)  # fmt: skip
         size = {"width": cameras[0].width, "height": cameras[0].height}
         needed = max(
             kernels.capacity_for(means, quats, scales, opacities[c], world_to_cam[c, None], intrinsics[c, None], **size)
             for c in range(len(cameras))
         )
-        self.capacity = int(needed * 1.25)
+        self.capacity = int(needed * 1.6)
 
-    def __call__(
-        self, vertices: np.ndarray, cameras: list[layout.Camera], colours: jnp.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Returns rgb uint8 [F, C, H, W, 3] and alpha uint8 [F, C, H, W]."""
+    def __call__(self, vertices: np.ndarray, rotation: np.ndarray, jaw_open: np.ndarray,
+                 cameras: list[layout.Camera], look: shading.Look, gains: np.ndarray, seed: tuple[int, ...],
+                 noise: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Returns rgb uint8 [F, C, H, W, 3] and alpha uint8 [F, C, H, W].
+
+        `rotation` [F, 3, 3] is the head's rotation per frame, `jaw_open` [F] its jaw control, `gains` [F, C, 3]
+        the camera response per image; `seed` seeds the sensor noise.
+        """
         if self.capacity is None:
-            self.size_capacity(vertices[0], cameras)
+            self.size_capacity(vertices[0], look, cameras)
         num_frames, num_cameras = len(vertices), len(cameras)
         world_to_cam, intrinsics = _camera_arrays(cameras)
         # Image i is frame i // C in camera i % C; the last batch repeats its last image.
         frame_of = np.arange(num_frames * num_cameras) // num_cameras
         camera_of = np.arange(num_frames * num_cameras) % num_cameras
+        keys = jax.random.split(jax.random.key(np.random.default_rng(seed).integers(2**31)), len(frame_of))
+        gains = np.asarray(gains, np.float32).reshape(-1, 3)
         statics = (self.sampler.resolution, cameras[0].width, cameras[0].height, self.capacity, self.backend)
+        look_arrays, noise = _look_arrays(look), np.asarray(noise, np.float32)
         batches = []
         for start in range(0, len(frame_of), self.images_per_batch):
             ids = np.arange(start, start + self.images_per_batch).clip(max=len(frame_of) - 1)
-            batch = (vertices[frame_of[ids]], world_to_cam[camera_of[ids]], intrinsics[camera_of[ids]])
-            batches.append(_render_images(*batch, colours, self._arrays, statics))  # dispatched asynchronously
+            frames = frame_of[ids]
+            batch = (vertices[frames], rotation[frames], jaw_open[frames], world_to_cam[camera_of[ids]],
+                     intrinsics[camera_of[ids]], gains[ids], keys[ids])  # fmt: skip
+            batches.append(_render_images(*batch, noise, look_arrays, self._arrays, statics))  # asynchronous
         rgb, alpha, overflow = (np.concatenate(parts)[: len(frame_of)] for parts in zip(*jax.device_get(batches)))
         if overflow.any():
             self.capacity *= 2
-            return self(vertices, cameras, colours)
+            return self(vertices, rotation, jaw_open, cameras, look, gains, seed, noise)
         shape = (num_frames, num_cameras, *alpha.shape[1:])
         return rgb.reshape(*shape, 3), alpha.reshape(shape)
+
+
+def _look_arrays(look: shading.Look) -> tuple[jnp.ndarray, ...]:
+    return tuple(jnp.asarray(a) for a in look.arrays())
 
 
 def _camera_arrays(cameras: list[layout.Camera]) -> tuple[np.ndarray, np.ndarray]:
@@ -415,10 +580,21 @@ def _pad_frames(track: np.ndarray) -> np.ndarray:
 
 
 def _write_sequence(
-    writers: ThreadPoolExecutor, seq_dir: Path, utterance, expressions, vertices, pose, rgb, alpha, serials, meta
+    writers: ThreadPoolExecutor,
+    seq_dir: Path,
+    utterance,
+    audio,
+    expressions,
+    vertices,
+    pose,
+    rgb,
+    alpha,
+    serials,
+    meta,
 ) -> list[Future]:
-    """Writes one sequence; its PNGs are encoded by `writers` (one task per camera) while the next one renders."""
-    layout.write_audio(seq_dir / layout.AUDIO_FILE, utterance.audio)
+    """Writes one sequence (`audio` as recorded); its PNGs are encoded by `writers` (one task per camera) while
+    the next one renders."""
+    layout.write_audio(seq_dir / layout.AUDIO_FILE, audio)
     layout.write_vertices(seq_dir, vertices)
     np.save(seq_dir / "expressions.npy", expressions)
     layout.write_sequence_meta(
@@ -465,23 +641,48 @@ def generate(out_dir: Path, config: ml_collections.ConfigDict, *, progress: bool
     sampler = SurfaceSampler.build(template, config.gaussian_uv_resolution)
     rig_cameras = camera_rig(config, rng)
     mono_camera = monocular_camera(config, rng)
+    gains = camera_gains([c.serial for c in [*rig_cameras, mono_camera]], rng)
     held_out_serials = [rig_cameras[i].serial for i in config.held_out_cameras]
     num_train_sentences = len(SENTENCES) - config.num_held_out_sentences
     held_out_ids = [f"id{i:03d}" for i in range(config.num_identities - config.num_held_out_identities,
                                                 config.num_identities)]  # fmt: skip
+    # The held-out voice speaks every held-out sentence; held-out identities get held-out voices of their own.
+    voice_rng = np.random.default_rng([config.seed, 7])
+    held_out_sentence_voice = voices.draw_voice(voice_rng, held_out=True)
     renderer = Renderer(sampler, config.images_per_batch, config.render_backend)
     animate = jax.jit(functools.partial(posed_meshes, template))
-    sequences_info, pending_writes = {}, []
+    primitive_counts = counts(config)
+    sequences_info, pending_writes, used_voices = {}, [], {"train": set(), "held_out": set()}
     jobs = config.num_identities * (config.sentences_per_identity + int(config.monocular))
     bar = tqdm(total=jobs, desc="synth sequences", unit="seq", disable=not progress)
-    with layout.staged_dir(Path(out_dir)) as root, ThreadPoolExecutor(max_workers=2) as writers:
+    workers = max(2, min(16, os.cpu_count() or 2))
+    own_voices = [voices.draw_voice(voice_rng, held_out=f"id{i:03d}" in held_out_ids)
+                  for i in range(config.num_identities)]  # fmt: skip
+
+    def prepare(index: int):
+        """An identity, its raw scan and the scan's registration (numpy only: runs beside the renderer)."""
+        identity = make_identity(template, index, np.random.default_rng([config.seed, index]), sampler,
+                                 primitive_counts, own_voices[index])  # fmt: skip
+        raw_scan = scan_identity(template, identity, sampler, config.scan_resolution,
+                                 np.random.default_rng([config.seed, index, 2]))  # fmt: skip
+        return identity, raw_scan, scanner.register(template, raw_scan)
+
+    with (
+        layout.staged_dir(Path(out_dir)) as root,
+        ThreadPoolExecutor(max_workers=workers) as writers,
+        ThreadPoolExecutor(max_workers=1) as preparer,
+    ):
+        prepared = [preparer.submit(prepare, 0)]
         for index in range(config.num_identities):
-            identity = make_identity(template, index, np.random.default_rng([config.seed, index]))
+            if index + 1 < config.num_identities:
+                prepared.append(preparer.submit(prepare, index + 1))  # the next identity, while this one renders
+            identity, raw_scan, (registered, registered_colours) = prepared[index].result()
             identity_rng = np.random.default_rng([config.seed, index, 1])
             subject = layout.subject_dir(root, identity.name)
             layout.write_calibration(subject, [*rig_cameras, mono_camera])
-            layout.write_neutral_scan(subject, identity.template.vertices, template.faces, identity.albedo)
-            colours = sampler.colours(identity.albedo)
+            layout.write_neutral_scan(subject, registered, template.faces, registered_colours)
+            layout.write_neutral_scan(subject, raw_scan.vertices, raw_scan.faces, raw_scan.colours,
+                                      file_name=layout.RAW_SCAN_FILE)  # fmt: skip
             train_choice = identity_rng.choice(num_train_sentences, config.sentences_per_identity, replace=False)
             sentence_ids = [int(i) for i in train_choice]
             if config.num_held_out_sentences:
@@ -490,31 +691,53 @@ def generate(out_dir: Path, config: ml_collections.ConfigDict, *, progress: bool
             if config.monocular:
                 mono_sentence = int(identity_rng.integers(num_train_sentences))
                 plans.append(("mono_00", mono_sentence, [mono_camera]))
-            for seq_name, sentence, seq_cameras in plans:
-                utterance = _clip(speech.synthesize(SENTENCES[sentence], identity.voice), config.max_seconds)
+            for number, (seq_name, sentence, seq_cameras) in enumerate(plans):
+                held_out_sentence = sentence >= num_train_sentences
+                voice = held_out_sentence_voice if held_out_sentence else identity.voice
+                utterance = _clip(speech.synthesize(SENTENCES[sentence], voice), config.max_seconds)
+                recording = voices.draw_recording(identity_rng)
+                recorded = voices.record(utterance.audio, recording, identity_rng)
                 expressions = rig.expression_track(
                     utterance.phonemes, utterance.duration, config.fps, identity_rng, identity.style
                 )
                 pose = head_pose_track(len(expressions), config.fps, identity_rng)
-                if seq_name.startswith("mono"):
+                monocular = seq_name.startswith("mono")
+                if monocular:
                     pose = (head_turn(pose[0], config.monocular_turn_deg), pose[1])
                 tracks = (_pad_frames(track) for track in (expressions, *pose))
                 vertices = animate(identity.template.vertices, identity.template.anchors, *tracks)
                 vertices = np.asarray(vertices)[: len(expressions)]
+                rotation = np.asarray(rotations.axis_angle_to_matrix(jnp.asarray(pose[0])), np.float32)
                 if renderer.capacity is None:
-                    renderer.size_capacity(vertices[0], [*rig_cameras, mono_camera])
-                rgb, alpha = renderer(vertices, seq_cameras, colours)
-                split = _split(identity.name in held_out_ids, sentence >= num_train_sentences, seq_name)
-                meta = {"fps": config.fps, "sentence_index": sentence, "split": split,
-                        "monocular": seq_name.startswith("mono")}  # fmt: skip
+                    renderer.size_capacity(vertices[0], identity.look, [*rig_cameras, mono_camera])
+                image_gains = np.stack([gains[c.serial] for c in seq_cameras])[None].repeat(len(vertices), 0)
+                noise = (config.read_noise, config.shot_noise)
+                if monocular:
+                    drift = exposure_drift(len(vertices), config.exposure_drift, identity_rng)
+                    image_gains = image_gains * drift[:, None, None]
+                    noise = tuple(config.monocular_noise_scale * n for n in noise)
+                jaw = expressions[:, rig.EXPRESSION_NAMES.index("jaw_open")]
+                rgb, alpha = renderer(vertices, rotation, jaw, seq_cameras, identity.look, image_gains,
+                                      (config.seed, index, number), noise)  # fmt: skip
+                if monocular and config.motion_blur_shutter > 0:
+                    shifts = image_motion(mono_camera, rotation, pose[1], config.motion_blur_shutter)
+                    rgb[:, 0], alpha[:, 0] = motion_blur(rgb[:, 0], shifts), motion_blur(alpha[:, 0], shifts)
+                split = _split(identity.name in held_out_ids, held_out_sentence, seq_name)
+                used_voices["train" if split in ("train", "monocular") else "held_out"].add(voice.name)
+                meta = {"fps": config.fps, "sentence_index": sentence, "split": split, "monocular": monocular,
+                        "voice": dataclasses.asdict(voice), "recording": recording.to_dict()}  # fmt: skip
                 seq_dir = layout.sequence_dir(root, identity.name, seq_name)
                 serials = [c.serial for c in seq_cameras]
-                pending_writes += _write_sequence(
-                    writers, seq_dir, utterance, expressions, vertices, pose, rgb, alpha, serials, meta
-                )
-                sequences_info.setdefault(identity.name, {})[seq_name] = {"sentence_index": sentence, "split": split}
+                pending_writes.append(_write_sequence(
+                    writers, seq_dir, utterance, recorded, expressions, vertices, pose, rgb, alpha, serials, meta
+                ))  # fmt: skip
+                while len(pending_writes) > 3:  # at most a few sequences' images wait in memory for the writers
+                    for write in pending_writes.pop(0):
+                        write.result()
+                sequences_info.setdefault(identity.name, {})[seq_name] = {
+                    "sentence_index": sentence, "split": split, "voice": voice.name}  # fmt: skip
                 bar.update()
-        for write in pending_writes:
+        for write in (w for sequence_writes in pending_writes for w in sequence_writes):
             write.result()  # raises what a writer raised
         info = {
             "generator": "uhap data synth",
@@ -527,13 +750,22 @@ def generate(out_dir: Path, config: ml_collections.ConfigDict, *, progress: bool
             },
             "sentences": list(SENTENCES),
             "held_out_sentences": list(range(num_train_sentences, len(SENTENCES))),
+            # Voices heard in training sequences, and those heard only in held-out ones (no variant is shared).
+            "voices": {
+                "train": sorted(used_voices["train"]),
+                "held_out": sorted(used_voices["held_out"]),
+                "held_out_sentence_voice": held_out_sentence_voice.name,
+            },  # fmt: skip
             "cameras": [c.serial for c in rig_cameras],
             "held_out_cameras": held_out_serials,
+            "camera_gains": {serial: gain.round(4).tolist() for serial, gain in gains.items()},
             "monocular_sequences": [f"{s}/mono_00" for s in sequences_info if "mono_00" in sequences_info[s]],
             "sequences": sequences_info,
             "expression_names": list(rig.EXPRESSION_NAMES),
             "region_names": list(template.region_names),
             "num_gaussians": int(len(sampler.face_ids)),
+            "num_extra_primitives": int(len(identity.look.anchor)),
+            "model_uv_resolution": config.model_uv_resolution,
         }
         layout.write_dataset_info(root, info)
     bar.close()

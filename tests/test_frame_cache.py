@@ -6,9 +6,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from helpers.records import prepare_tiny, write_tiny_layout
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from helpers.records import prepare_tiny, write_tiny_layout
 
 from data_pipelines import frame_cache, loaders, tfds_builder
 from uhap_jax import cli

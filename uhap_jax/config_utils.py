@@ -7,7 +7,9 @@ import importlib.util
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import ml_collections
 
@@ -113,19 +115,25 @@ def save_config(config: ml_collections.ConfigDict, path: str | Path) -> None:
     write_text_atomic(Path(path), config.to_json_best_effort(indent=1, sort_keys=True))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """`path` holds `text` or what it held before, whatever happens (a temp file beside it, fsync, rename)."""
+def write_atomic(path: Path, write_to: Callable[[BinaryIO], object]) -> None:
+    """`path` holds what `write_to(stream)` wrote, or what it held before, whatever happens (a temp file beside it,
+    fsync, rename)."""
     path = Path(path)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb") as stream:
+            write_to(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`path` holds `text` or what it held before, whatever happens."""
+    write_atomic(path, lambda stream: stream.write(text.encode()))
 
 
 def read_config(path: str | Path) -> ml_collections.ConfigDict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.layout import replace_dir
-from uhap_jax.config_utils import UsageError
+from uhap_jax.config_utils import UsageError, write_atomic
 
 __all__ = ["KINDS", "check_replaceable", "overlapping_input", "replace_dir", "replacing", "save_npz_atomic"]
 
@@ -106,16 +105,6 @@ def replacing(out: Path, kind: str, *, inputs: Sequence[Path | str | None] = (),
 
 
 def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """`np.savez` whose file is complete or absent (a temp file beside it, then one rename): a run killed while
-    writing a cache leaves the old cache or none, never a torn one."""
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """`np.savez` whose file is complete or absent: a run killed while writing a cache leaves the old cache or none,
+    never a torn one."""
+    write_atomic(path, lambda stream: np.savez(stream, **arrays))

@@ -8,9 +8,9 @@ import pytest
 from safetensors.numpy import save_file
 from test_prior import random_lpips_weights
 
-from uhap_jax.eval import face_metrics, image_metrics, lip_metrics
+from uhap_jax.eval import face_metrics, lip_metrics
 from uhap_jax.geometry import template as template_lib
-from uhap_jax.models import losses
+from uhap_jax.models import image_metrics, losses
 from uhap_jax.models.prior import TexelLayout
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from uhap_jax.commands import bench as bench_command
-from uhap_jax.config_utils import load_config
+from uhap_jax.config_utils import UsageError, load_config
 from uhap_jax.inference import camera_paths, fps_bench
 from uhap_jax.models.audio_encoder import SAMPLE_RATE
 
@@ -69,7 +69,7 @@ def test_bench_animate_refuses_an_override_of_no_stage():
     bench_command.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "animate", "--batch", "1,8"])
     args.config_overrides = ["--config.model.width=8"]
-    with pytest.raises(SystemExit, match=r"must be --config\.prior\.<field>=V or --config\.audio\.<field>=V"):
+    with pytest.raises(UsageError, match=r"takes --config\.prior\.<field>=V or --config\.audio\.<field>=V"):
         bench_command.run_animate(args)
     args.config_overrides, args.batch = [], "1,eight"
     with pytest.raises(SystemExit, match="not a comma list of integers"):

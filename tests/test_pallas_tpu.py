@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.raster_oracle import oracle_render, random_scene
 from jax.experimental.pallas import tpu as pltpu
-from raster_oracle import oracle_render, random_scene
 
 import kernels
 from kernels import bench, binning, pallas_tpu, reference

@@ -18,6 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
+from uhap_jax.config_utils import UsageError
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("benchmark", help="the paper's protocol: audio-driven avatars of unseen people")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     for flag, path in (("--lpips-weights", args.lpips_weights), ("--syncnet-weights", args.syncnet_weights)):
         if path is not None and not path.is_file():
-            raise SystemExit(f"{flag} {path}: no such file (weights are never downloaded; give a local file)")
+            raise UsageError(f"{flag} {path}: no such file (weights are never downloaded; give a local file)")
     config = load_config(args.config, getattr(args, "config_overrides", []))
     result = benchmark_avatars.run_benchmark(args.prior, args.encoder, args.audio_model, args.data, args.out, config,
                                              lpips_weights=args.lpips_weights, syncnet_weights=args.syncnet_weights,

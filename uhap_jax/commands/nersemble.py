@@ -17,6 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
+from uhap_jax.config_utils import UsageError
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("nersemble", help="NeRSemble NVS benchmark submission zip from a prior")
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     missing = [str(layout.sequence_dir(args.data, f"{p:03d}", q)) for p, q in spec.sequences.items()
                if not layout.sequence_dir(args.data, f"{p:03d}", q).is_dir()]  # fmt: skip
     if missing:
-        raise SystemExit(f"--data: the benchmark sequences {missing} are missing; import them first "
+        raise UsageError(f"--data: the benchmark sequences {missing} are missing; import them first "
                          "(uhap data import --format nersemble)")  # fmt: skip
     prior, config, template, _ = load_prior(args.prior)
     tracked = float(config.loss.get("tracked_mesh", 0.0)) > 0
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             extrinsics, intrinsics = nersemble.read_camera_params(args.nersemble / subject / nersemble.CAMERA_PARAMS)
             missing = [s for s in spec.serials if s not in extrinsics]
             if missing:
-                raise SystemExit(f"{args.nersemble / subject / nersemble.CAMERA_PARAMS}: no hold-out cameras {missing}")
+                raise UsageError(f"{args.nersemble / subject / nersemble.CAMERA_PARAMS}: no hold-out cameras {missing}")
             cameras = [nvs.scaled_camera(layout.Camera(s, extrinsics[s], intrinsics[s], width, height), spec.width,
                                          spec.height) for s in spec.serials]  # fmt: skip
             meta = layout.read_sequence_meta(layout.sequence_dir(args.data, subject, sequence))

@@ -13,7 +13,7 @@ from pathlib import Path
 import ml_collections
 
 from data_pipelines import layout
-from uhap_jax.artifacts import avatars
+from uhap_jax.artifacts.avatars import AVATAR_FILE, load_avatar
 from uhap_jax.artifacts.priors import load_prior, restore_speech
 from uhap_jax.config_utils import load_config, read_config
 from uhap_jax.eval import benchmark
@@ -24,10 +24,10 @@ logger = logging.getLogger(__name__)
 
 def _monocular_only(path: Path) -> None:
     """An avatar given to the benchmark must have been built without a scan (its avatar.json says so)."""
-    manifest = json.loads((path / avatars.AVATAR_FILE).read_text())
+    manifest = json.loads((path / AVATAR_FILE).read_text())
     details = manifest.get("personalized")
     if not isinstance(details, dict) or details.get("scan") is not False:
-        raise ValueError(f"{path / avatars.AVATAR_FILE}: not an avatar personalised from a monocular video without "
+        raise ValueError(f"{path / AVATAR_FILE}: not an avatar personalised from a monocular video without "
                          "a scan; the benchmark's avatars must be (delete it to have it rebuilt)")  # fmt: skip
 
 
@@ -41,7 +41,7 @@ def build(prior: Path, encoder: Path, audio: Path, root: Path, out: Path, config
     avatars = {}
     for subject in subjects:
         path = Path(out) / f"avatar_{subject}"
-        if not (path / avatars.AVATAR_FILE).is_file():
+        if not (path / AVATAR_FILE).is_file():
             logger.info("benchmark: personalising %s from its monocular clip alone", subject)
             work = path.with_name(path.name + ".work")
             result = personalize_stage.personalize(prior, encoder, layout.subject_dir(root, subject), path, config,
@@ -54,7 +54,7 @@ def build(prior: Path, encoder: Path, audio: Path, root: Path, out: Path, config
 
 
 def load(path: Path) -> benchmark.TestAvatar:
-    avatar = avatars.load_avatar(path)
+    avatar = load_avatar(path)
     return benchmark.TestAvatar(avatar.prior, avatar.scan_maps, avatar.speech)
 
 

@@ -72,5 +72,5 @@ def test_bench_animate_refuses_an_override_of_no_stage():
     with pytest.raises(UsageError, match=r"takes --config\.prior\.<field>=V or --config\.audio\.<field>=V"):
         bench_command.run_animate(args)
     args.config_overrides, args.batch = [], "1,eight"
-    with pytest.raises(SystemExit, match="not a comma list of integers"):
+    with pytest.raises(UsageError, match="not a comma list of integers"):
         bench_command.run_animate(args)

@@ -87,6 +87,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.render = ml_collections.ConfigDict()
     # Pair slots per camera: x the pairs of the first batch, bucketed; they grow (one recompile) when a step needs more.
     config.render.capacity_headroom = 1.5
+    # Shrink the pair capacity when the last this-many steps needed at most 2/3 of it (0: grow only).
+    config.render.capacity_shrink_after = 100
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every = 100  # steps; held-out-view PSNR/SSIM and the neutral-scan Chamfer into metrics.jsonl

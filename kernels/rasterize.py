@@ -134,26 +134,48 @@ def capacity_for(
 
 
 class AdaptiveCapacity:
-    """Grows the pair capacity between jitted steps from the previous step's count, never truncating silently.
+    """Sizes the pair capacity between jitted steps from the previous step's count, never truncating silently.
 
     Use `cap.value` as the static capacity of a step, then `cap.update(out.stats)`; it reads the previous step's
     (already finished) count, so no step waits on the host. A step that overflowed returned NaN images; the
-    training loop skips it and the next step recompiles with the larger bucket.
+    training loop skips it and the next step recompiles with the larger bucket. With `shrink_after` > 0 it also
+    shrinks: when the largest count of the last `shrink_after` steps (x headroom) fits a bucket at most 2/3 of
+    the capacity, so one unusual batch does not slow every later step (the sort and the pair buffers scale with
+    the capacity).
     """
 
-    def __init__(self, initial: int = 1 << 16, headroom: float = 1.1):
+    def __init__(self, initial: int = 1 << 16, headroom: float = 1.1, shrink_after: int = 0):
         self.value = binning.bucket_capacity(initial)
         self.headroom = headroom
+        self.shrink_after = shrink_after
+        self._steps, self._largest = 0, 0
 
     def update(self, stats: RasterStats) -> bool:
-        """Returns True when the capacity grew (the next step recompiles)."""
-        return self.grow(int(jnp.max(stats.n_pairs, initial=0)))
+        """Returns True when the capacity changed (the next step recompiles)."""
+        return self.observe(int(jnp.max(stats.n_pairs, initial=0)))
 
     def grow(self, n_pairs: int) -> bool:
         """Makes room for `n_pairs` pairs per camera (x headroom); True when the capacity grew."""
         needed = int(n_pairs * self.headroom)
         if needed > self.value:
             self.value = binning.bucket_capacity(needed)
+            self._steps, self._largest = 0, 0
+            return True
+        return False
+
+    def observe(self, n_pairs: int) -> bool:
+        """One step's largest per-camera pair count: grows at once, shrinks as described above. True on a change."""
+        if self.grow(n_pairs):
+            return True
+        if self.shrink_after <= 0:
+            return False
+        self._steps, self._largest = self._steps + 1, max(self._largest, n_pairs)
+        if self._steps < self.shrink_after:
+            return False
+        fitted = binning.bucket_capacity(int(self._largest * self.headroom))
+        self._steps, self._largest = 0, 0
+        if 3 * fitted <= 2 * self.value:
+            self.value = fitted
             return True
         return False
 

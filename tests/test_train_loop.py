@@ -250,3 +250,51 @@ def test_capacity_grows_from_the_previous_step_and_recompiles(tmp_path, rng, cap
     assert any(f"pair capacity 1024 -> {capacity.value}" in m for m in caplog.messages)
     # Steps 1 and 2 were traced with the small capacity (step 2 was dispatched before step 1's count was read).
     assert result.nonfinite_steps == 2 and np.isfinite(rows(tmp_path)[-1]["loss"])
+
+
+def test_capacity_shrinks_after_an_unusual_step_and_reuses_the_compiled_step(tmp_path, rng, caplog):
+    """One step needs many more pairs than the rest: the capacity grows for it, shrinks back once `shrink_after`
+    steps needed at most 2/3 of it, and the step traced for the old capacity is reused, not traced again."""
+    from jax.experimental import io_callback
+
+    import kernels
+
+    seed = int(rng.integers(1 << 30))
+    data = ToyData(seed, batch_size=16)
+    usual = int(rng.integers(3000, 4000))
+    capacity = kernels.AdaptiveCapacity(initial=int(usual * 1.25), headroom=1.25, shrink_after=3)
+    start = capacity.value
+    traced_with = []
+    step_pairs = iter([usual, usual * 4] + [usual] * 20)  # one per step run
+
+    def capacity_loss(model, batch, rng_key):
+        traced_with.append(capacity.value)
+        loss, aux = loss_fn(model, batch, rng_key)
+        aux["raster_pairs"] = io_callback(lambda: np.float32(next(step_pairs)), jax.ShapeDtypeStruct((), np.float32))
+        return loss, aux
+
+    trainer = Trainer(small_config(steps=8), make_model(seed), optax.adam(1e-2), capacity_loss, data.iterator(),
+                      tmp_path, capacity=capacity)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="uhap_jax.train.loop"):
+        trainer.run()
+    grown = kernels.binning.bucket_capacity(int(usual * 4 * 1.25))
+    assert traced_with == [start, grown]  # the shrink went back to the first trace
+    assert capacity.value == start
+    assert any(f"pair capacity {start} -> {grown} (recompiling" in m for m in caplog.messages)
+    assert any(f"pair capacity {grown} -> {start} (compiled before)" in m for m in caplog.messages)
+
+
+def test_adaptive_capacity_never_shrinks_below_what_recent_steps_needed(rng):
+    import kernels
+
+    n = int(rng.integers(5000, 9000))
+    capacity = kernels.AdaptiveCapacity(initial=8 * n, headroom=1.5, shrink_after=4)
+    big = capacity.value
+    assert [capacity.observe(n) for _ in range(3)] == [False] * 3 and capacity.value == big
+    capacity.observe(2 * n)  # the window's largest count decides
+    assert capacity.value == kernels.binning.bucket_capacity(int(2 * n * 1.5)) < big
+    settled = capacity.value
+    assert not any(capacity.observe(int(n * 1.9)) for _ in range(8))  # within 2/3 of it: kept, no flapping
+    assert capacity.value == settled
+    never = kernels.AdaptiveCapacity(initial=8 * n, headroom=1.5)
+    assert not any(never.observe(n) for _ in range(50)) and never.value == big

@@ -70,21 +70,21 @@ def render_views(prior: UHAP, z, scan_maps, rotation, translation, world_to_cam,
 
 
 def sized_capacity(model: UHAP, gaussians: Gaussians, world_to_cam: jax.Array, intrinsics: jax.Array, *, width: int,
-                   height: int, headroom: float) -> kernels.AdaptiveCapacity:  # fmt: skip
+                   height: int, headroom: float, shrink_after: int = 0) -> kernels.AdaptiveCapacity:  # fmt: skip
     """The pairs per camera that these Gaussians need in these cameras [B, V, ...], x `headroom`, bucketed; it
-    grows by the same headroom."""
+    grows by the same headroom (and shrinks, with `shrink_after`: `kernels.AdaptiveCapacity`)."""
     needed = model.capacity_for(gaussians, world_to_cam, intrinsics, width=width, height=height)
-    return kernels.AdaptiveCapacity(int(needed * headroom), headroom)
+    return kernels.AdaptiveCapacity(int(needed * headroom), headroom, shrink_after)
 
 
-def initial_capacity(model: UHAP, batch: dict, headroom: float) -> kernels.AdaptiveCapacity:
+def initial_capacity(model: UHAP, batch: dict, headroom: float, shrink_after: int = 0) -> kernels.AdaptiveCapacity:
     """The capacity that a multi-view probe batch needs with the model as it is (its posterior-mean codes)."""
     images = batch["images"]
     mean, _ = model.encode_expression(images.astype(jnp.float32) / 255.0)
     posed, _ = decode_frames(model, batch, mean)
     height, width = images.shape[2:4]
     return sized_capacity(model, posed, batch["world_to_cam"], batch["intrinsics"], width=width, height=height,
-                          headroom=headroom)  # fmt: skip
+                          headroom=headroom, shrink_after=shrink_after)  # fmt: skip
 
 
 def render_fitting(render: Callable[[int], Rendering], capacity: kernels.AdaptiveCapacity,

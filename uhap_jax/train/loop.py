@@ -126,6 +126,7 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             self.state = self._initial_state(nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
         self._step_fn = self._compile_step()
+        self._steps_by_capacity = {capacity.value: self._step_fn} if capacity is not None else {}
         self.step = 0
         self._resume_if_possible()
 
@@ -176,15 +177,19 @@ class Trainer:
         )
 
     def _adapt_capacity(self, metrics: dict[str, jax.Array]) -> None:
-        """Grow the pair capacity from a finished step's `raster_pairs`; recompile the step when it grew."""
+        """Size the pair capacity from a finished step's `raster_pairs` (`AdaptiveCapacity.observe`); a changed
+        capacity switches to its step, compiled once per capacity."""
         if "raster_pairs" not in metrics:
             raise ValueError("Trainer(capacity=...): loss_fn must report aux['raster_pairs']")
         pairs = int(_host_values(metrics["raster_pairs"]))
         before = self._capacity.value
-        if self._capacity.grow(pairs):
-            logger.info("step %d needed %d pairs per camera: pair capacity %d -> %d (recompiling the step)",
-                        self.step, pairs, before, self._capacity.value)  # fmt: skip
-            self._step_fn = self._compile_step()
+        if self._capacity.observe(pairs):
+            compiled = self._capacity.value in self._steps_by_capacity
+            logger.info("step %d needed %d pairs per camera: pair capacity %d -> %d (%s)", self.step, pairs, before,
+                        self._capacity.value, "compiled before" if compiled else "recompiling the step")  # fmt: skip
+            if not compiled:
+                self._steps_by_capacity[self._capacity.value] = self._compile_step()
+            self._step_fn = self._steps_by_capacity[self._capacity.value]
 
     def _train_step(self, state: dict, batch: Any) -> tuple[dict, dict]:
         rng = jax.random.fold_in(state["rng"], state["step"])

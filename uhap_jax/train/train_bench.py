@@ -73,7 +73,7 @@ def benchmark_real_data(config: ml_collections.ConfigDict, root: str | Path, wor
                      device_prefetch=config.data.get("device_prefetch", 0))  # fmt: skip
     data = prior_stage.PriorBatches(frames, tables, mesh)
     probe = jax.device_get(next(data))
-    capacity = initial_capacity(model, probe, config.render.capacity_headroom)
+    capacity = initial_capacity(model, probe, config.render.capacity_headroom, config.render.capacity_shrink_after)
     trainer = Trainer(config.train, model, make_optimizer(config),
                       prior_stage.make_loss_fn(config, capacity), data, workdir, mesh=mesh,
                       capacity=capacity)  # fmt: skip

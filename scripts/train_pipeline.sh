@@ -42,8 +42,12 @@ fi
 
 if [[ " $TASKS " == *" bench "* ]]; then
   echo "== uhap bench train --config $CONFIG --real-data DATA (t=$((SECONDS - START)) s)"
-  timeout -k 10 $(( $(left) < ${BENCH_S:-240} ? $(left) : ${BENCH_S:-240} )) python3 -m uhap_jax.cli bench train --config "$CONFIG" \
-    --real-data "$DATA" --steps "${STEPS:-100}" ${BENCH_ARGS:-} 2>&1 | grep -v "$F" | tee "$OUT/bench.log" | grep -v "Generating\|Dataset capture\|Downloading\|\[A" | tail -12
+  SPY=()  # PROFILE=1: py-spy samples every thread of the bench (where the host's time goes), summarised below
+  [ -n "${PROFILE:-}" ] && SPY=(/tmp/site/bin/py-spy record --threads --idle --nonblocking -r 50 -f raw -o "$OUT/spy.txt" --)
+  timeout -k 10 $(( $(left) < ${BENCH_S:-240} ? $(left) : ${BENCH_S:-240} )) "${SPY[@]}" python3 -m uhap_jax.cli bench train \
+    --config "$CONFIG" --real-data "$DATA" --steps "${STEPS:-100}" ${BENCH_ARGS:-} 2>&1 | grep -v "$F" \
+    | tee -a "$OUT/bench.log" | grep -v "Generating\|Dataset capture\|Downloading\|\[A\|py-spy" | tail -12
+  [ -n "${PROFILE:-}" ] && python3 scripts/spy_summary.py "$OUT/spy.txt" | head -60
 fi
 
 if [[ " $TASKS " == *" curve "* ]]; then

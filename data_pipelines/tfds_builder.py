@@ -1,7 +1,7 @@
-"""TFDS builder: one record per captured frame of a capture layout, as array_record, with no TensorFlow.
+"""TFDS records: one record per captured frame of a capture layout, as array_record, with no TensorFlow.
 
 Prepare with `uhap data prepare --root LAYOUT --data-dir DIR` (or `prepare`); read with
-`tfds.data_source("capture_frames", data_dir=DIR)` or `tfds.builder_from_directory(...).as_data_source()`.
+`tfds.builder_from_directory(dataset_dir(DIR)).as_data_source()`.
 A record holds every camera of one frame: images and masks as the layout's PNG bytes (decoded by the loaders,
 only for the views they sample), cameras, an audio window centred on the frame, and its indices. Records are
 written in layout order (subjects, sequences, frames; `disable_shuffling`), and `info.metadata["sequences"]`
@@ -14,23 +14,28 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
 
 from data_pipelines import layout
 from data_pipelines.layout import LayoutError
 
 NAME = "capture_frames"
 SPLIT = "train"
+VERSION = "1.0.0"
+SHARD_BYTES = 1 << 30  # records per shard file: about this many bytes
 
 
-@dataclasses.dataclass
-class CaptureFramesConfig(tfds.core.BuilderConfig):
+@dataclasses.dataclass(frozen=True)
+class CaptureFramesConfig:
     """`audio_window_s`: length of the audio kept per frame, centred on the frame's midpoint."""
 
+    name: str
     audio_window_s: float = 0.5
 
 
@@ -146,50 +151,26 @@ def audio_window(waveform: np.ndarray | None, frame: int, fps: float, length: in
     return audio, valid
 
 
-class CaptureFrames(tfds.core.GeneratorBasedBuilder):
-    """Per-frame multi-view records of a capture layout (the layout root is the manual dir)."""
+def _sequence_table(entries: list[_SequenceEntry]) -> tuple[list[str], list[dict]]:
+    """The subjects, and per sequence its indices and the record where it starts (records are in layout order)."""
+    subjects = sorted({e.subject for e in entries})
+    table, first = [], 0
+    for sequence_id, entry in enumerate(entries):
+        table.append({
+            "subject": entry.subject, "sequence": entry.sequence, "subject_id": subjects.index(entry.subject),
+            "sequence_id": sequence_id, "num_frames": entry.num_frames, "fps": entry.fps, "first_record": first,
+            "serials": [c.serial for c in entry.cameras],
+        })  # fmt: skip
+        first += entry.num_frames
+    return subjects, table
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Per-frame records: PNG bytes per camera, cameras, audio window."}
-    BUILDER_CONFIGS = [config_for(0.5)]
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "The manual dir is the capture-layout root (the folder holding subjects/)."
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=FEATURES,
-            metadata=tfds.core.MetadataDict(),
-            disable_shuffling=True,
-        )
-
-    def _split_generators(self, dl_manager):
-        root = Path(dl_manager.manual_dir)
-        entries = _index_layout(root)
-        subjects = sorted({e.subject for e in entries})
-        table, first = [], 0
-        for sequence_id, entry in enumerate(entries):
-            table.append(
-                {
-                    "subject": entry.subject,
-                    "sequence": entry.sequence,
-                    "subject_id": subjects.index(entry.subject),
-                    "sequence_id": sequence_id,
-                    "num_frames": entry.num_frames,
-                    "fps": entry.fps,
-                    "first_record": first,
-                    "serials": [c.serial for c in entry.cameras],
-                }
-            )
-            first += entry.num_frames
-        self.info.metadata.update({"layout_root": str(root), "subjects": subjects, "sequences": table})
-        return {SPLIT: self._generate_examples(entries, table)}
-
-    def _generate_examples(self, entries: list[_SequenceEntry], table: list[dict]) -> Iterator[tuple[str, dict]]:
-        window = round(self.builder_config.audio_window_s * layout.AUDIO_RATE)
-        # Checking that every PNG decodes to its calibrated size is most of the work: threads (PIL decodes
-        # without the GIL) check the frames ahead, in order.
-        pool = concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1))
+def _records(entries: list[_SequenceEntry], table: list[dict], audio_window_s: float) -> Iterator[dict]:
+    """Every frame's record, in layout order."""
+    window = round(audio_window_s * layout.AUDIO_RATE)
+    # Checking that every PNG decodes to its calibrated size is most of the work: threads (PIL decodes
+    # without the GIL) check the frames ahead, in order.
+    with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
         for entry, row in zip(entries, table):
             waveform = _load_audio(entry)
             world_to_cam = np.stack([c.world_to_cam for c in entry.cameras]).astype(np.float32)
@@ -198,33 +179,65 @@ class CaptureFrames(tfds.core.GeneratorBasedBuilder):
             frames = pool.map(functools.partial(_frame_pngs, entry), range(entry.num_frames))
             for frame, (images, masks) in enumerate(frames):
                 audio, valid = audio_window(waveform, frame, entry.fps, window)
-                record = {
-                    "subject": entry.subject,
-                    "sequence": entry.sequence,
-                    "subject_id": row["subject_id"],
-                    "sequence_id": row["sequence_id"],
-                    "frame_index": frame,
-                    "num_frames": entry.num_frames,
-                    "fps": entry.fps,
-                    "serials": [c.serial.encode() for c in entry.cameras],
-                    "images": images,
-                    "masks": masks,
-                    "image_size": sizes,
-                    "world_to_cam": world_to_cam,
-                    "intrinsics": intrinsics,
-                    "audio": audio,
-                    "audio_valid": valid,
-                }
-                yield f"{entry.subject}/{entry.sequence}/{frame:06d}", record
-        pool.shutdown()
+                yield {
+                    "subject": entry.subject, "sequence": entry.sequence, "subject_id": row["subject_id"],
+                    "sequence_id": row["sequence_id"], "frame_index": frame, "num_frames": entry.num_frames,
+                    "fps": entry.fps, "serials": [c.serial.encode() for c in entry.cameras], "images": images,
+                    "masks": masks, "image_size": sizes, "world_to_cam": world_to_cam, "intrinsics": intrinsics,
+                    "audio": audio, "audio_valid": valid,
+                }  # fmt: skip
+
+
+def dataset_dir(data_dir: Path, audio_window_s: float = 0.5) -> Path:
+    """Where `prepare` puts the records of this audio window: `<data_dir>/capture_frames/<config>/<version>`."""
+    return Path(data_dir) / NAME / config_for(audio_window_s).name / VERSION
 
 
 def prepare(layout_root: Path, data_dir: Path, *, audio_window_s: float = 0.5) -> Path:
-    """Writes the array_record dataset for `layout_root` under `data_dir`; returns the dataset folder."""
-    config = config_for(audio_window_s)
-    predefined = {c.name: c for c in CaptureFrames.BUILDER_CONFIGS}
-    builder = CaptureFrames(
-        data_dir=str(data_dir), config=predefined.get(config.name, config), file_format="array_record"
-    )
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(layout_root)))
-    return Path(builder.data_dir)
+    """Writes the array_record dataset for `layout_root` under `data_dir` (once); returns the dataset folder.
+
+    Records stream into shards of about `SHARD_BYTES` as they are made, and the TFDS metadata is written with
+    `tfds.folder_dataset.write_metadata`: TFDS's own builder buffers a split in memory and spills past 1 GB
+    through `tf.io.gfile`, i.e. it needs TensorFlow for any real capture. The folder appears complete or not at
+    all (written beside it, then renamed).
+    """
+    out = dataset_dir(data_dir, audio_window_s)
+    if (out / "dataset_info.json").is_file():
+        return out
+    layout_root = Path(layout_root)
+    entries = _index_layout(layout_root)
+    subjects, table = _sequence_table(entries)
+    staging = out.with_name(f".{VERSION}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    lengths, sizes, writer = [], [], None
+    try:
+        for record in _records(entries, table, audio_window_s):
+            data = FEATURES.serialize_example(record)
+            if writer is None or sizes[-1] >= SHARD_BYTES:
+                if writer is not None:
+                    writer.close()
+                writer = array_record_module.ArrayRecordWriter(str(staging / f"shard{len(lengths):05d}"),
+                                                               "group_size:1")  # fmt: skip
+                lengths.append(0)
+                sizes.append(0)
+            writer.write(data)
+            lengths[-1] += 1
+            sizes[-1] += len(data)
+        if writer is None:
+            raise LayoutError(f"{layout_root}: no frames to write")
+        writer.close()
+        for shard in range(len(lengths)):
+            (staging / f"shard{shard:05d}").rename(
+                staging / f"{NAME}-{SPLIT}.array_record-{shard:05d}-of-{len(lengths):05d}"
+            )  # fmt: skip
+        tfds.folder_dataset.write_metadata(
+            data_dir=staging, features=FEATURES, version=VERSION, check_data=False,
+            split_infos=[tfds.core.SplitInfo(name=SPLIT, shard_lengths=lengths, num_bytes=sum(sizes))],
+            description=__doc__, disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(layout_root=str(layout_root), subjects=subjects, sequences=table),
+        )  # fmt: skip
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -144,7 +144,7 @@ def test_data_prepare_decoded_writes_the_cache_that_loaders_read(tmp_path, rng):
     write_tiny_layout(tmp_path / "layout", rng)
     assert cli.main(["data", "prepare", "--root", str(tmp_path / "layout"), "--data-dir", str(tmp_path / "out"),
                      "--audio-window", "0.1", "--decoded"]) == 0  # fmt: skip
-    config, version = tfds_builder.config_for(0.1).name, str(tfds_builder.CaptureFrames.VERSION)
+    config, version = tfds_builder.config_for(0.1).name, tfds_builder.VERSION
     dataset_dir = tmp_path / "out" / tfds_builder.NAME / config / version
     records = loaders.open_records(dataset_dir)
     decoded = frame_cache.decoded_records(records, frame_cache.cache_path(tmp_path / "out", dataset_dir))

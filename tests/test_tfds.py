@@ -21,8 +21,8 @@ def _png(data: bytes) -> np.ndarray:
 
 def test_prepare_and_read_back_exactly_without_tensorflow(tmp_path, rng):
     dataset_dir, truth = prepare_tiny(tmp_path, rng)
-    config = tfds_builder.config_for(0.1).name
-    source = tfds.data_source(f"{tfds_builder.NAME}/{config}", data_dir=str(tmp_path / "tfds"))["train"]
+    assert dataset_dir == tfds_builder.dataset_dir(tmp_path / "tfds", 0.1)
+    source = tfds.builder_from_directory(str(dataset_dir)).as_data_source(split="train")
     assert "tensorflow" not in sys.modules
     assert len(source) == 5 + 4
     assert any(p.name.startswith(f"{tfds_builder.NAME}-train.array_record") for p in dataset_dir.iterdir())
@@ -76,3 +76,24 @@ def test_prepare_refuses_a_corrupt_image(tmp_path, rng):
     with pytest.raises(LayoutError, match="corrupt") as error:
         tfds_builder.prepare(tmp_path / "layout", tmp_path / "tfds")
     assert str(culprit) in str(error.value)
+
+
+def test_prepare_streams_records_into_several_shards_without_tensorflow(tmp_path, rng, monkeypatch):
+    """Past one shard's bytes the records go on in the next shard (TFDS's own writer spills through
+    tf.io.gfile past 1 GB and fails without TensorFlow); they read back whole and in order, and a second
+    prepare only finds them."""
+    write_tiny_layout(tmp_path / "layout", rng)
+    monkeypatch.setattr(tfds_builder, "SHARD_BYTES", 1)  # every record starts a shard
+    dataset_dir = tfds_builder.prepare(tmp_path / "layout", tmp_path / "tfds", audio_window_s=0.1)
+    shards = sorted(p.name for p in dataset_dir.glob(f"{tfds_builder.NAME}-train.array_record-*"))
+    assert shards == [f"{tfds_builder.NAME}-train.array_record-{i:05d}-of-00009" for i in range(9)]
+    source = tfds.builder_from_directory(str(dataset_dir)).as_data_source(split="train")
+    assert [(source[i]["subject"].decode(), int(source[i]["frame_index"])) for i in range(len(source))] == [
+        *[("subj_a", f) for f in range(5)],
+        *[("subj_b", f) for f in range(4)],
+    ]
+    assert "tensorflow" not in sys.modules
+    assert not list(dataset_dir.parent.glob(".*partial*"))
+    stamp = (dataset_dir / "dataset_info.json").stat().st_mtime_ns
+    assert tfds_builder.prepare(tmp_path / "layout", tmp_path / "tfds", audio_window_s=0.1) == dataset_dir
+    assert (dataset_dir / "dataset_info.json").stat().st_mtime_ns == stamp

@@ -80,6 +80,21 @@ def test_bad_rules_name_the_parameter(rule, message):
         tree_shardings({"w": jax.ShapeDtypeStruct((10, 8), np.float32)}, make_mesh(fsdp=2), ((r"^w$", rule),))
 
 
+def test_put_batch_keeps_device_arrays_on_the_devices(rng):
+    """A batch already on the devices (device prefetch) is used as it is, or resharded on the devices: never
+    copied back through the host."""
+    mesh = make_mesh(data=8)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    x = rng.normal(size=(16, 3)).astype(np.float32)
+    placed = jax.device_put(x, sharding)
+    elsewhere = jax.device_put(x, jax.devices()[3])
+    with jax.transfer_guard_device_to_host("disallow"):
+        out = put_batch({"placed": placed, "elsewhere": elsewhere}, mesh)
+    assert out["placed"] is placed
+    assert out["elsewhere"].sharding.is_equivalent_to(sharding, 2)
+    np.testing.assert_array_equal(np.asarray(out["elsewhere"]), x)
+
+
 def test_put_batch_builds_global_arrays_split_over_all_devices(rng):
     mesh = make_mesh(data=4, fsdp=2)
     batch = {"x": rng.normal(size=(16, 5)).astype(np.float32), "ids": rng.integers(0, 9, size=(16,))}

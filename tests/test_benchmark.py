@@ -247,3 +247,22 @@ def test_the_nersemble_command_names_missing_benchmark_sequences(tmp_path, capsy
     assert cli.main(args) == 2
     assert re.search(r"388/sequences/GLASSES.*import them first", _one_error_line(capsys))
     assert not (tmp_path / "nvs.zip").exists()
+
+
+def test_syncnet_weights_turn_lse_from_na_into_numbers(setup):
+    """Given a SyncNet (random weights here: `load_syncnet` of syncnet_v2 is tested against PyTorch in
+    test_lip_metrics), every condition's LSE-D / LSE-C are finite numbers in the rows, the means and the table."""
+    from uhap_jax.eval import syncnet
+
+    model = syncnet.SyncNet(64, rngs=nnx.Rngs(int(np.random.default_rng().integers(1 << 30))))
+    model.eval()
+    result = benchmark.run(setup["root"], setup["avatars"], setup["template"], None, syncnet_model=model, max_lag=3,
+                           clips=setup["clips"], images=True)  # fmt: skip
+    assert result["rows"] and all(np.isfinite(r["lse_d"]) and np.isfinite(r["lse_c"]) for r in result["rows"])
+    assert len({round(r["lse_d"], 6) for r in result["rows"]}) > 1  # the conditions' mouths differ
+    table = benchmark.table(result)
+    for name in ("lse_d", "lse_c"):
+        row = next(r for r in table if r[0] == name)
+        assert all(face_metrics.SYNCNET_MISSING not in str(cell) for cell in row[1:]), row
+    flat = benchmark.flat_metrics(result)
+    assert np.isfinite(flat["benchmark/lse_d"]) and np.isfinite(flat["benchmark/lse_c_shuffled_audio"])

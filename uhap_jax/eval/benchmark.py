@@ -44,14 +44,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import kernels
 from data_pipelines import layout
-from kernels import binning
 from uhap_jax.eval import face_metrics
 from uhap_jax.geometry import rotations
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.geometry.texels import scan_uv_maps
 from uhap_jax.models.audio_encoder import SAMPLE_RATE
 from uhap_jax.models.prior import UHAP
+from uhap_jax.models.render import render_fitting, sized_capacity
 
 logger = logging.getLogger(__name__)
 
@@ -209,14 +210,14 @@ def _render_fns(graphdef: nnx.GraphDef) -> tuple[Callable, Callable]:
         ks = jnp.broadcast_to(ks, (z.shape[0], *ks.shape))
         out = model.render(gaussians, views, ks, width=width, height=height, capacity=capacity)
         picked = {name: gaussians.head_means[:, index] for name, index in ids.items()}
-        return jnp.clip(out.rgb, 0.0, 1.0), picked, jnp.max(out.stats.n_pairs), jnp.any(out.stats.overflow)
+        return jnp.clip(out.rgb, 0.0, 1.0), picked, jnp.max(out.stats.n_pairs)
 
     return jax.jit(decode), jax.jit(render, static_argnums=(7, 8, 9))
 
 
 class Renderer:
     """Decodes codes at the captured head pose and renders the held-out cameras, in fixed-size batches (one
-    compilation), growing the pair capacity and rendering again when a batch overflowed (never truncated)."""
+    compilation per capacity), sized and grown by `models.render` (a batch that overflowed is rendered again)."""
 
     def __init__(self, prior: UHAP, scan_maps: np.ndarray, cameras: Sequence[layout.Camera], batch_size: int = 8,
                  ids: dict[str, np.ndarray] | None = None):  # fmt: skip
@@ -228,17 +229,22 @@ class Renderer:
         self.views = np.stack([c.world_to_cam for c in cameras]).astype(np.float32)
         self.ks = np.stack([c.intrinsics for c in cameras]).astype(np.float32)
         self.ids = {name: jnp.asarray(index) for name, index in (ids or {}).items()}
-        self.capacity = 0
+        self.capacity: kernels.AdaptiveCapacity | None = None
         graphdef, self._state = nnx.split(prior)
         self._decode, self._render = _render_fns(graphdef)
 
     def _size(self, z: np.ndarray, pose: np.ndarray) -> None:
         gaussians = self._decode(self._state, z, pose, self.scan_maps)
         batch = len(z)
-        needed = self.prior.capacity_for(gaussians, np.broadcast_to(self.views, (batch, *self.views.shape)),
-                                         np.broadcast_to(self.ks, (batch, *self.ks.shape)), width=self.width,
-                                         height=self.height)  # fmt: skip
-        self.capacity = binning.bucket_capacity(math.ceil(needed * CAPACITY_HEADROOM))
+        self.capacity = sized_capacity(
+            self.prior, gaussians, np.broadcast_to(self.views, (batch, *self.views.shape)),
+            np.broadcast_to(self.ks, (batch, *self.ks.shape)), width=self.width, height=self.height,
+            headroom=CAPACITY_HEADROOM,
+        )  # fmt: skip
+
+    def _render_batch(self, z: np.ndarray, pose: np.ndarray, capacity: int) -> tuple:
+        return jax.device_get(self._render(self._state, z, pose, self.scan_maps, self.views, self.ks, self.ids,
+                                           self.width, self.height, capacity))  # fmt: skip
 
     def points(self, codes: np.ndarray) -> dict[str, np.ndarray]:
         """The head-space points of `ids` [T, K, 3] decoded from codes [T, z], without rendering."""
@@ -258,15 +264,10 @@ class Renderer:
         for start in range(0, count, self.batch_size):
             index = np.minimum(np.arange(start, start + self.batch_size), count - 1)
             z, pose = np.asarray(codes[index], np.float32), np.asarray(head_pose[index], np.float32)
-            if not self.capacity:
+            if self.capacity is None:
                 self._size(z, pose)
-            while True:
-                rgb, points, pairs, overflow = jax.device_get(self._render(
-                    self._state, z, pose, self.scan_maps, self.views, self.ks, self.ids, self.width, self.height,
-                    self.capacity))  # fmt: skip
-                if not overflow:
-                    break
-                self.capacity = binning.bucket_capacity(math.ceil(int(pairs) * CAPACITY_HEADROOM))
+            rgb, points, _ = render_fitting(functools.partial(self._render_batch, z, pose), self.capacity,
+                                            lambda out: int(out[2]))  # fmt: skip
             keep = min(self.batch_size, count - start)
             images.append(rgb[:keep])
             for name in self.ids:

@@ -23,8 +23,10 @@ import dataclasses
 import json
 import math
 import shutil
+import struct
 import tempfile
 import wave
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -241,7 +243,30 @@ def write_image(path: Path, image: np.ndarray) -> None:
         raise LayoutError(f"{path}: expected uint8 [H,W,3] or [H,W], got {image.dtype} {list(image.shape)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, format="PNG", compress_level=1)
+    path.write_bytes(png_bytes(image))
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A PNG file of a uint8 [H, W, 3] or [H, W] image, written directly: every row "Up"-filtered and deflated at
+    level 1. PIL took ~3x longer per 64^2 frame (its per-row filter search and per-file overhead; files ~2% smaller)
+    and holds the GIL, while zlib releases it, so that writer threads encode in parallel."""
+    height, width = image.shape[:2]
+    rows = np.ascontiguousarray(image).reshape(height, -1)
+    filtered = np.empty((height, rows.shape[1] + 1), np.uint8)
+    filtered[:, 0] = 2  # the "Up" filter: each byte minus the byte above it (mod 256); row 0 sees zeros above
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
+    colour_type = 0 if image.ndim == 2 else 2  # grey or RGB, 8 bits a sample
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    data = zlib.compress(filtered.tobytes(), 1)
+    return b"".join([_PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", data), _png_chunk(b"IEND", b"")])
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def read_image(path: Path) -> np.ndarray:

@@ -126,7 +126,7 @@ def expression_track(
 
     Frame f is sampled at the centre of its audio window [f / fps, (f + 1) / fps).
     """
-    num_frames = max(1, int(round(duration * fps)))
+    num_frames = frame_count(duration, fps)
     times = (np.arange(num_frames) + 0.5) / fps  # frame f shows the audio of [f, f + 1) / fps
     mouth = mouth_controls(phonemes, duration, times, style)
     blink = _blinks(times, rng, style.blink_rate_hz)
@@ -137,6 +137,11 @@ def expression_track(
         brow = style.brow_emphasis * np.exp(-0.5 * ((times[:, None] - stressed[None] - 0.05) / 0.09) ** 2).max(1)
     track = np.concatenate([mouth, blink[:, None], gaze, np.clip(brow, 0.0, 1.0)[:, None]], axis=1)
     return track.astype(np.float32)
+
+
+def frame_count(duration: float, fps: float) -> int:
+    """The frames of a clip of `duration` seconds at `fps` (at least one)."""
+    return max(1, int(round(duration * fps)))
 
 
 def _blinks(times: np.ndarray, rng: np.random.Generator, rate_hz: float) -> np.ndarray:

@@ -204,13 +204,17 @@ def _skin_occlusion(points: np.ndarray, normals: np.ndarray, skin: np.ndarray, e
     chosen = source[rng.choice(len(source), min(emitters, len(source)), replace=False)]
     area = 4 * np.pi * 0.1**2 / len(chosen)  # the head's ~0.12 m^2 spread over the emitters
     out = np.ones(len(points))
+    emitter, emitter_normal = points[chosen].T, normals[chosen].T
     for start in range(0, len(points), 4096):
-        p, n = points[start : start + 4096], normals[start : start + 4096]
-        d = points[chosen][None] - p[:, None]
-        dist2 = np.maximum(np.sum(d * d, -1), 1e-8)
-        unit = d / np.sqrt(dist2)[..., None]
-        cos_receiver = np.clip(np.sum(unit * n[:, None], -1), 0, None)
-        cos_emitter = np.clip(-np.sum(unit * normals[chosen][None], -1), 0, None)
+        p, n = points[start : start + 4096, :, None], normals[start : start + 4096, :, None]
+        # Per axis [P, E] (sums in the same order as over a [P, E, 3] array, which was ~3x slower).
+        d = [emitter[k] - p[:, k] for k in range(3)]
+        dist2 = np.maximum(d[0] * d[0] + d[1] * d[1] + d[2] * d[2], 1e-8)
+        length = np.sqrt(dist2)
+        unit = [dk / length for dk in d]
+        cos_receiver = np.clip(unit[0] * n[:, 0] + unit[1] * n[:, 1] + unit[2] * n[:, 2], 0, None)
+        cos_emitter = np.clip(-(unit[0] * emitter_normal[0] + unit[1] * emitter_normal[1]
+                                + unit[2] * emitter_normal[2]), 0, None)  # fmt: skip
         shadow = np.sum(area * cos_receiver * cos_emitter / (np.pi * dist2 + area), 1)
         out[start : start + 4096] = np.clip(1.0 - shadow, 0.25, 1.0)
     return out

@@ -429,8 +429,8 @@ def _visible_gaussians(vertices, rotation, world_to_cam, sampler_arrays, look_ar
 def _render_images(vertices, rotation, jaw_open, world_to_cam, intrinsics, gains, keys, noise, look_arrays,
                    sampler_arrays, statics):  # fmt: skip
     """Image i shows posed mesh vertices[i] [V, 3] (head rotation [i], jaw opening [i]) from camera i, through
-    that camera's response (gain [i] [3], noise key [i], read and shot noise `noise` [2]), one image after another
-    (`lax.map`).
+    that camera's response (gain [i] [3], noise key data [i] [2], read and shot noise `noise` [2]), one image after
+    another (`lax.map`).
 
     One image per step keeps every shape independent of the camera count, so the rig's and the monocular
     camera's sequences share one compiled program; the identity's look is an argument, so identities share it.
@@ -439,7 +439,8 @@ def _render_images(vertices, rotation, jaw_open, world_to_cam, intrinsics, gains
     sampler, look = SurfaceSampler(*sampler_arrays, resolution), shading.Look(*look_arrays)
 
     def render_image(image):
-        frame_vertices, frame_rotation, frame_jaw, view, k, gain, key = image
+        frame_vertices, frame_rotation, frame_jaw, view, k, gain, key_data = image
+        key = jax.random.wrap_key_data(key_data)
         means, quats, scales, opacities, colours = _scene(sampler, look, frame_vertices, frame_rotation,
                                                           frame_jaw, view)  # fmt: skip
         out = kernels.rasterize(
@@ -486,6 +487,13 @@ class Renderer:
         )
         self.capacity = int(needed * 1.6)
 
+    def warm_up(self, vertices: np.ndarray, rotation: np.ndarray, cameras: list[layout.Camera],
+                look: shading.Look) -> None:  # fmt: skip
+        """Compiles the render program (one batch of frame 0), so that a progress bar started after it measures
+        rendering alone."""
+        gains = np.ones((1, len(cameras), 3), np.float32)
+        self(vertices[:1], rotation[:1], np.zeros(1, np.float32), cameras[:1], look, gains[:, :1], (0,), (0.0, 0.0))
+
     def __call__(self, vertices: np.ndarray, rotation: np.ndarray, jaw_open: np.ndarray,
                  cameras: list[layout.Camera], look: shading.Look, gains: np.ndarray, seed: tuple[int, ...],
                  noise: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
@@ -501,7 +509,7 @@ class Renderer:
         # Image i is frame i // C in camera i % C; the last batch repeats its last image.
         frame_of = np.arange(num_frames * num_cameras) // num_cameras
         camera_of = np.arange(num_frames * num_cameras) % num_cameras
-        keys = jax.random.split(jax.random.key(np.random.default_rng(seed).integers(2**31)), len(frame_of))
+        keys = _noise_keys(np.random.default_rng(seed).integers(2**31), len(frame_of))
         gains = np.asarray(gains, np.float32).reshape(-1, 3)
         statics = (self.sampler.resolution, cameras[0].width, cameras[0].height, self.capacity, self.backend)
         look_arrays, noise = _look_arrays(look), np.asarray(noise, np.float32)
@@ -518,6 +526,14 @@ class Renderer:
             return self(vertices, rotation, jaw_open, cameras, look, gains, seed, noise)
         shape = (num_frames, num_cameras, *alpha.shape[1:])
         return rgb.reshape(*shape, 3), alpha.reshape(shape)
+
+
+def _noise_keys(seed: int, count: int) -> np.ndarray:
+    """The raw data [count, 2] of `jax.random.split(jax.random.key(seed), count)`, split to the next power of two
+    and cut on the host: with partitionable threefry the first keys do not depend on the count, and a split and a
+    gather of every new clip length compiled again."""
+    keys = jax.random.split(jax.random.key(seed), 1 << max(count - 1, 0).bit_length())
+    return np.asarray(jax.random.key_data(keys))[:count]
 
 
 def _look_arrays(look: shading.Look) -> tuple[jnp.ndarray, ...]:
@@ -551,12 +567,19 @@ def head_turn(rotation_vectors: np.ndarray, amplitude_deg: float) -> np.ndarray:
     count = len(rotation_vectors)
     yaw = np.deg2rad(amplitude_deg) * np.sin(2 * np.pi * np.arange(count) / max(count, 1))
     turn = np.zeros((count, 3)) + np.array([0.0, 1.0, 0.0]) * yaw[:, None]
-    matrix = rotations.axis_angle_to_matrix(jnp.asarray(turn, jnp.float32)) @ rotations.axis_angle_to_matrix(
-        jnp.asarray(rotation_vectors, jnp.float32))  # fmt: skip
-    quat = np.asarray(rotations.matrix_to_quaternion(matrix), np.float64)  # wxyz, w >= 0
+    padded = (_pad_frames(np.asarray(track, np.float32)) for track in (turn, rotation_vectors))
+    quat = np.asarray(_composed_quaternions(*padded), np.float64)[:count]  # wxyz, w >= 0
     half = np.arctan2(np.linalg.norm(quat[:, 1:], axis=-1), quat[:, 0])
     scale = np.where(half > 1e-8, 2.0 * half / np.maximum(np.sin(half), 1e-12), 2.0)
     return (quat[:, 1:] * scale[:, None]).astype(np.float32)
+
+
+@jax.jit
+def _composed_quaternions(first: jnp.ndarray, then: jnp.ndarray) -> jnp.ndarray:
+    """[F, 4] the rotation vectors `then` [F, 3] followed by `first` [F, 3], as quaternions (jitted: op by op, every
+    new clip length compiled each op again)."""
+    matrix = rotations.axis_angle_to_matrix(first) @ rotations.axis_angle_to_matrix(then)
+    return rotations.matrix_to_quaternion(matrix)
 
 
 def pose_vertices(vertices: jnp.ndarray, rotation_vectors: jnp.ndarray, translations: jnp.ndarray) -> jnp.ndarray:
@@ -571,6 +594,13 @@ def posed_meshes(template: template_lib.Template, vertices, anchors, expressions
     compiled program serves every identity)."""
     shaped = dataclasses.replace(template, vertices=vertices, anchors=anchors)
     return pose_vertices(rig.deform(shaped, expressions), rotation_vectors, translations)
+
+
+def _posed_frames(template: template_lib.Template, vertices, anchors, expressions, rotation_vectors, translations):
+    """`posed_meshes` and the head's rotations [F, 3, 3], in one program (computed op by op, the rotations
+    compiled each op again for every new clip length)."""
+    meshes = posed_meshes(template, vertices, anchors, expressions, rotation_vectors, translations)
+    return meshes, rotations.axis_angle_to_matrix(rotation_vectors)
 
 
 def _pad_frames(track: np.ndarray) -> np.ndarray:
@@ -591,9 +621,10 @@ def _write_sequence(
     alpha,
     serials,
     meta,
+    blur_shifts: np.ndarray | None = None,
 ) -> list[Future]:
-    """Writes one sequence (`audio` as recorded); its PNGs are encoded by `writers` (one task per camera) while
-    the next one renders."""
+    """Writes one sequence (`audio` as recorded); its PNGs are encoded by `writers` (one task per camera, which
+    first applies `motion_blur` along `blur_shifts` if given) while the next one renders."""
     layout.write_audio(seq_dir / layout.AUDIO_FILE, audio)
     layout.write_vertices(seq_dir, vertices)
     np.save(seq_dir / "expressions.npy", expressions)
@@ -611,13 +642,50 @@ def _write_sequence(
         **meta,
     )
     write = functools.partial(writers.submit, _write_camera_images, seq_dir)
-    return [write(serial, rgb[:, c], alpha[:, c]) for c, serial in enumerate(serials)]
+    return [write(serial, rgb[:, c], alpha[:, c], blur_shifts) for c, serial in enumerate(serials)]
 
 
-def _write_camera_images(seq_dir: Path, serial: str, rgb: np.ndarray, alpha: np.ndarray) -> None:
+def _write_camera_images(seq_dir: Path, serial: str, rgb: np.ndarray, alpha: np.ndarray,
+                         blur_shifts: np.ndarray | None) -> None:  # fmt: skip
+    if blur_shifts is not None:
+        rgb, alpha = motion_blur(rgb, blur_shifts), motion_blur(alpha, blur_shifts)
     for frame, (image, mask) in enumerate(zip(rgb, alpha)):
         layout.write_image(layout.frame_path(seq_dir, serial, frame), image)
         layout.write_image(layout.frame_path(seq_dir, serial, frame, kind="masks"), mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """One sequence to render: its name, sentence, cameras and the (clipped) utterance its voice speaks."""
+
+    name: str
+    sentence: int
+    cameras: list[layout.Camera]
+    voice: speech.Voice
+    utterance: speech.Utterance
+
+    def num_images(self, fps: float) -> int:
+        return rig.frame_count(self.utterance.duration, fps) * len(self.cameras)
+
+
+def _plan_sequences(config, index: int, identity_rng: np.random.Generator, rig_cameras, mono_camera,
+                    own_voice: speech.Voice, held_out_sentence_voice: speech.Voice) -> list[_Plan]:  # fmt: skip
+    """An identity's sequences, drawn from its `identity_rng` before any of them renders (so that the progress bar
+    counts images from the start): its sentences, the last one held out, and the monocular clip's."""
+    num_train_sentences = len(SENTENCES) - config.num_held_out_sentences
+    train_choice = identity_rng.choice(num_train_sentences, config.sentences_per_identity, replace=False)
+    sentence_ids = [int(i) for i in train_choice]
+    if config.num_held_out_sentences:
+        sentence_ids[-1] = num_train_sentences + index % config.num_held_out_sentences
+    plans = [(f"sen_{i:02d}", i, rig_cameras) for i in sentence_ids]
+    if config.monocular:
+        plans.append(("mono_00", int(identity_rng.integers(num_train_sentences)), [mono_camera]))
+    out = []
+    for name, sentence, cameras in plans:
+        voice = held_out_sentence_voice if sentence >= num_train_sentences else own_voice
+        utterance = _clip(speech.synthesize(SENTENCES[sentence], voice), config.max_seconds)
+        out.append(_Plan(name, sentence, cameras, voice, utterance))
+    return out
 
 
 def _clip(utterance: speech.Utterance, max_seconds: float) -> speech.Utterance:
@@ -650,14 +718,20 @@ def generate(out_dir: Path, config: ml_collections.ConfigDict, *, progress: bool
     voice_rng = np.random.default_rng([config.seed, 7])
     held_out_sentence_voice = voices.draw_voice(voice_rng, held_out=True)
     renderer = Renderer(sampler, config.images_per_batch, config.render_backend)
-    animate = jax.jit(functools.partial(posed_meshes, template))
+    animate = jax.jit(functools.partial(_posed_frames, template))
     primitive_counts = counts(config)
     sequences_info, pending_writes, used_voices = {}, [], {"train": set(), "held_out": set()}
-    jobs = config.num_identities * (config.sentences_per_identity + int(config.monocular))
-    bar = tqdm(total=jobs, desc="synth sequences", unit="seq", disable=not progress)
     workers = max(2, min(16, os.cpu_count() or 2))
+    # Identities prepared ahead (~6 s of numpy each at the base preset; one at a time could starve a GPU renderer).
+    ahead = max(1, min(4, (os.cpu_count() or 2) // 4))
     own_voices = [voices.draw_voice(voice_rng, held_out=f"id{i:03d}" in held_out_ids)
                   for i in range(config.num_identities)]  # fmt: skip
+    identity_rngs = [np.random.default_rng([config.seed, index, 1]) for index in range(config.num_identities)]
+    all_plans = [_plan_sequences(config, index, identity_rngs[index], rig_cameras, mono_camera, own_voices[index],
+                                 held_out_sentence_voice) for index in range(config.num_identities)]  # fmt: skip
+    # Images, not sequences: a phone clip is one camera's. The bar's clock starts once the renderer has compiled.
+    total_images = sum(plan.num_images(config.fps) for plans in all_plans for plan in plans)
+    bar = tqdm(total=total_images, desc="synth: compiling", unit="img", disable=not progress)
 
     def prepare(index: int):
         """An identity, its raw scan and the scan's registration (numpy only: runs beside the renderer)."""
@@ -670,31 +744,23 @@ def generate(out_dir: Path, config: ml_collections.ConfigDict, *, progress: bool
     with (
         layout.staged_dir(Path(out_dir)) as root,
         ThreadPoolExecutor(max_workers=workers) as writers,
-        ThreadPoolExecutor(max_workers=1) as preparer,
+        ThreadPoolExecutor(max_workers=ahead) as preparer,
     ):
-        prepared = [preparer.submit(prepare, 0)]
+        prepared = [preparer.submit(prepare, i) for i in range(min(ahead, config.num_identities))]
         for index in range(config.num_identities):
-            if index + 1 < config.num_identities:
-                prepared.append(preparer.submit(prepare, index + 1))  # the next identity, while this one renders
+            if index + ahead < config.num_identities:
+                prepared.append(preparer.submit(prepare, index + ahead))  # while this one renders
             identity, raw_scan, (registered, registered_colours) = prepared[index].result()
-            identity_rng = np.random.default_rng([config.seed, index, 1])
+            identity_rng = identity_rngs[index]
             subject = layout.subject_dir(root, identity.name)
             layout.write_calibration(subject, [*rig_cameras, mono_camera])
             layout.write_neutral_scan(subject, registered, template.faces, registered_colours)
             layout.write_neutral_scan(subject, raw_scan.vertices, raw_scan.faces, raw_scan.colours,
                                       file_name=layout.RAW_SCAN_FILE)  # fmt: skip
-            train_choice = identity_rng.choice(num_train_sentences, config.sentences_per_identity, replace=False)
-            sentence_ids = [int(i) for i in train_choice]
-            if config.num_held_out_sentences:
-                sentence_ids[-1] = num_train_sentences + index % config.num_held_out_sentences
-            plans = [(f"sen_{i:02d}", i, rig_cameras) for i in sentence_ids]
-            if config.monocular:
-                mono_sentence = int(identity_rng.integers(num_train_sentences))
-                plans.append(("mono_00", mono_sentence, [mono_camera]))
-            for number, (seq_name, sentence, seq_cameras) in enumerate(plans):
+            for number, plan in enumerate(all_plans[index]):
+                seq_name, sentence, seq_cameras, voice, utterance = (plan.name, plan.sentence, plan.cameras,
+                                                                     plan.voice, plan.utterance)  # fmt: skip
                 held_out_sentence = sentence >= num_train_sentences
-                voice = held_out_sentence_voice if held_out_sentence else identity.voice
-                utterance = _clip(speech.synthesize(SENTENCES[sentence], voice), config.max_seconds)
                 recording = voices.draw_recording(identity_rng)
                 recorded = voices.record(utterance.audio, recording, identity_rng)
                 expressions = rig.expression_track(
@@ -705,11 +771,13 @@ def generate(out_dir: Path, config: ml_collections.ConfigDict, *, progress: bool
                 if monocular:
                     pose = (head_turn(pose[0], config.monocular_turn_deg), pose[1])
                 tracks = (_pad_frames(track) for track in (expressions, *pose))
-                vertices = animate(identity.template.vertices, identity.template.anchors, *tracks)
-                vertices = np.asarray(vertices)[: len(expressions)]
-                rotation = np.asarray(rotations.axis_angle_to_matrix(jnp.asarray(pose[0])), np.float32)
+                vertices, rotation = animate(identity.template.vertices, identity.template.anchors, *tracks)
+                vertices, rotation = (np.asarray(x)[: len(expressions)] for x in (vertices, rotation))
                 if renderer.capacity is None:
                     renderer.size_capacity(vertices[0], identity.look, [*rig_cameras, mono_camera])
+                    renderer.warm_up(vertices, rotation, seq_cameras, identity.look)
+                    bar.reset()  # the bar's rate and ETA count rendering only
+                    bar.set_description("synth images")
                 image_gains = np.stack([gains[c.serial] for c in seq_cameras])[None].repeat(len(vertices), 0)
                 noise = (config.read_noise, config.shot_noise)
                 if monocular:
@@ -719,9 +787,9 @@ def generate(out_dir: Path, config: ml_collections.ConfigDict, *, progress: bool
                 jaw = expressions[:, rig.EXPRESSION_NAMES.index("jaw_open")]
                 rgb, alpha = renderer(vertices, rotation, jaw, seq_cameras, identity.look, image_gains,
                                       (config.seed, index, number), noise)  # fmt: skip
+                shifts = None  # the phone's motion blur, applied by the writer
                 if monocular and config.motion_blur_shutter > 0:
                     shifts = image_motion(mono_camera, rotation, pose[1], config.motion_blur_shutter)
-                    rgb[:, 0], alpha[:, 0] = motion_blur(rgb[:, 0], shifts), motion_blur(alpha[:, 0], shifts)
                 split = _split(identity.name in held_out_ids, held_out_sentence, seq_name)
                 used_voices["train" if split in ("train", "monocular") else "held_out"].add(voice.name)
                 meta = {"fps": config.fps, "sentence_index": sentence, "split": split, "monocular": monocular,
@@ -729,14 +797,16 @@ def generate(out_dir: Path, config: ml_collections.ConfigDict, *, progress: bool
                 seq_dir = layout.sequence_dir(root, identity.name, seq_name)
                 serials = [c.serial for c in seq_cameras]
                 pending_writes.append(_write_sequence(
-                    writers, seq_dir, utterance, recorded, expressions, vertices, pose, rgb, alpha, serials, meta
+                    writers, seq_dir, utterance, recorded, expressions, vertices, pose, rgb, alpha, serials, meta,
+                    shifts,
                 ))  # fmt: skip
                 while len(pending_writes) > 3:  # at most a few sequences' images wait in memory for the writers
                     for write in pending_writes.pop(0):
                         write.result()
                 sequences_info.setdefault(identity.name, {})[seq_name] = {
                     "sentence_index": sentence, "split": split, "voice": voice.name}  # fmt: skip
-                bar.update()
+                bar.update(plan.num_images(config.fps))
+                bar.set_postfix_str(f"{identity.name}/{seq_name}", refresh=False)
         for write in (w for sequence_writes in pending_writes for w in sequence_writes):
             write.result()  # raises what a writer raised
         info = {

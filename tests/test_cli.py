@@ -366,3 +366,23 @@ def test_config_json_is_replaced_only_after_the_resume_check(tmp_path, rng):
     train_saving_config(_toy_stage, _toy_config(3, 4, seed), workdir)  # same shape, more steps: resumes, then saves
     assert read_config(workdir / "config.json").train.steps == 4
     assert not [p for p in workdir.iterdir() if p.name.startswith(".config.json")]  # no temp file left
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_data_synth_starts_xla_cpu_on_one_core_and_gives_the_cores_back():
+    """`uhap data synth` starts JAX's CPU client with a one-core thread pool (its many small ops ran ~1.7x the CPU
+    time handed between cores), and every thread of the process may use all cores afterwards."""
+    script = textwrap.dedent("""
+        import os
+        from uhap_jax.commands import data
+        cores = os.sched_getaffinity(0)
+        data.start_jax_cpu_on_one_core()
+        tasks = [int(t) for t in os.listdir("/proc/self/task")]
+        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks]
+        print(names.count("tf_XLAEigen"), all(os.sched_getaffinity(t) == cores for t in tasks))
+    """)
+    # One CPU device, as `uhap data synth` runs (the tests' 8 fake devices get a thread each).
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "True"]

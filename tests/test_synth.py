@@ -38,6 +38,31 @@ def test_all_sequences_share_one_render_program(dataset):
     assert render_programs == 1
 
 
+def test_clip_lengths_share_compilations(rng):
+    """The per-clip helpers compile once for every clip length (compiled op by op per length, they made synth
+    slow), and the noise keys are `jax.random.split`'s for any count."""
+    compiles = []
+
+    def listen(event, *_, **__):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        for num_frames in (40, 37, 50):
+            rotation_vectors = rng.normal(0.0, 0.05, (num_frames, 3)).astype(np.float32)
+            turned = synth.head_turn(rotation_vectors, 30.0)
+            keys = synth._noise_keys(7, num_frames * 8)
+            if num_frames == 40:
+                compiles.clear()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == []
+    expected = jax.random.key_data(jax.random.split(jax.random.key(7), num_frames * 8))
+    np.testing.assert_array_equal(keys, expected)
+    assert turned.shape == (50, 3) and np.abs(np.rad2deg(turned[:, 1])).max() > 25.0
+
+
 @functools.partial(jax.jit, static_argnums=(7, 8, 9))
 def _reference_image(vertices, rotation, jaw, view, intrinsics, look_arrays, sampler_arrays, size, capacity, res):
     """One image as `Renderer` draws it, before the camera response: rgb, alpha and the pairs it needs."""

@@ -7,9 +7,15 @@ import subprocess
 import imageio_ffmpeg
 import numpy as np
 import pytest
+from flax import nnx
 
 from data_pipelines import layout, video_file
 from uhap_jax import cli
+from uhap_jax.config_utils import UsageError, load_config
+from uhap_jax.models.frozen_prior import build_localiser
+from uhap_jax.models.head_localiser import HeadLocaliser, default_localiser_config
+from uhap_jax.models.mono_encoder import MonoEncoder, default_model_config
+from uhap_jax.train import personalize_stage
 
 
 def _clip(rng, count=12, width=48, height=32):
@@ -98,3 +104,20 @@ def test_personalize_flags_are_checked_in_one_line(rng, tmp_path, capsys, extra,
     status = cli.main([*args, *extra])
     err = capsys.readouterr().err
     assert status == 2 and line in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_video_file_needs_the_encoders_localiser_and_a_face(rng, tmp_path):
+    """An encoder trained without the localiser (a config from before it, or with it off) and a clip where no frame
+    scores a head are one line each, naming the file and what to do."""
+    path = video_file.write_video_file(tmp_path / "clip.mp4", _clip(rng, count=6), 25.0)
+    config = load_config("configs/personalize.py:tiny")
+    encoder = MonoEncoder(8, default_model_config(), rngs=nnx.Rngs(0))
+    old = load_config("configs/encoder.py:tiny")
+    del old["localiser"]
+    assert build_localiser(old) is None
+    with pytest.raises(UsageError, match=rf"--video {path}: a video file needs the encoder's head localiser"):
+        personalize_stage.read_video(path, build_localiser(old), encoder, config)
+    localiser = HeadLocaliser(default_localiser_config(), rngs=nnx.Rngs(int(rng.integers(1000))))
+    localiser.presence.bias[...] = -10.0  # scores no head anywhere
+    with pytest.raises(UsageError, match=rf"--video {path}: no face found in any of its 6 frames"):
+        personalize_stage.read_video(path, localiser, encoder, config)

@@ -27,7 +27,7 @@ from helpers.models import randomise, save_step_zero  # noqa: E402
 from test_encoder_personalize import ENCODER_OVERRIDES, PERSONALIZE_OVERRIDES, PRIOR_OVERRIDES  # noqa: E402
 
 
-def main(base: Path, encoder_steps: int, steps: int) -> None:
+def main(base: Path, encoder_steps: int = 400, steps: int = 150) -> None:
     rng = np.random.default_rng(0)
     root = base / "layout"
     if not root.exists():
@@ -58,4 +58,4 @@ def main(base: Path, encoder_steps: int, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 400, int(sys.argv[3]) if len(sys.argv) > 3 else 150)
+    main(Path(sys.argv[1]), *(int(arg) for arg in sys.argv[2:4]))

@@ -5,6 +5,7 @@ focal length, or the stated field of view; unreadable files and bad flags are on
 import subprocess
 
 import imageio_ffmpeg
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -12,9 +13,10 @@ from flax import nnx
 from data_pipelines import layout, video_file
 from uhap_jax import cli
 from uhap_jax.config_utils import UsageError, load_config
+from uhap_jax.models import head_localiser
 from uhap_jax.models.frozen_prior import build_localiser
 from uhap_jax.models.head_localiser import HeadLocaliser, default_localiser_config
-from uhap_jax.models.mono_encoder import MonoEncoder, default_model_config
+from uhap_jax.models.mono_encoder import FRONT, MonoEncoder, default_model_config
 from uhap_jax.train import personalize_stage
 
 
@@ -121,3 +123,27 @@ def test_a_video_file_needs_the_encoders_localiser_and_a_face(rng, tmp_path):
     localiser.presence.bias[...] = -10.0  # scores no head anywhere
     with pytest.raises(UsageError, match=rf"--video {path}: no face found in any of its 6 frames"):
         personalize_stage.read_video(path, localiser, encoder, config)
+
+
+def test_virtual_cameras_put_the_head_where_it_was_found(rng):
+    """The per-frame cameras project the head centre to the tracked pixel with the tracked crop side, face the
+    template as the encoder's frontal view, and a frame scored without a head takes its neighbour's place."""
+    k = video_file.intrinsics_for(int(rng.integers(100, 400)), int(rng.integers(100, 400)),
+                                  fov_deg=float(rng.uniform(40, 90)))[0]  # fmt: skip
+    found = np.stack([rng.uniform(20, 90, 9), rng.uniform(20, 90, 9), rng.uniform(30, 80, 9)], -1)
+    presence = np.ones(9)
+    presence[4] = 0.1
+    track = head_localiser.smooth_track(found, presence, 1, 0.5)
+    np.testing.assert_allclose(np.delete(track, 4, 0), np.delete(found, 4, 0))
+    assert np.allclose(track[4], found[3]) or np.allclose(track[4], found[5])
+    centre = tuple(rng.normal(0, 0.02, 3))
+    cameras = head_localiser.head_cameras(k, track, 0.36, centre)
+    ks = jnp.asarray(np.broadcast_to(k, (9, 3, 3)), jnp.float32)
+    centres = jnp.broadcast_to(jnp.asarray(centre, jnp.float32), (9, 3))
+    seen = head_localiser.head_in_view(jnp.asarray(cameras, jnp.float32), ks, centres, 0.36)
+    np.testing.assert_allclose(np.asarray(seen), track, rtol=1e-4)
+    np.testing.assert_allclose(cameras[:, :3, :3], np.broadcast_to(FRONT, (9, 3, 3)), atol=1e-6)
+    smoothed = head_localiser.smooth_track(found, np.ones(9), 3, 0.5)
+    np.testing.assert_allclose(smoothed[1, :2], np.median(found[:3, :2], 0))
+    with pytest.raises(ValueError, match="no frame scored a head"):
+        head_localiser.smooth_track(found, np.zeros(9), 3, 0.5)

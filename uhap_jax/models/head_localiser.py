@@ -5,8 +5,9 @@ no calibration, so a small network finds, in the frame letterboxed to a square, 
 the side of the encoder's crop (`crop_extent` metres at the head's depth, focal * extent / depth pixels). It is
 trained in `uhap train encoder` on the rig's views, where the calibration and the head pose tell both exactly.
 The views are augmented so that it learns the head and not the rig: random zoom (the head from a quarter of the
-window to past its edges), shift, mirror, background replaced through the masks (colours, gradients, smooth
-noise), gain, offset and noise; a share of examples has no head at all, for a presence score.
+window to past its edges) and shift, or the whole frame (a close-up, as a phone clip often is); mirror; the
+background replaced through the masks (colours, gradients, smooth noise); gain, offset and noise. A share of the
+examples has no head at all, for a presence score.
 
 The network is a CenterNet-like heat map: a CNN down to a coarse grid (with global context added to every cell);
 each cell scores the head being there and regresses its offset within the cell and the log of the crop's size;
@@ -37,6 +38,7 @@ def default_localiser_config() -> ml_collections.ConfigDict:
     config.weight = 1.0  # of its loss in the encoder stage's
     config.repeats = 4  # augmented windows of each of the step's frames (it is small: more examples cost little)
     config.head_fraction = (0.25, 1.6)  # the crop's side over the window's, drawn log-uniform
+    config.whole_frames = 0.25  # share of examples that are the whole rig frame (no zoom, no shift)
     config.negatives = 0.15  # share of examples with no head (background only), for the presence score
     config.noise = 0.03  # std of the pixel noise added
     return config
@@ -117,12 +119,20 @@ def training_views(rng: jax.Array, images: jax.Array, masks: jax.Array, head: ja
     in units of S (the targets), and whether the head is in them (1) or the example is a negative (0).
     """
     batch, size = images.shape[0], int(config.input_size)
-    keys = jax.random.split(rng, 7)
+    keys = jax.random.split(rng, 8)
     low, high = np.log(np.asarray(config.head_fraction, np.float32))
     log_fraction = jax.random.uniform(keys[0], (batch,), minval=low, maxval=high)
     window = head[:, 2] / jnp.exp(log_fraction)  # source pixels the window spans
     position = jax.random.uniform(keys[1], (batch, 2), minval=0.1, maxval=0.9)  # the head centre in the window
     corner = head[:, :2] - position * window[:, None]
+    # A share of the windows is the whole frame, letterboxed as `localise` does: a close-up, edges and all.
+    whole = jax.random.uniform(keys[7], (batch,)) < config.whole_frames
+    side = max(images.shape[1:3])
+    frame_corner = jnp.array([images.shape[2] - side, images.shape[1] - side], images.dtype) / 2
+    corner = jnp.where(whole[:, None], frame_corner, corner)
+    window = jnp.where(whole, side, window)
+    position = jnp.where(whole[:, None], (head[:, :2] - frame_corner) / side, position)
+    log_fraction = jnp.where(whole, jnp.log(head[:, 2] / side), log_fraction)
     scale = size / window
     layers = jnp.concatenate([images, masks[..., None]], -1)
 

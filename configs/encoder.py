@@ -8,6 +8,7 @@ Presets: tiny (CPU/CI: a small CNN on 64² crops, 1-2 minutes), base (one GPU). 
 
 import ml_collections
 
+from uhap_jax.models.head_localiser import default_localiser_config
 from uhap_jax.models.mono_encoder import default_model_config
 from uhap_jax.train.loop import default_config
 
@@ -32,6 +33,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.data.prefetch = 4
 
     config.model = default_model_config()
+    # The head localiser (a video file's frames have no calibration to say where the head is), trained beside it.
+    config.localiser = default_localiser_config()
 
     # Head turns added to those frames: the rig's cameras are tens of degrees apart, a phone video's head turns
     # fall between them.

@@ -12,6 +12,7 @@ few minutes), base (one GPU).
 
 import ml_collections
 
+from data_pipelines import video_file
 from uhap_jax.train.loop import default_config
 
 
@@ -27,6 +28,14 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # Frames used, spread evenly over the video: ~1 MB each at 512^2 (image and mask in memory), so 300 fit a
     # laptop; `uhap personalize` refuses more than 1000 unless UHAP_MAX_FRAMES is raised.
     config.max_frames = 300
+    # A plain video file (mp4/mov, no calibration): its frames and intrinsics (data_pipelines/video_file.py).
+    config.video = ml_collections.ConfigDict()
+    config.video.fps = 0.0  # resample the file to this frame rate; 0 = keep the file's
+    config.video.max_side = 512  # frames shrunk so that their longer side is at most this (pixels)
+    config.video.fov_deg = video_file.DEFAULT_FOV_DEG  # across the longer side, when the file has no focal length
+    config.video.calibration = ""  # or a user calibration (capture-layout camera_params.json, or a 3x3 matrix)
+    config.video.smooth_frames = 7  # running median of the head's detections over this many frames
+    config.video.min_presence = 0.5  # frames where the localiser scores a head below this are not used
     config.use_scan = True  # start from <subject>/neutral_scan when there is one
     config.scan = ""  # or a neutral-scan folder (mesh.ply / mesh.obj) elsewhere
     config.workdir = ""  # checkpoints and metrics of the fine-tune; "" = <out>.work beside the avatar

@@ -24,6 +24,9 @@ class MonoVideo:
     images: np.ndarray  # [F, H, W, 3] uint8
     masks: np.ndarray  # [F, H, W] uint8, 255 where the sequence has no masks
     has_mask: np.ndarray  # [F] float32
+    # A video file's per-frame virtual cameras [F, 4, 4] (where its head was found; `camera` is their reference,
+    # with the same orientation); None: `camera` saw every frame.
+    frame_world_to_cam: np.ndarray | None = None
 
 
 def _camera_folders(seq_dir: Path) -> list[str]:

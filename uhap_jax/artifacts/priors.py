@@ -21,7 +21,7 @@ from uhap_jax.artifacts.checkpoints import restore_latest, single_device_mesh
 from uhap_jax.config_utils import read_config
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.models.audio_to_latent import AudioToLatent
-from uhap_jax.models.frozen_prior import EncoderWithPrior, build_encoder, build_speech_model
+from uhap_jax.models.frozen_prior import EncoderWithPrior, build_encoder, build_localiser, build_speech_model
 from uhap_jax.models.mono_encoder import MonoEncoder
 from uhap_jax.models.population import POPULATION_FILE, AlbedoPopulation
 from uhap_jax.models.prior import UHAP, build_prior
@@ -88,17 +88,23 @@ def restore_speech(audio_workdir: str | Path, prior: UHAP, fps: float) -> tuple[
     return speech, step
 
 
-def restore_encoder(encoder_workdir: str | Path, prior: UHAP) -> tuple[MonoEncoder, int]:
-    """The MonoEncoder of the latest checkpoint of an encoder workdir, and its step, on one device.
+def restore_encoder_model(encoder_workdir: str | Path, prior: UHAP) -> tuple[EncoderWithPrior, int]:
+    """The latest checkpoint of an encoder workdir (the MonoEncoder, and its head localiser where it was trained
+    with one), and its step, on one device.
 
     `prior` (not modified) fixes z_dim and the frozen half of the checkpoint's structure; it should be the
     prior the encoder was trained against (`encoder_info.json` says which), or the codes mean nothing.
     """
     workdir = Path(encoder_workdir)
     config = read_config(workdir / "config.json")
-    model, step = restore_latest(workdir, EncoderWithPrior(build_encoder(config, prior), nnx.clone(prior)),
-                                 single_device_mesh(), what="encoder",
-                                 expect=f"{workdir / 'config.json'} and the given prior")  # fmt: skip
+    model = EncoderWithPrior(build_encoder(config, prior), nnx.clone(prior), build_localiser(config))
+    return restore_latest(workdir, model, single_device_mesh(), what="encoder",
+                          expect=f"{workdir / 'config.json'} and the given prior")  # fmt: skip
+
+
+def restore_encoder(encoder_workdir: str | Path, prior: UHAP) -> tuple[MonoEncoder, int]:
+    """The MonoEncoder of the latest checkpoint of an encoder workdir, and its step (`restore_encoder_model`)."""
+    model, step = restore_encoder_model(encoder_workdir, prior)
     return model.encoder, step
 
 

@@ -14,6 +14,7 @@ import transformers
 from flax import nnx
 
 from uhap_jax.models.audio_to_latent import AudioToLatent, AudioToLatentConfig, build_audio_to_latent, freeze
+from uhap_jax.models.head_localiser import HeadLocaliser
 from uhap_jax.models.mono_encoder import MonoEncoder
 from uhap_jax.models.prior import UHAP
 
@@ -51,14 +52,24 @@ def build_speech_model(config: ml_collections.ConfigDict, prior: UHAP, fps: floa
 
 
 class EncoderWithPrior(nnx.Module):
-    """The MonoEncoder being trained beside the frozen prior that renders its predictions."""
+    """The MonoEncoder being trained beside the frozen prior that renders its predictions, and the head localiser
+    that places it in a video file's frames (None for an encoder trained without one)."""
 
-    def __init__(self, encoder: MonoEncoder, prior: UHAP):
+    def __init__(self, encoder: MonoEncoder, prior: UHAP, localiser: HeadLocaliser | None = None):
         freeze(prior)
         self.encoder = encoder
         self.prior = prior
+        self.localiser = localiser
 
 
 def build_encoder(config: ml_collections.ConfigDict, prior: UHAP) -> MonoEncoder:
     """The MonoEncoder of `config.model` for the prior's latent size."""
     return MonoEncoder(prior.z_dim, config.model, rngs=nnx.Rngs(config.train.seed))
+
+
+def build_localiser(config: ml_collections.ConfigDict) -> HeadLocaliser | None:
+    """The HeadLocaliser of `config.localiser`; None where it is off or the config predates it."""
+    section = config.get("localiser")
+    if section is None or not section.enabled:
+        return None
+    return HeadLocaliser(section, rngs=nnx.Rngs(config.train.seed + 1))

@@ -22,17 +22,26 @@ logger = logging.getLogger(__name__)
 
 
 def encode_video(encoder: MonoEncoder, video: monocular.MonoVideo, batch_size: int) -> tuple[np.ndarray, ...]:
-    """The MonoEncoder's code [F, z_dim], rotation vector and translation [F, 3] of every frame."""
+    """The MonoEncoder's code [F, z_dim], rotation vector and translation [F, 3] of every frame.
+
+    With per-frame cameras (a video file's), each frame is encoded in its own, and its head translation moved into
+    `video.camera`'s world: they share its orientation, so the head's place in front of the camera is kept.
+    """
     graphdef, state = nnx.split(encoder)
     run = jax.jit(lambda state, images, views, ks: nnx.merge(graphdef, state)(images / 255.0, views, ks))
     count = len(video.images)
-    views = np.broadcast_to(video.camera.world_to_cam.astype(np.float32), (batch_size, 4, 4))
+    reference = video.camera.world_to_cam.astype(np.float32)
+    frame_views = video.frame_world_to_cam
+    views = np.broadcast_to(reference, (count, 4, 4)) if frame_views is None else frame_views.astype(np.float32)
     ks = np.broadcast_to(video.camera.intrinsics.astype(np.float32), (batch_size, 3, 3))
     outputs = []
     for start in range(0, count, batch_size):
         index = np.minimum(np.arange(start, start + batch_size), count - 1)
-        outputs.append(jax.device_get(run(state, video.images[index].astype(np.float32), views, ks)))
-    return tuple(np.concatenate([o[i] for o in outputs])[:count] for i in range(3))
+        outputs.append(jax.device_get(run(state, video.images[index].astype(np.float32), views[index], ks)))
+    codes, rotation, translation = (np.concatenate([o[i] for o in outputs])[:count] for i in range(3))
+    if frame_views is not None:  # R x + t_i = R (x + R^T (t_i - t_ref)) + t_ref
+        translation = translation + (frame_views[:, :3, 3] - reference[:3, 3]) @ reference[:3, :3]
+    return codes, rotation, translation.astype(np.float32)
 
 
 def texel_regions(prior: UHAP, template: template_lib.Template) -> np.ndarray:

@@ -10,7 +10,9 @@ image (masked L1) for the first `data.photo_frames` frames of a random `loss.pho
 (rendering and its gradient are most of a step's cost on a CPU; the codes learn mostly from the code loss).
 Besides, the first `data.turned_frames` frames of every step are rendered by the frozen prior with their head
 turned further (`turns`), and the encoder learns their code and pose too: the rig's cameras are tens of
-degrees apart, and a phone video's head turns fall between them.
+degrees apart, and a phone video's head turns fall between them. Beside the encoder, in the same steps, the head
+localiser (`uhap_jax.models.head_localiser`, where `localiser.enabled`) learns where the head centre projects in
+augmented whole views and how big the encoder's crop is there: what places the encoder in a video file's frames.
 
 Every `eval.every` steps, and at the end, `uhap_jax.eval.encoder_eval` scores code, pose and re-rendered view on
 fixed frames of each split, beside their baselines, into `<workdir>/metrics.jsonl`.
@@ -37,7 +39,8 @@ from uhap_jax.artifacts.priors import load_prior
 from uhap_jax.eval import encoder_eval
 from uhap_jax.geometry import rotations
 from uhap_jax.models import image_metrics, losses
-from uhap_jax.models.frozen_prior import EncoderWithPrior, build_encoder
+from uhap_jax.models.frozen_prior import EncoderWithPrior, build_encoder, build_localiser
+from uhap_jax.models.head_localiser import head_in_view, localiser_loss
 from uhap_jax.models.render import render_views, targets
 from uhap_jax.train.loop import Trainer, TrainResult
 from uhap_jax.train.mesh import batch_sharding, make_mesh
@@ -111,7 +114,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, code_variance: float, capaci
         terms, (z, rotation, translation) = pose_and_code(
             model, images, batch, batch["codes"], batch["head_rotation"], batch["head_translation"]
         )
-        photo_rng, turn_rng = jax.random.split(rng)
+        photo_rng, turn_rng, localiser_rng = jax.random.split(rng, 3)
         aux = {}
         if weights.turned > 0 and turned_frames > 0:
             head = {key: value[:turned_frames] for key, value in batch.items()}
@@ -148,7 +151,19 @@ def make_loss_fn(config: ml_collections.ConfigDict, code_variance: float, capaci
             aux = {"photo_rendered": rendered_now, "photo_psnr": photo[1],
                    "raster_overflow": jnp.maximum(photo[2], aux.get("raster_overflow", 0.0)),
                    "raster_pairs": jnp.maximum(photo[3], aux.get("raster_pairs", 0.0))}  # fmt: skip
-        loss = sum(getattr(weights, name) * value for name, value in terms.items())
+        if model.localiser is not None:
+            centre = jnp.asarray(model.encoder.crop_centre, jnp.float32) + batch["head_translation"]
+            where = head_in_view(batch["world_to_cam"], batch["intrinsics"], centre, model.encoder.crop_extent)
+            repeats = config.localiser.repeats  # each frame in as many windows, augmented differently
+            images_seen = jnp.tile(images, (repeats, 1, 1, 1))
+            masks = jnp.tile(batch["masks"].astype(jnp.float32) / 255.0, (repeats, 1, 1))
+            localiser, found = localiser_loss(model.localiser, localiser_rng, images_seen, masks,
+                                              jnp.tile(where, (repeats, 1)), config.localiser)  # fmt: skip
+            aux = aux | found | {"localiser": localiser}
+            loss = config.localiser.weight * localiser
+        else:
+            loss = 0.0
+        loss += sum(getattr(weights, name) * value for name, value in terms.items())
         return loss, terms | aux
 
     return loss_fn
@@ -183,7 +198,7 @@ def train_encoder(config: ml_collections.ConfigDict, workdir: str | Path) -> tup
 
     encoder = build_encoder(config, prior)
     encoder.set_code_statistics(train_codes)  # it starts at the mean-code baseline
-    model = EncoderWithPrior(encoder, prior)
+    model = EncoderWithPrior(encoder, prior, build_localiser(config))
     frames = loaders.multiview_loader(dataset_lib.train_frames(records, split), batch_sharding(mesh),
                                       dataset_lib.loader_options(config), num_views=1,
                                       serials=split.held_in_cameras)  # fmt: skip

@@ -14,6 +14,10 @@ it logs progress with an ETA, checkpoints, and resumes when run again with the s
 The model pieces are `uhap_jax.models.personal`'s and the start `uhap_jax.models.identity_start`'s; the avatar
 folder (`make_avatar`'s format plus the fitted bias maps) is written by `uhap_jax.artifacts.avatars.write_avatar`.
 
+The video is a capture-layout folder (calibrated) or a plain video file: then `read_video` finds the head in each
+frame with the encoder's head localiser and sets up per-frame virtual cameras from the file's intrinsics (a user
+calibration, its metadata or a stated field of view), so the encoder's crop and pose apply as on the rig.
+
 `heldout_quality` measures it: a held-out identity personalised from its monocular sequence alone, scored by
 `uhap_jax.eval.personalize_eval` at the held-out cameras of its multi-view sequences.
 """
@@ -34,13 +38,14 @@ from flax import nnx
 
 import kernels
 from data_pipelines import dataset as dataset_lib
-from data_pipelines import layout, loaders, monocular, synth
+from data_pipelines import layout, loaders, monocular, synth, video_file
 from uhap_jax.artifacts.avatars import write_avatar
 from uhap_jax.artifacts.bundles import save_bundle
-from uhap_jax.artifacts.priors import load_population, load_prior, restore_encoder, restore_speech
+from uhap_jax.artifacts.priors import load_population, load_prior, restore_encoder_model, restore_speech
+from uhap_jax.config_utils import UsageError
 from uhap_jax.eval import personalize_eval
 from uhap_jax.geometry import template as template_lib
-from uhap_jax.models import image_metrics, losses
+from uhap_jax.models import head_localiser, image_metrics, losses
 from uhap_jax.models.identity_start import encode_video, identity_maps, video_albedo
 from uhap_jax.models.mono_encoder import MonoEncoder
 from uhap_jax.models.personal import PersonalIdentity, PersonalModel
@@ -55,6 +60,7 @@ from uhap_jax.train.optimizer import make_optimizer
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "personalize.json"
+VIDEO_SERIAL = "video"  # the camera of a plain video file, in the avatar
 
 
 # ------------------------------------------------------------------------------------- data and loss
@@ -183,6 +189,45 @@ def fit_identity(prior: UHAP, prior_cfg: ml_collections.ConfigDict, template: te
     return identity, result
 
 
+# ------------------------------------------------------------------------------------- a plain video file
+
+
+def read_video(path: str | Path, localiser: head_localiser.HeadLocaliser | None, encoder: MonoEncoder,
+               config: ml_collections.ConfigDict) -> tuple[monocular.MonoVideo, str]:  # fmt: skip
+    """A video file as a MonoVideo (no masks) with per-frame virtual cameras where the localiser found the head,
+    and where its intrinsics came from (`data_pipelines.video_file`). `localiser` None (an encoder trained
+    without one) and a video where no frame shows a head are UsageErrors that say what to do."""
+    path = Path(path)
+    if localiser is None:
+        raise UsageError(f"--video {path}: a video file needs the encoder's head localiser, and this encoder was "
+                         "trained without one; train it again with `uhap train encoder` (localiser.enabled=True) "
+                         "or give a capture-layout folder")  # fmt: skip
+    options = config.video
+    clip = video_file.read_video_file(path, fps=options.fps, max_frames=config.max_frames, max_side=options.max_side,
+                                      fov_deg=options.fov_deg, calibration=options.calibration,
+                                      camera=config.camera)  # fmt: skip
+    found, presence = head_localiser.localise(localiser, clip.images, config.data.encode_batch_size)
+    if not np.any(presence >= options.min_presence):
+        raise UsageError(f"--video {path}: no face found in any of its {len(clip.images)} frames (best presence "
+                         f"{presence.max():.2f}); give a clip where the face is visible and lit")  # fmt: skip
+    track = head_localiser.smooth_track(found, presence, options.smooth_frames, options.min_presence)
+    views = head_localiser.head_cameras(clip.intrinsics, track, encoder.crop_extent, encoder.crop_centre)
+    reference = views[0].copy()
+    reference[:3, 3] = np.median(views[:, :3, 3], 0)
+    height, width = clip.images.shape[1:3]
+    logger.info("%s: %d frames %dx%d at %.3g fps (file: %.3g fps, rotation %g); intrinsics from %s; head found in "
+                "%d of them, %.0f px across", path, len(clip.images), width, height, clip.fps, clip.source_fps,
+                clip.rotation_deg, clip.intrinsics_source, int(np.sum(presence >= options.min_presence)),
+                float(np.median(track[:, 2])))  # fmt: skip
+    camera = layout.Camera(VIDEO_SERIAL, reference, clip.intrinsics, width, height)
+    count = len(clip.images)
+    video = monocular.MonoVideo(path.stem, path, camera, clip.fps,
+                                tuple((path.name, int(i)) for i in clip.frame_index), clip.images,
+                                np.full((count, height, width), 255, np.uint8), np.zeros(count, np.float32),
+                                views)  # fmt: skip
+    return video, clip.intrinsics_source
+
+
 # ------------------------------------------------------------------------------------- the avatar and its quality
 
 
@@ -224,12 +269,17 @@ def personalize(prior: str | Path, encoder_workdir: str | Path, video_dir: str |
     out = Path(out_avatar)
     workdir = Path(workdir or config.workdir or f"{out}.work")
     base, prior_cfg, template, prior_step = load_prior(prior)
-    encoder, encoder_step = restore_encoder(encoder_workdir, base)
+    restored, encoder_step = restore_encoder_model(encoder_workdir, base)
+    encoder = restored.encoder
     info_file = Path(encoder_workdir) / INFO_FILE
     if info_file.is_file() and json.loads(info_file.read_text()).get("prior_step") != prior_step:
         logger.warning("%s: the encoder was trained against another prior step than %s's %d; its codes may be off",
                        info_file, prior, prior_step)  # fmt: skip
-    video = monocular.read_monocular(video_dir, config.camera, tuple(config.sequences), config.max_frames)
+    if Path(video_dir).is_file():
+        video, intrinsics_source = read_video(video_dir, restored.localiser, encoder, config)
+    else:
+        video = monocular.read_monocular(video_dir, config.camera, tuple(config.sequences), config.max_frames)
+        intrinsics_source = f"calibration: {video.subject_dir / layout.CALIBRATION_FILE}"
     scan = monocular.read_scan(config, video)
     speech, speech_step = restore_speech(audio_workdir, nnx.clone(base), video.fps)
     if speech.config.latent_dim != base.z_dim:
@@ -239,13 +289,15 @@ def personalize(prior: str | Path, encoder_workdir: str | Path, video_dir: str |
                "speech": str(Path(audio_workdir).absolute()), "video": str(Path(video_dir).absolute())}  # fmt: skip
     _claim_workdir(workdir, {**sources, "camera": video.camera.serial, "frames": [list(f) for f in video.frames],
                              "scan": scan[3] if scan is not None else None, "prior_step": prior_step,
-                             "encoder_step": encoder_step})  # fmt: skip
+                             "encoder_step": encoder_step, "intrinsics": intrinsics_source})  # fmt: skip
     identity, result = fit_identity(base, prior_cfg, template, encoder, video, config, workdir, scan,
                                     load_population(prior))  # fmt: skip
     if result.preempted:
         logger.warning("preempted at step %d: run the same command again to resume from %s", result.step, workdir)
         return PersonalizeResult(None, result.step, True, workdir, result.metrics)
-    details = {"frames": len(video.images), "camera": video.camera.serial, "scan": scan is not None,
+    details = {"frames": len(video.images), "camera": video.camera.serial, "intrinsics": intrinsics_source,
+               "head_placed": "calibration" if video.frame_world_to_cam is None else "head localiser",
+               "scan": scan is not None,
                "steps": result.step, "prior_step": prior_step, "encoder_step": encoder_step,
                "tuned": config.tune.to_dict()}  # fmt: skip
     bundle = {"kind": "uhap_prior", "step": prior_step, "dtype": "float32", "source": sources["prior"],
@@ -264,13 +316,20 @@ def personalize(prior: str | Path, encoder_workdir: str | Path, video_dir: str |
 
 
 def heldout_quality(prior_workdir: str | Path, encoder_workdir: str | Path, config: ml_collections.ConfigDict,
-                    workdir: str | Path, *, subject: str | None = None) -> dict[str, float]:  # fmt: skip
+                    workdir: str | Path, *, subject: str | None = None,
+                    as_file: str = "") -> dict[str, float]:  # fmt: skip
     """Personalises a held-out identity from its monocular sequence only (no scan) and scores held-out views
     (`uhap_jax.eval.personalize_eval.heldout_metrics`), with the video's frame count and the fine-tune's steps.
-    The fine-tune runs in `workdir` (resumable); codes are cached there."""
+    The fine-tune runs in `workdir` (resumable); codes are cached there.
+
+    `as_file` "metadata" or "fov": the sequence is written to `<workdir>/<sequence>.mp4` at its frame rate, with
+    its 35 mm-equivalent focal length in the metadata as a phone writes it ("metadata") or without
+    (`config.video.fov_deg` then gives the intrinsics), and read through the video-file path (`read_video`), its
+    calibration withheld."""
     workdir = Path(workdir)
     base, prior_cfg, template, prior_step = load_prior(prior_workdir)
-    encoder, _ = restore_encoder(encoder_workdir, base)
+    restored, _ = restore_encoder_model(encoder_workdir, base)
+    encoder = restored.encoder
     root = dataset_lib.dataset_root(prior_cfg)
     records = dataset_lib.prepared_records(root, prior_cfg)
     split = dataset_lib.read_split(root, records, 1)
@@ -280,6 +339,18 @@ def heldout_quality(prior_workdir: str | Path, encoder_workdir: str | Path, conf
     mono.camera = config.camera or synth.MONO_SERIAL
     video = monocular.read_monocular(layout.subject_dir(root, subject), mono.camera, tuple(mono.sequences),
                                      mono.max_frames)  # fmt: skip
+    if as_file:
+        if as_file not in ("metadata", "fov"):
+            raise ValueError(f"as_file must be 'metadata' or 'fov', got {as_file!r}")
+        clip = workdir / f"{video.frames[0][0]}_{as_file}.mp4"
+        if not clip.is_file():
+            workdir.mkdir(parents=True, exist_ok=True)
+            everything = monocular.read_monocular(video.subject_dir, mono.camera, (video.frames[0][0],))
+            camera = everything.camera
+            focal = video_file.focal_35mm_of(camera.intrinsics, camera.width, camera.height)
+            focal = focal if as_file == "metadata" else None
+            video_file.write_video_file(clip, everything.images, everything.fps, focal_mm_35=focal)
+        video, _ = read_video(clip, restored.localiser, encoder, mono)
     identity, result = fit_identity(base, prior_cfg, template, encoder, video, mono, workdir, None,
                                     load_population(prior_workdir))  # fmt: skip
     if result.preempted:

@@ -199,7 +199,7 @@ def prepare(layout_root: Path, data_dir: Path, *, audio_window_s: float = 0.5) -
     Records stream into shards of about `SHARD_BYTES` as they are made, and the TFDS metadata is written with
     `tfds.folder_dataset.write_metadata`: TFDS's own builder buffers a split in memory and spills past 1 GB
     through `tf.io.gfile`, i.e. it needs TensorFlow for any real capture. The folder appears complete or not at
-    all (written beside it, then renamed).
+    all (written beside it, then renamed); a job that finishes second uses the first one's.
     """
     out = dataset_dir(data_dir, audio_window_s)
     if (out / "dataset_info.json").is_file():
@@ -237,7 +237,11 @@ def prepare(layout_root: Path, data_dir: Path, *, audio_window_s: float = 0.5) -
             description=__doc__, disable_shuffling=True,
             metadata=tfds.core.MetadataDict(layout_root=str(layout_root), subjects=subjects, sequences=table),
         )  # fmt: skip
-        staging.rename(out)
+        try:
+            staging.rename(out)
+        except OSError:  # another job prepared the same layout meanwhile: use its records
+            if not (out / "dataset_info.json").is_file():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -97,3 +97,23 @@ def test_prepare_streams_records_into_several_shards_without_tensorflow(tmp_path
     stamp = (dataset_dir / "dataset_info.json").stat().st_mtime_ns
     assert tfds_builder.prepare(tmp_path / "layout", tmp_path / "tfds", audio_window_s=0.1) == dataset_dir
     assert (dataset_dir / "dataset_info.json").stat().st_mtime_ns == stamp
+
+
+def test_a_prepare_that_finishes_second_uses_the_first_ones_records(tmp_path, rng, monkeypatch):
+    """Two jobs prepare the same layout at once: the one whose rename comes second keeps the first one's folder
+    and leaves no partial folder behind."""
+    import shutil
+
+    write_tiny_layout(tmp_path / "layout", rng)
+    first = tfds_builder.prepare(tmp_path / "layout", tmp_path / "first", audio_window_s=0.1)
+    out = tfds_builder.dataset_dir(tmp_path / "tfds", 0.1)
+    real = tfds.folder_dataset.write_metadata
+
+    def other_job_finishes_first(**kwargs):
+        real(**kwargs)
+        shutil.copytree(first, out)
+
+    monkeypatch.setattr(tfds.folder_dataset, "write_metadata", other_job_finishes_first)
+    assert tfds_builder.prepare(tmp_path / "layout", tmp_path / "tfds", audio_window_s=0.1) == out
+    assert len(tfds.builder_from_directory(str(out)).as_data_source(split="train")) == 9
+    assert [p.name for p in out.parent.iterdir()] == [out.name]

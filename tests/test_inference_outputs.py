@@ -315,7 +315,7 @@ def test_orbit_circles_the_head_at_constant_distance(rng):
     eyes = _centres(path)
     np.testing.assert_allclose(np.linalg.norm(eyes - centre, axis=-1), distance, rtol=1e-12)
     np.testing.assert_allclose(eyes[:, 1] - centre[1], distance * np.sin(np.deg2rad(elevation)), atol=1e-12)
-    gaps = np.linalg.norm(eyes[:, None] - eyes[None], axis=-1) + np.eye(count) * distance
+    gaps = np.linalg.norm(eyes[:, None] - eyes[None], axis=-1) + np.diag(np.full(count, np.inf))  # no self-gaps
     expected_gap = 2 * distance * np.cos(np.deg2rad(elevation)) * np.sin(np.pi / count)  # chord between neighbours
     np.testing.assert_allclose(gaps.min(), expected_gap, rtol=1e-9)  # N distinct, evenly spaced cameras
     assert eyes[0, 2] < centre[2]  # starts in front

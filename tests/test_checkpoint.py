@@ -79,6 +79,36 @@ def test_params_only_restore_needs_no_optimizer_and_names_a_mismatch(tmp_path, r
         restore_latest(tmp_path / "empty", make_model(seed), one_device, what="toy")
 
 
+def test_moving_average_follows_a_float64_reference_and_is_what_evaluations_and_exports_read(tmp_path, rng):
+    """With `ema_decay`, the state carries the parameters' moving average (decay ramped as (1 + t) / (10 + t)),
+    equal to a float64 recurrence over the raw parameters after each step; `eval_model` and `restore_latest`
+    read it, not the raw parameters; without it the state has no average."""
+    seed, decay = int(rng.integers(1 << 30)), float(rng.uniform(0.5, 0.8))
+    data = ToyData(seed, batch_size=16)
+    trainer = Trainer(small_config(steps=5, ema_decay=decay), make_model(seed), optax.adam(3e-2), loss_fn,
+                      data.iterator(), tmp_path, mesh=make_mesh(data=4, fsdp=2))  # fmt: skip
+    reference = jax.tree.map(np.float64, host_tree(trainer.state["params"]))
+    for t in range(5):
+        trainer.train_step(data.batch(t))
+        d = min(decay, (1.0 + t) / (10.0 + t))
+        reference = jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, reference, host_tree(trainer.state["params"]))
+    average = host_tree(trainer.state["ema_params"])
+    jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-7), average, reference)
+    raw = host_tree(trainer.state["params"])
+    assert np.abs(raw["hidden"]["kernel"] - average["hidden"]["kernel"]).max() > 1e-3  # they differ: a real test
+    evaluated = host_tree(nnx.to_pure_dict(nnx.state(trainer.eval_model, nnx.Param)))
+    jax.tree.map(np.testing.assert_array_equal, evaluated, average)
+    trainer.save()
+    trainer.close()
+    model, step = restore_latest(tmp_path, make_model(seed + 1), make_mesh(devices=jax.devices()[:1]), what="toy")
+    assert step == 5
+    jax.tree.map(np.testing.assert_array_equal, host_tree(nnx.to_pure_dict(nnx.state(model, nnx.Param))), average)
+    plain = Trainer(small_config(), make_model(seed), optax.adam(3e-2), loss_fn, data.iterator(), tmp_path / "plain",
+                    mesh=make_mesh(data=4, fsdp=2))  # fmt: skip
+    assert "ema_params" not in plain.state
+    plain.close()
+
+
 class CountingIterator:
     """A real (tiny) checkpointable iterator whose state is bytes or a dict, as grain's iterators give."""
 

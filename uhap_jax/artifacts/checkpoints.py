@@ -133,13 +133,14 @@ def restore_latest(workdir: str | Path, model: nnx.Module, mesh: jax.sharding.Me
                    expect: str = "") -> tuple[nnx.Module, int]:  # fmt: skip
     """`model` (an nnx.Module of the trained structure) holding the parameters of the latest checkpoint that the
     Trainer wrote in `workdir`, replicated on `mesh`, and its step. Only the parameters are read (no optimiser
-    state is needed or loaded); whatever mesh or process count wrote the checkpoint, they restore here. `what`
+    state is needed or loaded): their moving average where the run kept one (`train.ema_decay`), the raw ones
+    otherwise; whatever mesh or process count wrote the checkpoint, they restore here. `what`
     and `expect` word the errors: a missing checkpoint names `what`, a mismatch says that it must match `expect`."""
     workdir = Path(workdir)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                                       nnx.to_pure_dict(params))}  # fmt: skip
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          nnx.to_pure_dict(params))  # fmt: skip
     checkpointer = Checkpointer(workdir, use_async=False)
     try:
         step = checkpointer.latest_step()
@@ -148,12 +149,16 @@ def restore_latest(workdir: str | Path, model: nnx.Module, mesh: jax.sharding.Me
     if step is None:
         raise FileNotFoundError(f"{workdir / 'checkpoints'}: holds no finished {what} checkpoint")
     state_dir = checkpointer.directory / str(step) / "state"
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     with ocp.PyTreeCheckpointer() as reader:
+        metadata = reader.metadata(state_dir)
+        tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+        key = "ema_params" if "ema_params" in tree else "params"
+        abstract = {key: shapes}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
         try:
             state = reader.restore(state_dir, args=ocp.args.PyTreeRestore(abstract, restore_args, partial_restore=True))
         except (ValueError, KeyError) as error:
             message = f"{checkpointer.directory / str(step)}: does not match {expect or what}"
             raise ValueError(f"{message}: {error}") from error
-    nnx.replace_by_pure_dict(params, state["params"])
+    nnx.replace_by_pure_dict(params, state[key])
     return nnx.merge(graphdef, params, rest), step

@@ -57,6 +57,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.async_checkpoints = True
     config.image_every = 0  # 0: no image grids
+    # Decay of an exponential moving average of the parameters (0: none). With one, evaluations, exports and
+    # later stages use the average: at a constant learning rate the raw parameters jitter from step to step
+    # (issue 19: held-out PSNR dipped 2.3 dB for one eval), the average follows the trend.
+    config.ema_decay = 0.0
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     # (regex, spec) pairs, see uhap_jax.train.sharding; unmatched leaves are sharded "auto".
     config.sharding = ml_collections.ConfigDict({"rules": (), "min_shard_size": 2**14})
@@ -139,6 +143,8 @@ class Trainer:
             "rng": jax.random.key(self.config.seed),
             "nonfinite_steps": jnp.zeros((), jnp.int32),
         }
+        if self.config.get("ema_decay", 0.0):
+            host_state["ema_params"] = params
         abstract = jax.eval_shape(lambda s: {**s, "opt_state": self._optimizer.init(s["params"])}, host_state)
         self._state_shardings = tree_shardings(
             abstract, self.mesh, self.config.sharding.rules, self.config.sharding.min_shard_size
@@ -165,6 +171,11 @@ class Trainer:
     def model(self) -> nnx.Module:
         """A fresh module holding the current state (sharded arrays, shared with the trainer)."""
         return nnx.merge(self._graphdef, self.state["params"], self.state["rest"])
+
+    @property
+    def eval_model(self) -> nnx.Module:
+        """The module to evaluate and export: the parameters' moving average when `ema_decay` is set."""
+        return nnx.merge(self._graphdef, self.state.get("ema_params", self.state["params"]), self.state["rest"])
 
     # ---- the jitted step ---------------------------------------------------------------------
     def _compile_step(self) -> Callable:
@@ -215,6 +226,7 @@ class Trainer:
         nonfinite_steps = state["nonfinite_steps"] + (~finite).astype(jnp.int32)
         new_state = {
             "params": _select(finite, new_params, state["params"]),
+            **self._ema_update(state, _select(finite, new_params, state["params"])),
             "opt_state": _select(finite, new_opt_state, state["opt_state"]),
             "rest": _select(finite, new_rest, state["rest"]),
             "step": state["step"] + 1,
@@ -223,6 +235,15 @@ class Trainer:
         }
         metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite_steps": nonfinite_steps, **aux}
         return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+    def _ema_update(self, state: dict, params: dict) -> dict:
+        """{"ema_params": ...} moved toward `params`, or {} without an average. The decay ramps up as
+        (1 + t) / (10 + t) (TensorFlow's ExponentialMovingAverage) so early averages are not stuck at the init."""
+        if "ema_params" not in state:
+            return {}
+        t = state["step"].astype(jnp.float32)
+        decay = jnp.minimum(self.config.ema_decay, (1.0 + t) / (10.0 + t))
+        return {"ema_params": jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema_params"], params)}
 
     def train_step(self, batch: Any) -> dict[str, jax.Array]:
         """One update on `batch` (host-local or global arrays); returns the step's metrics, unfetched."""
@@ -298,7 +319,7 @@ class Trainer:
 
     def _evaluate(self, evaluate: Callable[[nnx.Module], dict[str, float]]) -> dict[str, float]:
         with jax.set_mesh(self.mesh):
-            metrics = evaluate(self.model)
+            metrics = evaluate(self.eval_model)
         self._writer.write_scalars(self.step, metrics)
         self._writer.flush()
         logger.info("eval at step %d: %s", self.step, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

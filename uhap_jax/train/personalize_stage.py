@@ -176,7 +176,7 @@ def fit_identity(prior: UHAP, prior_cfg: ml_collections.ConfigDict, template: te
                       workdir, mesh=mesh, capacity=capacity)  # fmt: skip
     try:
         result = trainer.run()
-        trained = trainer.model
+        trained = trainer.eval_model
     finally:
         trainer.close()
     tuned = jax.device_get(nnx.to_pure_dict(nnx.state(trained.prior, nnx.Param)))

@@ -178,8 +178,12 @@ def train_prior(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple
     data = PriorBatches(frames, tables, mesh)
     write_population(workdir, model, records, split, tables)
     eval_set = prior_eval.build_eval_set(records, split, tables, config)
-    capacity = initial_capacity(model, eval_set.probe(config.eval.batch_size), config.render.capacity_headroom,
-                                config.render.capacity_shrink_after)
+    capacity = initial_capacity(
+        model,
+        eval_set.probe(config.eval.batch_size),
+        config.render.capacity_headroom,
+        config.render.capacity_shrink_after,
+    )
     lpips = None
     if config.loss.lpips > 0 and config.loss.lpips_weights:
         lpips = losses.load_lpips(config.loss.lpips_weights)

@@ -298,3 +298,59 @@ def test_adaptive_capacity_never_shrinks_below_what_recent_steps_needed(rng):
     assert capacity.value == settled
     never = kernels.AdaptiveCapacity(initial=8 * n, headroom=1.5)
     assert not any(never.observe(n) for _ in range(50)) and never.value == big
+
+
+def test_a_skipped_step_never_shrinks_the_pair_capacity(tmp_path, rng):
+    """Broken parameters render almost nothing: the few pairs of a skipped step must not shrink the capacity
+    (issue 19's base run went 655,360 -> 1,024 and re-rendered every evaluation); finite steps still do."""
+    import kernels
+
+    seed = int(rng.integers(1 << 30))
+    few = int(rng.integers(10, 500))
+
+    def tiny_render_loss(model, batch, rng_key):
+        loss, aux = loss_fn(model, batch, rng_key)
+        aux["raster_pairs"] = jax.numpy.float32(few)
+        return loss, aux
+
+    values = {}
+    for name, nan_batches in (("skipped", tuple(range(100))), ("finite", ())):
+        capacity = kernels.AdaptiveCapacity(initial=1 << 16, headroom=1.25, shrink_after=2)
+        config = small_config(steps=8, rollback_after_nonfinite=0)
+        data = ToyData(seed, 16, nan_batches=nan_batches)
+        trainer = Trainer(config, make_model(seed), optax.adam(1e-2), tiny_render_loss, data.iterator(),
+                          tmp_path / name, capacity=capacity)  # fmt: skip
+        trainer.run()
+        trainer.close()
+        values[name] = capacity.value
+    assert values["skipped"] == kernels.binning.bucket_capacity(1 << 16)
+    assert values["finite"] < values["skipped"]
+
+
+def test_a_run_of_nonfinite_steps_rolls_back_to_a_checkpoint_before_it(tmp_path, rng, caplog):
+    """Seven poisoned batches in a row (steps 14-20) with rollback_after_nonfinite=4: the loop reloads step 10
+    (step 15's checkpoint holds the broken state and is deleted), keeps reading the next batches, and finishes
+    with every metrics row once; a run that never recovers stops with one clear error after max_rollbacks."""
+    seed = int(rng.integers(1 << 30))
+    data = ToyData(seed, batch_size=16, nan_batches=tuple(range(13, 20)))
+    config = small_config(steps=25, checkpoint_every=5, rollback_after_nonfinite=4, max_rollbacks=1,
+                          async_checkpoints=False)  # fmt: skip
+    trainer = Trainer(config, make_model(seed), optax.adam(1e-2), loss_fn, data.iterator(), tmp_path / "recovers")
+    with caplog.at_level(logging.WARNING, logger="uhap_jax.train.loop"):
+        result = trainer.run()
+    assert any("rolled back to the checkpoint of step 10" in m for m in caplog.messages), caplog.messages
+    assert result.step == 25 and np.isfinite(result.metrics["loss"])
+    assert [row["step"] for row in rows(tmp_path / "recovers")] == list(range(1, 26))
+    # Batches 0-17 before the rollback, then 15 more: the data went on, they were not replayed.
+    np.testing.assert_array_equal(next(trainer.data_iter)["index"], data.batch(33)["index"])
+    trainer.close()
+
+    stuck = ToyData(seed, batch_size=16, nan_batches=tuple(range(3, 1000)))
+    config = small_config(steps=40, checkpoint_every=2, rollback_after_nonfinite=3, max_rollbacks=2,
+                          async_checkpoints=False)  # fmt: skip
+    trainer = Trainer(config, make_model(seed), optax.adam(1e-2), loss_fn, stuck.iterator(), tmp_path / "stuck")
+    # Back at step 2, the next run of skipped steps starts at step 3: no checkpoint before it is left.
+    with pytest.raises(RuntimeError, match=r"stuck: 3 steps in a row .* after 1 rollback\(s\) and there is no "
+                                           r"checkpoint to roll back to; lower"):  # fmt: skip
+        trainer.run()
+    trainer.close()

@@ -96,6 +96,13 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def delete_after(self, step: int) -> None:
+        """Remove the checkpoints of later steps (a rollback discards them before the steps are trained again)."""
+        self.wait()
+        for later in self.all_steps():
+            if later > step:
+                self._manager.delete(later)
+
     def save(self, step: int, state: Any, data_iterator: Any) -> None:
         """Start writing `step`; returns once the arrays are copied off the devices."""
         saved = self._manager.save(

@@ -14,7 +14,12 @@ Stages that render pass `capacity` (a `kernels.AdaptiveCapacity` whose `.value` 
 and report the step's largest per-camera pair count as `aux["raster_pairs"]`. After each step the loop reads
 the previous step's count (finished by then, so the device never waits on the host); when it outgrows the
 capacity, the step is compiled again with the larger bucket. A step that overflowed rendered NaN images and
-was skipped like any non-finite step.
+was skipped like any non-finite step; a skipped step never shrinks the capacity (broken parameters render
+almost nothing).
+
+A non-finite step is skipped (the state stays). A run of `rollback_after_nonfinite` of them means the parameters
+no longer give a finite loss on any batch (issue 19's base run: every step from 6,600 on, for 2,200 steps): the
+loop then reloads the latest checkpoint and carries on with the next batches, as large-model trainers do.
 """
 
 from __future__ import annotations
@@ -61,6 +66,10 @@ def default_config() -> ml_collections.ConfigDict:
     # later stages use the average: at a constant learning rate the raw parameters jitter from step to step
     # (issue 19: held-out PSNR dipped 2.3 dB for one eval), the average follows the trend.
     config.ema_decay = 0.0
+    # This many non-finite steps in a row mean the parameters themselves are broken (every later step is skipped):
+    # load the latest checkpoint and go on with the next batches (0: never); after max_rollbacks, stop with an error.
+    config.rollback_after_nonfinite = 50
+    config.max_rollbacks = 3
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     # (regex, spec) pairs, see uhap_jax.train.sharding; unmatched leaves are sharded "auto".
     config.sharding = ml_collections.ConfigDict({"rules": (), "min_shard_size": 2**14})
@@ -132,6 +141,8 @@ class Trainer:
         self._step_fn = self._compile_step()
         self._steps_by_capacity = {capacity.value: self._step_fn} if capacity is not None else {}
         self.step = 0
+        self._nonfinite_run, self._rollbacks, self._first_broken_step = 0, 0, 0
+        self._nonfinite_count = 0  # skipped steps counted by the last finished step
         self._resume_if_possible()
 
     # ---- state -------------------------------------------------------------------------------
@@ -187,14 +198,14 @@ class Trainer:
             donate_argnums=0,
         )
 
-    def _adapt_capacity(self, metrics: dict[str, jax.Array]) -> None:
-        """Size the pair capacity from a finished step's `raster_pairs` (`AdaptiveCapacity.observe`); a changed
-        capacity switches to its step, compiled once per capacity."""
+    def _adapt_capacity(self, metrics: dict[str, jax.Array], finite: bool) -> None:
+        """Size the pair capacity from a finished step's `raster_pairs` (`AdaptiveCapacity.observe`; a skipped
+        step may only grow it); a changed capacity switches to its step, compiled once per capacity."""
         if "raster_pairs" not in metrics:
             raise ValueError("Trainer(capacity=...): loss_fn must report aux['raster_pairs']")
         pairs = int(_host_values(metrics["raster_pairs"]))
         before = self._capacity.value
-        if self._capacity.observe(pairs):
+        if self._capacity.observe(pairs) if finite else self._capacity.grow(pairs):
             compiled = self._capacity.value in self._steps_by_capacity
             logger.info("step %d needed %d pairs per camera: pair capacity %d -> %d (%s)", self.step, pairs, before,
                         self._capacity.value, "compiled before" if compiled else "recompiling the step")  # fmt: skip
@@ -259,7 +270,7 @@ class Trainer:
         progress = Progress(self.step, config.steps)
         metrics, logged_step, logged = None, self.step, {}
         previous = None
-        nonfinite_seen = int(self.state["nonfinite_steps"])
+        nonfinite_seen = self._nonfinite_count = int(self.state["nonfinite_steps"])
         restore_signal_handler = self._install_sigterm_handler()
         try:
             while self.step < config.steps:
@@ -269,8 +280,13 @@ class Trainer:
                     logger.info("data exhausted at step %d", self.step)
                     break
                 metrics = self.train_step(batch)
-                if self._capacity is not None and previous is not None:
-                    self._adapt_capacity(previous)
+                if previous is not None:
+                    finite = self._finished_step_was_finite(previous)
+                    if self._capacity is not None:
+                        self._adapt_capacity(previous, finite)
+                    if self._roll_back_if_diverged(finite):  # this step ran on the broken state: dropped
+                        previous, nonfinite_seen = None, int(self.state["nonfinite_steps"])
+                        continue
                 previous = metrics
                 if self.step % config.log_every == 0 or self.step == config.steps:
                     logged, nonfinite_seen = self._log(metrics, progress, nonfinite_seen)
@@ -293,6 +309,49 @@ class Trainer:
         finally:
             restore_signal_handler()
             self._writer.flush()
+
+    def _finished_step_was_finite(self, metrics: dict[str, jax.Array]) -> bool:
+        """Whether the step that produced `metrics` (finished: the next one is queued) was applied."""
+        count = int(_host_values(metrics["nonfinite_steps"]))
+        finite = count == self._nonfinite_count
+        self._nonfinite_count = count
+        return finite
+
+    def _roll_back_if_diverged(self, finite: bool) -> bool:
+        """After `rollback_after_nonfinite` skipped steps in a row, reload the latest checkpoint (the data go on
+        from here); True when it did. Raises once `max_rollbacks` did not help or no checkpoint exists."""
+        if finite:
+            self._nonfinite_run = 0
+        elif self._nonfinite_run == 0:
+            # The finished step is number self.step - 1: it started from the state of step self.step - 2, the
+            # first one known to be broken. Checkpoints of earlier steps are safe to go back to.
+            self._nonfinite_run, self._first_broken_step = 1, self.step - 2
+        else:
+            self._nonfinite_run += 1
+        limit = self.config.get("rollback_after_nonfinite", 0)
+        if not limit or self._nonfinite_run < limit:
+            return False
+        self._checkpointer.wait()
+        safe = [s for s in self._checkpointer.all_steps() if s < self._first_broken_step]
+        latest = max(safe) if safe else None
+        if latest is None or self._rollbacks >= self.config.get("max_rollbacks", 0):
+            raise RuntimeError(
+                f"{self.workdir}: {self._nonfinite_run} steps in a row up to step {self.step} had a non-finite loss "
+                f"or gradient after {self._rollbacks} rollback(s)"
+                + ("" if latest is not None else " and there is no checkpoint to roll back to")
+                + "; lower --config.optimizer.learning_rate, or raise --config.train.max_rollbacks"
+            )
+        diverged_at = self.step
+        self.state = self._checkpointer.restore(latest, abstract_like(self.state))
+        self.step = int(self.state["step"])
+        self._checkpointer.delete_after(self.step)
+        self._writer.truncate_after(self.step)
+        self._rollbacks += 1
+        self._nonfinite_run, self._nonfinite_count = 0, int(self.state["nonfinite_steps"])
+        logger.warning("steps up to %d diverged (%d non-finite in a row): rolled back to the checkpoint of step %d, "
+                       "going on with the next batches (rollback %d of at most %d)", diverged_at, limit, self.step,
+                       self._rollbacks, self.config.max_rollbacks)  # fmt: skip
+        return True
 
     def run_with_evals(self, evaluate: Callable[[nnx.Module], dict[str, float]], every: int
                        ) -> tuple[TrainResult, dict[str, float]]:  # fmt: skip

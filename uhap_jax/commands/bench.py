@@ -93,7 +93,9 @@ def run_train(args: argparse.Namespace) -> int:
         if sizes:
             from uhap_jax.train.train_bench import batch_search
 
-            _print_table(batch_search(config, Path(workdir), sizes))
+            for row in batch_search(config, Path(workdir), sizes):  # one line each, as it is found
+                print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                      flush=True)  # fmt: skip
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -131,11 +132,12 @@ def benchmark_real_data(config: ml_collections.ConfigDict, root: str | Path, wor
     }
 
 
-def batch_search(config: ml_collections.ConfigDict, workdir: Path, sizes: list[int]) -> list[dict]:
+def batch_search(config: ml_collections.ConfigDict, workdir: Path, sizes: list[int]) -> Iterator[dict]:
     """For each global batch size (frames), the compiled step's device memory (arguments + outputs + temporaries,
-    from XLA's memory analysis of the real train step) against the device's limit; the largest that fits is
-    then run once to confirm it, and the first two sizes' slope predicts the largest batch that fits."""
-    rows, fits = [], None
+    from XLA's memory analysis of the real train step) against the device's limit, yielded as soon as it is known
+    (each size compiles the step: a call cut short keeps the sizes it reached). The largest that fits is then run
+    once to confirm it, and a last row extrapolates the first two sizes' slope to the largest batch that fits."""
+    fits, measured = None, []
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     for size in sizes:
         sized = config.copy_and_resolve_references()
@@ -156,28 +158,30 @@ def batch_search(config: ml_collections.ConfigDict, workdir: Path, sizes: list[i
         if analysis is not None:
             total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                      + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)  # fmt: skip
-        row = {"batch": f"{size}x{sized.data.num_views}", "step_gib": total / 2**30 if total else float("nan"),
-               "limit_gib": limit / 2**30 if limit else float("nan")}  # fmt: skip
-        row["fits"] = bool(total is not None and limit is not None and total < limit)
-        if row["fits"]:
+            measured.append((size, total / 2**30))
+        fitted = total is not None and limit is not None and total < limit
+        if fitted:
+            if fits is not None:
+                fits[1].close()
             fits = (size, trainer, compiled, placed)
-        rows.append(row)
-        trainer.close()
+        else:
+            trainer.close()
+        yield {"batch": f"{size}x{sized.data.num_views}", "step_gib": total / 2**30 if total else float("nan"),
+               "limit_gib": limit / 2**30 if limit else float("nan"), "fits": fitted}  # fmt: skip
         if total is not None and limit is not None and total >= limit:
             break
-    measured = [(int(r["batch"].split("x")[0]), r["step_gib"]) for r in rows if np.isfinite(r["step_gib"])]
-    if len(measured) >= 2 and limit:
-        (b0, g0), (b1, g1) = measured[:2]
-        per_frame = (g1 - g0) / (b1 - b0)
-        rows[0]["gib_per_frame"] = per_frame
-        rows[0]["predicted_max_batch"] = int((limit / 2**30 - (g0 - per_frame * b0)) / per_frame)
     if fits is not None:
         size, trainer, compiled, placed = fits
-        row = next(r for r in rows if r["batch"].startswith(f"{size}x"))
         try:
             with jax.set_mesh(trainer.mesh):
                 jax.block_until_ready(compiled(trainer.state, placed))
-            row["ran"] = "yes"
+            ran = "yes"
         except Exception as error:  # an allocation the analysis did not foresee: say so, keep the table
-            row["ran"] = f"failed: {str(error).splitlines()[0][:80]}"
-    return rows
+            ran = f"failed: {str(error).splitlines()[0][:80]}"
+        trainer.close()
+        yield {"batch": f"{size}x{config.data.num_views}", "largest_that_fits_ran": ran}
+    if len(measured) >= 2 and limit:
+        (b0, g0), (b1, g1) = measured[:2]
+        per_frame = (g1 - g0) / (b1 - b0)
+        largest = int((limit / 2**30 - (g0 - per_frame * b0)) / per_frame)
+        yield {"gib_per_frame": per_frame, "predicted_max_batch": largest}

@@ -30,12 +30,16 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
 
     # `uhap benchmark` as a setting: with an encoder workdir, every audio-stage checkpoint is also scored by the
     # paper's protocol on each dataset (avatars of the held-out identities from their monocular clips, built once
-    # per prior under <workdir>/benchmark/), and ranking.csv orders them by its LVE.
+    # per prior, encoder and personalisation under <workdir>/benchmark/, each checkpoint's speech model driving
+    # them; columns benchmark/<metric>), and ranking.csv orders the checkpoints by rank_by.
     config.benchmark = ml_collections.ConfigDict()
     config.benchmark.encoder = ""  # a `uhap train encoder` workdir trained against the checkpoints' prior
     config.benchmark.personalize_config = "personalize:tiny"
     config.benchmark.personalize_overrides = ()  # "a.b=v" strings
     config.benchmark.max_lag = 5
+    # The benchmark metric ranking.csv orders by, best first: lve_mm2 lowest first; psnr, ssim, mouth_psnr,
+    # mouth_ssim or sync_confidence highest first.
+    config.benchmark.rank_by = "lve_mm2"
 
     config.eval = ml_collections.ConfigDict()
     config.eval.num_frames = 8  # frames per job (rounded down to a multiple of batch_size)

@@ -1,6 +1,8 @@
 """`uhap sweep` over a tiny prior's workdir and its bundle: the CSV, plots and HTML, identical metrics for the
 two, the jobs split over two JAX processes and merged by process 0, and a clear error for a missing checkpoint.
-Over an audio-stage workdir: the lve and sync_offset that the audio stage's own eval gives its checkpoint."""
+Over an audio-stage workdir: the lve and sync_offset that the audio stage's own eval gives its checkpoint. With
+the benchmark setting: two speech models scored by `uhap benchmark`'s protocol and ranked in each metric's
+direction."""
 
 import csv
 import json
@@ -11,16 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.layouts import FPS, PRIOR_OVERRIDES, SMALL_SPEECH_MODEL, TINY_MODEL, write_prior_layout
+from flax import nnx
+from helpers.layouts import FPS, PRIOR_OVERRIDES, SMALL_SPEECH_MODEL, SPEECH_OVERRIDES, TINY_MODEL, write_prior_layout
 from helpers.models import randomise, save_step_zero
 from helpers.processes import cpu_env, free_port
 
+from data_pipelines import synth
 from uhap_jax import cli
 from uhap_jax.artifacts.priors import export_bundle, load_prior
 from uhap_jax.config_utils import load_config
-from uhap_jax.eval import audio_eval, prior_eval, sweep
-from uhap_jax.models.frozen_prior import build_speech_model
-from uhap_jax.train import audio_stage
+from uhap_jax.eval import audio_eval, benchmark, prior_eval, sweep
+from uhap_jax.geometry import template as template_lib
+from uhap_jax.models.frozen_prior import EncoderWithPrior, build_encoder, build_localiser, build_speech_model
+from uhap_jax.models.prior import UHAP
+from uhap_jax.train import audio_stage, benchmark_avatars
 from uhap_jax.train.mesh import make_mesh
 
 SCALES = (1.0, 0.5)
@@ -197,3 +203,111 @@ def test_uhap_eval_prints_the_stage_metrics_of_one_checkpoint(speech_workdir, tr
         assert 3.0 < printed["psnr"] < 60.0 and -1.0 <= printed["ssim"] <= 1.0 and printed["step"] == 2
         scores.append(printed["psnr"])
     assert scores[0] == pytest.approx(scores[1], rel=1e-4)  # the bundle holds the workdir's parameters
+
+
+# ------------------------------------------------------------------------------------- the benchmark setting
+
+PERSONALIZE = ("train.steps=2", "data.batch_size=8", "image_size=32", "albedo.frames=2")
+
+
+@pytest.fixture(scope="module")
+def benchmark_sweep(tmp_path_factory) -> dict[str, Path]:
+    """`uhap sweep` with the benchmark setting, ranking by PSNR, over two speech models that differ in a known way:
+    `still` (output layer zeroed: the same code for any audio, so it scores its zero-motion baseline exactly) and
+    `wild` (output layer random at 30x a trained one's scale: lips thrown about by centimetres), listed wild first.
+
+    A small synthetic capture (3 identities, 2 held out, 4 cameras at 32², one held out), a random step-0 prior
+    whose codes move the lips, an untrained step-0 encoder (the held-out avatars are built from it; both models
+    drive the same avatars). Nothing is trained: the demo's 2-step prior would do, but its codes do not move the
+    lips (its benchmark LVE is the same to 6 digits under every condition), so no ranking could be seen on it."""
+    base = tmp_path_factory.mktemp("sweep_benchmark")
+    rng = np.random.default_rng(0)  # fixed: the models' scores must not depend on the draw
+    data = synth.synth_config("tiny")
+    data.update({"num_identities": 3, "num_held_out_identities": 2, "sentences_per_identity": 2, "max_seconds": 0.8,
+                 "num_cameras": 4, "held_out_cameras": (1,), "image_size": 32, "template_resolution": 24,
+                 "gaussian_uv_resolution": 32})  # fmt: skip
+    root, cache, prior_dir = base / "layout", base / "cache", base / "prior"
+    synth.generate(root, data, progress=False)
+    prior_cfg = load_config("configs/prior.py:tiny", [*PRIOR_OVERRIDES, f"data.root={root}", f"data.cache_dir={cache}"])
+    prior = UHAP(template_lib.procedural_head(24), prior_cfg.model, rngs=nnx.Rngs(0))
+    randomise(prior.decoder.out, rng, scale=0.1)
+    save_step_zero(prior_cfg, prior, prior_dir)
+    encoder_cfg = load_config("configs/encoder.py:tiny", [
+        f"prior_workdir={prior_dir}", "model.crop_size=32", "model.channels=(8, 16)", "model.hidden=32",
+        "localiser.input_size=32", "localiser.channels=(8, 16, 16)",
+    ])  # fmt: skip
+    encoder = EncoderWithPrior(build_encoder(encoder_cfg, prior), nnx.clone(prior), build_localiser(encoder_cfg))
+    save_step_zero(encoder_cfg, encoder, base / "encoder")
+    speech_cfg = load_config("configs/audio.py:tiny", [
+        *SPEECH_OVERRIDES, f"prior_workdir={prior_dir}", f"prior_overrides={tuple(PRIOR_OVERRIDES)}",
+        "data.window_frames=4", "eval.max_lag=2",
+    ])  # fmt: skip
+    for name, scale in (("still", 0.0), ("wild", 30.0)):
+        model = build_speech_model(speech_cfg, nnx.clone(prior), data.fps)
+        randomise(model.speech.head, rng, scale=scale)
+        save_step_zero(speech_cfg, model, base / name)
+    out = base / "sweep"
+    assert cli.main([
+        "sweep", "--config", "configs/sweep.py:tiny", "--workdir", str(out),
+        f"--config.checkpoints=('{base / 'wild'}', '{base / 'still'}')", f"--config.datasets=('{root}',)",
+        f"--config.cache_dir={cache}", f"--config.benchmark.encoder={base / 'encoder'}",
+        f"--config.benchmark.personalize_overrides={PERSONALIZE}", "--config.benchmark.rank_by=psnr",
+    ]) == 0  # fmt: skip
+    return {"root": root, "prior": prior_dir, "encoder": base / "encoder", "wild": base / "wild",
+            "still": base / "still", "out": out}  # fmt: skip
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with path.open() as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames), list(reader)
+
+
+def test_the_benchmark_setting_scores_each_speech_model_by_the_protocol(benchmark_sweep, tmp_path):
+    out = benchmark_sweep["out"]
+    header, rows = read_csv(out / "results.csv")
+    for name in ("benchmark/lve_mm2", "benchmark/psnr", "benchmark/mouth_psnr", "benchmark/sync_confidence",
+                 "benchmark/lve_mm2_zero_motion", "benchmark/lve_mm2_shuffled_audio"):  # fmt: skip
+        assert name in header, name
+    by_name = {Path(r["checkpoint"]).name: {k: float(r[k]) for k in sweep.BENCHMARK_COLUMNS} for r in rows}
+    assert sorted(by_name) == ["still", "wild"]
+    still, wild = by_name["still"], by_name["wild"]
+    assert all(np.isfinite(v) for scores in by_name.values() for v in scores.values())
+    # Each model drives the avatars itself (they were built with the first checkpoint's, wild's): still's codes
+    # never move, so its audio-driven LVE is its zero-motion baseline's, and wild's thrown-about lips are far off.
+    assert still["benchmark/lve_mm2"] == still["benchmark/lve_mm2_zero_motion"]
+    assert wild["benchmark/lve_mm2"] > 2.0 * still["benchmark/lve_mm2"]
+    # The same protocol as `uhap benchmark` (on the avatars the sweep built, which carry wild's speech model).
+    avatars = next(p for p in (out / "benchmark").glob("avatars_*") if p.is_dir())
+    result = benchmark_avatars.run_benchmark(
+        benchmark_sweep["prior"], benchmark_sweep["encoder"], benchmark_sweep["wild"], benchmark_sweep["root"],
+        tmp_path / "benchmark", load_config("configs/personalize.py:tiny", list(PERSONALIZE)), avatars_dir=avatars,
+    )  # fmt: skip
+    expected = benchmark.flat_metrics(result)
+    for column, value in wild.items():
+        assert value == pytest.approx(expected[column], rel=1e-6), column
+
+
+def test_the_ranking_lists_the_checkpoints_best_first_in_the_metric_direction(benchmark_sweep):
+    out = benchmark_sweep["out"]
+    header, ranking = read_csv(out / "ranking.csv")
+    assert header == list(sweep.RANKING_COLUMNS)
+    psnr = {Path(r["checkpoint"]).name: float(r["benchmark/psnr"]) for r in ranking}
+    assert abs(psnr["still"] - psnr["wild"]) > 0.1  # the two differ, so the order says which way it sorts
+    assert [Path(r["checkpoint"]).name for r in ranking] == sorted(psnr, key=psnr.get, reverse=True)  # higher first
+    assert [r["rank"] for r in ranking] == ["1", "2"]
+    # By LVE, lower is better: still first, whichever PSNR ranks first. (The same merged rows the sweep ranked.)
+    rows = sweep.merge_parts(out / "parts", 1, 2)
+    assert [Path(r["checkpoint"]).name for r in sweep.rank(rows, "lve_mm2")] == ["still", "wild"]
+
+
+def test_a_benchmark_setting_that_cannot_rank_is_refused_before_anything_runs(benchmark_sweep, tmp_path):
+    checkpoints = f"checkpoints=('{benchmark_sweep['still']}',)"
+    encoder = f"benchmark.encoder={benchmark_sweep['encoder']}"
+    for overrides, error, message in (
+        ([checkpoints, encoder, "benchmark.rank_by=fdd_mm2"], ValueError, "benchmark.rank_by 'fdd_mm2' is not one of"),
+        ([checkpoints, f"benchmark.encoder={tmp_path}"], FileNotFoundError, "is no `uhap train encoder` workdir"),
+        ([f"checkpoints=('{benchmark_sweep['prior']}',)", encoder], ValueError, "no checkpoint is an audio-stage"),
+    ):
+        with pytest.raises(error, match=message):
+            sweep.plan_jobs(load_config("configs/sweep.py:tiny", overrides))

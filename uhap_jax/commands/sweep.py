@@ -4,7 +4,9 @@
         --config.checkpoints='("runs/prior", "bundles/prior")' --config.settings.image_scale='(1.0, 0.5)'
 
 Jobs are split round-robin over the JAX processes (pass the distributed flags, or let SLURM / TPU / Open MPI be
-auto-detected); process 0 writes S/results.csv, S/results.html and S/plots/<metric>.png.
+auto-detected); process 0 writes S/results.csv, S/results.html and S/plots/<metric>.png. With
+--config.benchmark.encoder=E, speech-model checkpoints are also scored by `uhap benchmark`'s protocol and
+S/ranking.csv lists them best first by --config.benchmark.rank_by (default lve_mm2).
 """
 
 from __future__ import annotations
@@ -45,4 +47,7 @@ def run(args: argparse.Namespace) -> int:
     rows = run_sweep(config, args.workdir, benchmark_fn)
     if rows is not None:
         print(f"wrote {args.workdir / 'results.csv'} ({len(rows)} rows), results.html and plots/")
+        if benchmark_fn is not None:
+            metric = f"benchmark/{config.benchmark.rank_by}"
+            print(f"wrote {args.workdir / 'ranking.csv'}: the checkpoints best first by {metric}")
     return 0

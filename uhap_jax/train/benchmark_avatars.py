@@ -86,14 +86,18 @@ def run_benchmark(prior: Path, encoder: Path, audio: Path, root: Path, out: Path
 
 def sweep_benchmark(settings: ml_collections.ConfigDict, out: Path) -> Callable[[Path, Path, Path], dict]:
     """`uhap sweep`'s benchmark setting: `fn(audio_checkpoint, dataset_root, job_out)` scores a speech-model
-    checkpoint by the protocol. The held-out identities' avatars are built once per (prior, dataset) under `out`
-    from their monocular clips; each checkpoint's speech model then drives them."""
+    checkpoint by the protocol and returns `benchmark.flat_metrics` of it (`benchmark/lve_mm2`, ...). The held-out
+    identities' avatars are built once per (prior, encoder, personalisation config, dataset) under `out` from their
+    monocular clips, so every checkpoint drives the same avatars with its own speech model."""
     personalize_config = load_config(settings.personalize_config, list(settings.personalize_overrides))
+    encoder = Path(settings.encoder)
 
     def score(checkpoint: Path, root: Path, job_out: Path) -> dict[str, float]:
         prior_path = Path(read_config(Path(checkpoint) / "config.json").prior_workdir)
-        key = hashlib.sha256(f"{prior_path.resolve()}|{Path(root).resolve()}".encode()).hexdigest()[:12]
-        paths = build(prior_path, Path(settings.encoder), Path(checkpoint), Path(root), Path(out) / f"avatars_{key}",
+        # Everything the avatars depend on; the speech model they were built with is replaced below.
+        sources = f"{prior_path.resolve()}|{encoder.resolve()}|{personalize_config.to_json()}|{Path(root).resolve()}"
+        key = hashlib.sha256(sources.encode()).hexdigest()[:12]
+        paths = build(prior_path, encoder, Path(checkpoint), Path(root), Path(out) / f"avatars_{key}",
                       personalize_config)  # fmt: skip
         base, prior_cfg, template, _ = load_prior(prior_path)
         avatars = {}
@@ -105,11 +109,6 @@ def sweep_benchmark(settings: ml_collections.ConfigDict, out: Path) -> Callable[
         result = benchmark.run(Path(root), avatars, template, benchmark.Oracle(base, tracked),
                                max_lag=settings.max_lag)  # fmt: skip
         benchmark.write(result, job_out)
-        means = result["means"]
-        return {"benchmark_lve_mm2": means["audio"]["lve_mm2"],
-                "benchmark_lve_mm2_shuffled_audio": means["shuffled_audio"]["lve_mm2"],
-                "benchmark_mouth_psnr": means["audio"]["mouth_psnr"], "benchmark_psnr": means["audio"]["psnr"],
-                "benchmark_sync_offset_frames": means["audio"]["sync_offset_frames"],
-                "benchmark_sync_confidence": means["audio"]["sync_confidence"]}  # fmt: skip
+        return benchmark.flat_metrics(result)
 
     return score

@@ -55,6 +55,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # Frames whose tracked mesh the expression encoder does not see during training (it sees it where the
     # capture has one; see ExpressionEncoder): the image-only path learns from these.
     config.model.geometry_dropout = 0.5
+    # Learned colour gains of the capture's cameras (by their index in a record, at most this many), applied to
+    # the training renders only; 0: none. Held-out cameras are rendered without one (their gain is unknown).
+    config.model.camera_gains = 0
 
     config.loss = ml_collections.ConfigDict()
     config.loss.l1 = 1.0
@@ -78,6 +81,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # x metres^2: posed Gaussians against the tracked mesh at their texels, on sequences with vertices.npy
     # (synthetic data, Multiface); 0 turns it off. It makes z follow the mouth (see prior_stage).
     config.loss.tracked_mesh = 1e5
+    config.loss.camera_gain = 1.0  # x mean squared log gain (model.camera_gains)
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 2e-3
@@ -129,6 +133,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         config.optimizer.learning_rate = 5e-4
         config.optimizer.warmup_steps = 500
         config.train.ema_decay = 0.999
+        # Issue 18's rig cameras differ in gain (0.85-1.15) and white balance: learn them (NeRSemble: 16 cameras).
+        config.model.camera_gains = 64
         config.eval.every = 2000
         config.eval.num_frames = 32
         config.train.steps = 100_000

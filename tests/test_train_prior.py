@@ -108,3 +108,37 @@ def test_same_loss_on_one_and_eight_devices(tmp_path, rng):
         trainer.close()
     assert np.all(np.isfinite(losses["one"])) and losses["one"][1] != losses["one"][0]
     np.testing.assert_allclose(losses["one"], losses["eight"], rtol=1e-5)
+
+
+def test_camera_gains_scale_each_view_by_its_camera_and_learn_from_the_loss(rng):
+    """`model.camera_gains`: a render is multiplied by exp(log gain) of its camera (float64 reference), an index
+    outside the table gives NaN (a skipped step, never a clamped camera); in the prior loss, only the cameras of
+    the batch get a gradient, of the sign that brightens renders darker than their (white) targets."""
+    config = load_config("configs/prior.py:tiny", [o.removeprefix("--config.") for o in TINY_MODEL])
+    config.model.update(small_model_config())
+    config.model.camera_gains = 6
+    head = template_lib.procedural_head(24)
+    model = UHAP(head, config.model, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    table = rng.normal(0.0, 0.2, (6, 3))
+    model.camera_log_gains[...] = jax.numpy.asarray(table, jax.numpy.float32)
+    rgb = rng.uniform(0.1, 0.9, (2, 3, 4, 5, 3))
+    index = rng.integers(0, 6, (2, 3))
+    out = np.asarray(model.camera_response(jax.numpy.asarray(rgb, jax.numpy.float32), jax.numpy.asarray(index)))
+    np.testing.assert_allclose(out, rgb * np.exp(table[index])[:, :, None, None, :], rtol=1e-5)
+    index[1, 2] = 6
+    out = np.asarray(model.camera_response(jax.numpy.asarray(rgb, jax.numpy.float32), jax.numpy.asarray(index)))
+    assert np.isnan(out[1, 2]).all() and np.isfinite(out[0]).all() and np.isfinite(out[1, :2]).all()
+    model.camera_log_gains[...] = jax.numpy.zeros((6, 3), jax.numpy.float32)
+    config.data.batch_size, config.data.num_views = 2, 2
+    batch = prior_bench.synthetic_batch(config, model, head, rng)
+    batch["camera_index"] = np.asarray([[0, 2], [2, 4]], np.int32)
+    batch["images"][:] = 255  # white targets: every render is darker, brighter cameras lower the loss
+    loss_fn = prior_stage.make_loss_fn(config, initial_capacity(model, batch, headroom=1.5))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_of(params):
+        return loss_fn(nnx.merge(graphdef, params, rest), batch, jax.random.key(0))[0]
+
+    grads = np.asarray(jax.grad(loss_of)(params)["camera_log_gains"][...])
+    assert (grads[[0, 2, 4]] < 0).all(), grads
+    np.testing.assert_array_equal(grads[[1, 3, 5]], 0.0)

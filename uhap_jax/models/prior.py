@@ -245,6 +245,11 @@ class UHAP(nnx.Module):
         )
         self.color_hidden = nnx.Linear(config.color_features + 3, config.color_hidden, rngs=rngs)
         self.color_out = nnx.Linear(config.color_hidden, 3, kernel_init=_zeros_init, rngs=rngs)
+        # A colour gain per capture camera (log, [cameras, 3]), used by the training loss only: rig cameras differ
+        # in gain and white balance, and without these the view-dependent colour learns each training camera's
+        # response, which a held-out camera does not share. 0 cameras: none.
+        cameras = int(config.get("camera_gains", 0))
+        self.camera_log_gains = nnx.Param(jnp.zeros((cameras, 3), jnp.float32)) if cameras else None
 
     def encode_expression(self, images: jax.Array, geometry: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Views [B, V, H, W, 3] in [0, 1], and optionally `expression_geometry` maps -> posterior mean and
@@ -296,6 +301,16 @@ class UHAP(nnx.Module):
             head_rotation=rotation,
             head_translation=head_translation,
         )
+
+    def camera_response(self, rgb: jax.Array, camera_index: jax.Array) -> jax.Array:
+        """Renders [B, V, H, W, 3] as the capture's cameras `camera_index` [B, V] record them (their learned gains);
+        unchanged without camera gains. An index outside the table is an error, not a silent clamp."""
+        if self.camera_log_gains is None:
+            return rgb
+        table = self.camera_log_gains[...]
+        gains = jnp.exp(table[camera_index])  # [B, V, 3]
+        gains = jnp.where((camera_index < table.shape[0])[..., None], gains, jnp.nan)  # NaN: the step is skipped
+        return rgb * gains[:, :, None, None, :]
 
     def colours(self, gaussians: Gaussians, world_to_cam: jax.Array) -> jax.Array:
         """Per-camera colours [B, C, N, 3]: albedo plus an MLP of colour features and the head-space view ray."""

@@ -44,6 +44,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, model: UHAP, template: te
         "masks": np.full((batch_size, views, size, size), 255, np.uint8),
         "world_to_cam": np.asarray([[rig[c].world_to_cam for c in row] for row in chosen], np.float32),
         "intrinsics": np.asarray([[rig[c].intrinsics for c in row] for row in chosen], np.float32),
+        "camera_index": np.asarray(chosen, np.int32),
         "scan_maps": tile(maps), "scan_points": tile(points[0]), "scan_normals": tile(points[1]),
         "scan_colours": tile(points[2]),
         "head_rotation": rng.normal(0.0, 0.03, (batch_size, 3)).astype(np.float32),

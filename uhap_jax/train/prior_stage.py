@@ -85,11 +85,12 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
         posed, neutral = decode_frames(model, batch, z)
         rendered = model.render(posed, batch["world_to_cam"], batch["intrinsics"], width=width, height=height,
                                 capacity=capacity.value)  # fmt: skip
+        rgb = model.camera_response(rendered.rgb, batch["camera_index"])
         pixel_weight = masks + weights.background_weight * (1.0 - masks)
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
         terms = {
-            "l1": losses.masked_l1(rendered.rgb, target, pixel_weight),
-            "ssim": losses.ssim_loss(flat(rendered.rgb), flat(target)),
+            "l1": losses.masked_l1(rgb, target, pixel_weight),
+            "ssim": losses.ssim_loss(flat(rgb), flat(target)),
             "silhouette": jnp.mean(jnp.abs(rendered.alpha - masks)),
             "kl": losses.kl_divergence(mean, log_var),
             "offset": losses.offset_regularizer(posed.offsets),
@@ -116,10 +117,12 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
                 posed.means, batch["tracked_points"], batch["tracked_valid"]
             )
         if lpips is not None:
-            terms["lpips"] = jnp.mean(lpips(flat(rendered.rgb), flat(target)))
+            terms["lpips"] = jnp.mean(lpips(flat(rgb), flat(target)))
+        if model.camera_log_gains is not None:  # the average camera is the colour reference
+            terms["camera_gain"] = jnp.mean(model.camera_log_gains[...] ** 2)
         loss = sum(weights.get(name, 0.0) * value for name, value in terms.items())  # older configs lack new terms
         aux = dict(terms)
-        aux["psnr"] = jnp.mean(image_metrics.psnr(jnp.clip(rendered.rgb, 0.0, 1.0), target))
+        aux["psnr"] = jnp.mean(image_metrics.psnr(jnp.clip(rgb, 0.0, 1.0), target))
         aux["raster_overflow"] = jnp.any(rendered.stats.overflow).astype(jnp.float32)
         aux["raster_pairs"] = jnp.max(rendered.stats.n_pairs).astype(jnp.float32)
         return loss, aux

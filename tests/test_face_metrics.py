@@ -28,6 +28,26 @@ def test_masked_psnr_matches_numpy_and_ignores_pixels_outside_the_mask(rng):
         face_metrics.masked_psnr(pred, target, np.zeros_like(mask))
 
 
+def test_gain_fitted_removes_a_camera_gain_but_not_a_geometry_error(rng):
+    """The prior eval's diagnostic: a render off by a per-channel gain is restored (float64 least squares), a
+    shifted render is not, so `eval/psnr_gain_fitted` tells a colour error from a misplaced head."""
+    target = rng.uniform(0.05, 0.9, (2, 16, 20, 3))
+    gains = rng.uniform(0.8, 1.2, (2, 1, 1, 3))
+    fitted = np.asarray(image_metrics.gain_fitted(jnp.asarray(target * gains), jnp.asarray(target)))
+    np.testing.assert_allclose(fitted, target, rtol=1e-5)
+    pred = np.clip(target * gains + rng.normal(0, 0.05, target.shape), 0, 1)
+    reference = [
+        (pred[i] * (np.sum(pred[i] * target[i], axis=(0, 1)) / np.sum(pred[i] ** 2, axis=(0, 1)))) for i in range(2)
+    ]
+    np.testing.assert_allclose(image_metrics.gain_fitted(jnp.asarray(pred), jnp.asarray(target)), reference, rtol=1e-5)
+    shifted = np.roll(target, 5, axis=2)
+    before = image_metrics.psnr(jnp.asarray(shifted), jnp.asarray(target))
+    after = image_metrics.psnr(
+        image_metrics.gain_fitted(jnp.asarray(shifted), jnp.asarray(target)), jnp.asarray(target)
+    )
+    assert np.all(np.asarray(after) < 20.0) and np.all(np.asarray(after) - np.asarray(before) < 3.0)
+
+
 def test_masked_ssim_is_ssim_under_a_full_mask_and_local_otherwise(rng):
     target = rng.uniform(size=(2, 24, 24, 3))
     pred = np.clip(target + rng.normal(0, 0.1, target.shape), 0, 1)

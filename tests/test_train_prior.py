@@ -58,6 +58,7 @@ def test_train_prior_writes_metrics_with_eval_rows_and_resumes(tmp_path, rng, ca
     assert [r["step"] for r in eval_rows] == [0, 2]
     for row in eval_rows:
         assert 0.0 < row["eval/psnr"] < 60.0 and -1.0 < row["eval/ssim"] < 1.0 and row["eval/scan_chamfer"] > 0.0
+        assert row["eval/psnr_gain_fitted"] >= row["eval/psnr"] - 1e-3  # the fitted gain can only lower the error
     for row in train_rows:
         for name in ("l1", "ssim", "silhouette", "kl", "scan", "albedo", "offset", "scale", "psnr"):
             assert np.isfinite(row[name]), name

@@ -1,10 +1,11 @@
 """The prior stage's evaluation: held-out-view PSNR/SSIM, neutral-scan Chamfer and tracked-mesh distance.
 
 `eval/psnr` and `eval/ssim` render the held-out cameras from an expression code that the encoder took from
-held-in views of the same frame; `eval/scan_chamfer` (mm, symmetric mean distance) compares each training
-identity's decoded neutral (z = 0, no head pose) with its neutral scan; where the sequences have tracked meshes
-(`vertices.npy`), `eval/tracked_mm` is the mean distance of the decoded Gaussians to the tracked surface at their
-texels. The prior stage calls it; so do `uhap eval` and sweeps.
+held-in views of the same frame (`eval/psnr_gain_fitted`, a diagnostic: the same after a per-image colour gain
+fitted to the ground truth, which no model can know for an unseen camera); `eval/scan_chamfer` (mm, symmetric
+mean distance) compares each training identity's decoded neutral (z = 0, no head pose) with its neutral scan;
+where the sequences have tracked meshes (`vertices.npy`), `eval/tracked_mm` is the mean distance of the decoded
+Gaussians to the tracked surface at their texels. The prior stage calls it; so do `uhap eval` and sweeps.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class Evaluator:
         _, masks, target = frame_targets({"images": batch["target_images"], "masks": batch["target_masks"]})
         render = jnp.clip(rendered.rgb, 0.0, 1.0)
         scores = {"psnr": image_metrics.psnr(render, target), "ssim": image_metrics.ssim(render, target),
+                  "psnr_gain_fitted": image_metrics.psnr(jnp.clip(image_metrics.gain_fitted(render, target), 0, 1),
+                                                         target),
                   "n_pairs": jnp.max(rendered.stats.n_pairs)}  # fmt: skip
         if "tracked_points" in batch:
             distance = jnp.linalg.norm(posed.means - batch["tracked_points"], axis=-1)
@@ -131,6 +134,7 @@ class Evaluator:
         metrics = {
             "eval/psnr": float(np.mean(scores["psnr"])),
             "eval/ssim": float(np.mean(scores["ssim"])),
+            "eval/psnr_gain_fitted": float(np.mean(scores["psnr_gain_fitted"])),
             "eval/scan_chamfer": float(np.mean(chamfer)),
         }
         if "tracked_mm" in scores and scores["tracked_valid"].sum() > 0:

@@ -22,6 +22,19 @@ def psnr(pred: jax.Array, target: jax.Array, max_value: float = 1.0) -> jax.Arra
     return 10.0 * jnp.log10(max_value**2 / jnp.maximum(mse, 1e-12))
 
 
+def gain_fitted(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """`pred` [..., H, W, C] times the per-image, per-channel gain that best fits `target` (least squares).
+
+    A diagnostic, not a headline metric: it uses the ground truth to remove what no model can know about an
+    unseen camera (its gain and white balance), so that a PSNR of it tells colour errors from geometry errors."""
+    _check_images(pred, target)
+    pred, target = jnp.asarray(pred), jnp.asarray(target)
+    gain = jnp.sum(pred * target, axis=(-3, -2), keepdims=True) / jnp.maximum(
+        jnp.sum(pred * pred, axis=(-3, -2), keepdims=True), 1e-12
+    )
+    return pred * gain
+
+
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.ndarray:
     """The normalised 1D Gaussian whose outer product is SSIM's window."""
     x = np.arange(size, dtype=np.float64) - (size - 1) / 2

@@ -57,7 +57,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.model.geometry_dropout = 0.5
     # Learned colour gains of the capture's cameras (by their index in a record, at most this many), applied to
     # the training renders only; 0: none. Held-out cameras are rendered without one (their gain is unknown).
-    config.model.camera_gains = 0
+    config.model.camera_gains = 64  # issue 18's rig: gains 0.85-1.15 and white balance per camera; NeRSemble: 16
 
     config.loss = ml_collections.ConfigDict()
     config.loss.l1 = 1.0
@@ -133,8 +133,6 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         config.optimizer.learning_rate = 5e-4
         config.optimizer.warmup_steps = 500
         config.train.ema_decay = 0.999
-        # Issue 18's rig cameras differ in gain (0.85-1.15) and white balance: learn them (NeRSemble: 16 cameras).
-        config.model.camera_gains = 64
         config.eval.every = 2000
         config.eval.num_frames = 32
         config.train.steps = 100_000

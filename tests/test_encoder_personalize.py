@@ -237,8 +237,7 @@ def test_heldout_quality_compiles_once_when_run_again(pipeline, tmp_path):
         "albedo render": identity_start._render_fn(nnx.split(base)[0]),
     }
     compiled = {name: fn._cache_size() for name, fn in functions.items()}
-    assert all(count >= 1 for count in compiled.values()), compiled
-    assert compiled["encode"] == 1 and compiled["albedo render"] == 1
+    assert all(count >= 1 for count in compiled.values()), compiled  # (earlier tests' shapes are in there too)
     again = personalize_stage.heldout_quality(pipeline["prior"], pipeline["encoder"], config, tmp_path / "work")
     assert {name: fn._cache_size() for name, fn in functions.items()} == compiled
     assert again == first

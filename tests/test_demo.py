@@ -8,11 +8,14 @@ import subprocess
 from pathlib import Path
 
 import imageio_ffmpeg
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.layouts import PRIOR_OVERRIDES, SPEECH_OVERRIDES  # UV 32²: the 24-row template has lip texels
 
 from uhap_jax import cli
+from uhap_jax import demo as demo_lib
 from uhap_jax.artifacts.avatars import load_avatar
 
 SYNTH = ("num_identities=4", "num_held_out_identities=2", "sentences_per_identity=2", "max_seconds=0.8",
@@ -56,6 +59,8 @@ def test_demo_writes_metrics_avatar_video_and_report(demo):
     assert metrics["demo/minutes"] > 0.0
     assert not any(name.startswith(("prior/heldout", "audio/", "personalize/")) for name in metrics)  # renamed
     assert "benchmark/lpips" not in metrics  # no weights: unknown, not 0
+    assert any((demo / demo_lib.XLA_CACHE).iterdir())  # the stages' programs, compiled once
+    assert jax.config.jax_compilation_cache_dir is None  # the process's setting is back
 
     avatars = sorted(a for a in demo.glob("avatar_*") if (a / "avatar.json").is_file())
     assert [a.name for a in avatars] == ["avatar_id002", "avatar_id003"]  # the held-out identities, phone-built
@@ -92,3 +97,14 @@ def test_demo_run_again_skips_every_stage(demo, capsys):
     out = capsys.readouterr().out
     assert len(re.findall(r"done earlier", out)) == 8
     assert (demo / "metrics.json").read_text() == before
+
+
+def test_compilation_cache_stores_programs_then_restores_the_setting(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    with demo_lib.compilation_cache(tmp_path / "cache", min_compile_seconds=0.0):
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+        jax.jit(lambda x: jnp.sin(x) * 3.25 + 1.5)(jnp.arange(7.0)).block_until_ready()
+    assert any((tmp_path / "cache").iterdir())
+    assert jax.config.jax_compilation_cache_dir == before
+    with demo_lib.compilation_cache(None):  # off: nothing changes
+        assert jax.config.jax_compilation_cache_dir == before

@@ -219,6 +219,30 @@ def test_heldout_quality_reports_every_number(pipeline, tmp_path):
     assert metrics["personalize/heldout_view_psnr_start"] != metrics["personalize/heldout_view_psnr_true_scan"]
 
 
+def test_heldout_quality_compiles_once_when_run_again(pipeline, tmp_path):
+    """The evaluation resumes the fine-tune (encoding the video and reading its albedo again) and scores the base
+    prior three times: each jitted function is compiled once per shape and capacity, not once per call."""
+    from uhap_jax.artifacts.priors import restore_encoder_model
+    from uhap_jax.eval import personalize_eval
+    from uhap_jax.models import identity_start
+
+    config = load_config("configs/personalize.py:tiny", [o.removeprefix("--config.") for o in PERSONALIZE_OVERRIDES]
+                         + ["train.steps=2", "eval.num_frames=8"])  # fmt: skip
+    first = personalize_stage.heldout_quality(pipeline["prior"], pipeline["encoder"], config, tmp_path / "work")
+    base, _, _, _ = load_prior(pipeline["prior"])
+    encoder = restore_encoder_model(pipeline["encoder"], base)[0].encoder
+    functions = {
+        "score": personalize_eval._score_fn(nnx.split(base)[0]),
+        "encode": identity_start._encode_fn(nnx.split(encoder)[0]),
+        "albedo render": identity_start._render_fn(nnx.split(base)[0]),
+    }
+    compiled = {name: fn._cache_size() for name, fn in functions.items()}
+    assert all(count >= 1 for count in compiled.values()), compiled  # (earlier tests' shapes are in there too)
+    again = personalize_stage.heldout_quality(pipeline["prior"], pipeline["encoder"], config, tmp_path / "work")
+    assert {name: fn._cache_size() for name, fn in functions.items()} == compiled
+    assert again == first
+
+
 def test_turn_heads_adds_bounded_yaw_and_pitch():
     """The encoder's extra examples: each head turned by at most the configured yaw and pitch, and by both."""
     rng = np.random.default_rng(1)

@@ -3,6 +3,7 @@ interruption or an error never costs the old contents; torn metrics rows and cod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from data_pipelines.dataset import Sequence
 from uhap_jax import cli
-from uhap_jax.artifacts import output_dirs
+from uhap_jax.artifacts import expression_codes, output_dirs
 from uhap_jax.artifacts.expression_codes import cached_codes
 from uhap_jax.artifacts.metrics_log import read_rows
 from uhap_jax.config_utils import UsageError
@@ -182,3 +183,22 @@ def test_torn_code_cache_is_recomputed_not_fatal(tmp_path, rng, caplog):
     assert "unreadable" in caplog.text
     cache.write_bytes(b"")
     assert cached_codes(cache, "prior@5", sequences) is None
+
+
+def test_codes_read_once_serve_another_stage_of_the_process(tmp_path, rng):
+    """`uhap demo` runs its stages in one process, each with its cache in its own workdir: codes one stage computed
+    or read serve the next for the same key (no prior call: `prior` is None here), and are written to its cache."""
+    sequences = _sequences(rng)
+    codes = {s.key: rng.normal(size=(s.num_frames, 4)).astype(np.float32) for s in sequences}
+    key = f"{tmp_path}/prior@5"
+    output_dirs.save_npz_atomic(tmp_path / "audio.npz", key=np.asarray(key), **codes)
+    common = dict(prior=None, records=None, tables=None, held_in=["c0"], batch_size=4)
+    first = expression_codes.expression_codes(sequences=sequences, cache=tmp_path / "audio.npz", key=key, **common)
+    second = expression_codes.expression_codes(sequences=sequences[:1], cache=tmp_path / "encoder.npz", key=key,
+                                               **common)  # fmt: skip
+    np.testing.assert_array_equal(second[0].codes, first[0].codes)
+    np.testing.assert_array_equal(cached_codes(tmp_path / "encoder.npz", key, sequences[:1])[0].codes,
+                                  codes[sequences[0].key])  # fmt: skip
+    other = [dataclasses.replace(sequences[0], name="sen_99")]  # never coded: computed, not made up
+    assert expression_codes._in_process_codes(tmp_path / "x.npz", key, other) is None
+    assert expression_codes._in_process_codes(tmp_path / "x.npz", f"{tmp_path}/prior@6", sequences) is None

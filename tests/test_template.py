@@ -156,3 +156,22 @@ def test_look_at_is_opencv(rng):
     np.testing.assert_allclose(pixels[0], [32, 24], atol=1e-6)
     assert depth[0] > 0 and pixels[1, 1] < pixels[0, 1], "world up must be image up (smaller row)"
     np.testing.assert_allclose(view[:3, :3] @ view[:3, :3].T, np.eye(3), atol=1e-9)
+
+
+def test_texel_layouts_and_the_graphs_that_hold_them_compare_by_value():
+    """Priors built apart (each stage loads its own, each avatar its own) share a graph, so the functions jitted
+    per graph (`nnx.split(model)[0]`) compile once for all of them; another layout is another graph."""
+    from flax import nnx
+
+    from uhap_jax.config_utils import load_config
+    from uhap_jax.geometry.texels import TexelLayout
+    from uhap_jax.models.prior import build_prior
+
+    template = template_lib.procedural_head(24)
+    first, second = TexelLayout.build(template, 16), TexelLayout.build(template_lib.procedural_head(24), 16)
+    assert first == second and hash(first) == hash(second) and first is not second
+    assert first != TexelLayout.build(template, 32)
+    config = load_config("configs/prior.py:tiny", ["model.template_resolution=24", "model.uv_resolution=16",
+                                                   "model.decoder_channels=(8, 8)"])  # fmt: skip
+    graphs = [nnx.split(build_prior(template_lib.procedural_head(24), config))[0] for _ in range(2)]
+    assert graphs[0] == graphs[1] and hash(graphs[0]) == hash(graphs[1])

@@ -27,6 +27,9 @@ from uhap_jax.models.render import encoder_geometry
 logger = logging.getLogger(__name__)
 
 CODES_FILE = "expression_codes.npz"
+# Codes computed or read in this process, by cache key: {key: {sequence key: codes}}. The stages of `uhap demo`
+# run in one process and each keeps its cache file in its own workdir; they share the codes through this.
+_IN_PROCESS: dict[str, dict[str, np.ndarray]] = {}
 
 
 def codes_key(prior_workdir: Path, prior_step: int, root: Path, held_in: list[str]) -> str:
@@ -63,7 +66,10 @@ def expression_codes(
     computed (batches of `batch_size` frames, the last one padded) and written there by process 0.
     """
     cached = cached_codes(cache, key, sequences)
+    if cached is None:
+        cached = _in_process_codes(cache, key, sequences)
     if cached is not None:
+        _IN_PROCESS.setdefault(key, {}).update({s.key: s.codes for s in cached})
         return cached
     views = loaders.SampleViews(len(held_in), tuple(held_in))  # every held-in camera: no randomness left
     graphdef, state = nnx.split(prior)
@@ -90,6 +96,22 @@ def expression_codes(
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_npz_atomic(cache, key=np.asarray(key), **{s.key: s.codes for s in sequences})
         logger.info("expression codes: %d frames encoded by the prior, cached in %s", len(frames), cache)
+    _IN_PROCESS.setdefault(key, {}).update({s.key: s.codes for s in sequences})
+    return sequences
+
+
+def _in_process_codes(cache: Path, key: str, sequences: list[dataset_lib.Sequence]
+                      ) -> list[dataset_lib.Sequence] | None:  # fmt: skip
+    """The sequences with the codes this process computed or read earlier for `key` (another stage's, the same
+    prior checkpoint, data and cameras), also written to `cache`; None unless every sequence is there."""
+    known = _IN_PROCESS.get(key, {})
+    if not sequences or not all(s.key in known for s in sequences):
+        return None
+    sequences = [dataclasses.replace(s, codes=known[s.key]) for s in sequences]
+    if jax.process_index() == 0:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_npz_atomic(cache, key=np.asarray(key), **{s.key: s.codes for s in sequences})
+    logger.info("expression codes: computed earlier in this process; cached in %s", cache)
     return sequences
 
 

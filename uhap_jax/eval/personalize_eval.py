@@ -54,10 +54,10 @@ def view_set(records: loaders.FrameRecords, record_ids: np.ndarray, held_out: li
                    stack("world_to_cam"), stack("intrinsics"))  # fmt: skip
 
 
-def view_psnr(prior: UHAP, views: ViewSet, scan_maps: np.ndarray, capacity: kernels.AdaptiveCapacity,
-              batch_size: int) -> float:  # fmt: skip
-    """Mean PSNR of the frames rendered at the held-out cameras (foreground on black, as the prior's eval/psnr)."""
-    graphdef, state = nnx.split(prior)
+@functools.lru_cache(maxsize=8)
+def _score_fn(graphdef: nnx.GraphDef):
+    """The jitted PSNR of a batch rendered at its cameras, one per prior graph: `view_psnr`'s calls for the base
+    prior and its personalised copies reuse it (compiled once per shape and capacity, not once per call)."""
 
     @functools.partial(jax.jit, static_argnums=2)
     def score(state, batch, slots: int):
@@ -69,6 +69,14 @@ def view_psnr(prior: UHAP, views: ViewSet, scan_maps: np.ndarray, capacity: kern
         _, target = targets(batch["images"], batch["masks"])
         return image_metrics.psnr(jnp.clip(out.rgb, 0.0, 1.0), target), jnp.max(out.stats.n_pairs)
 
+    return score
+
+
+def view_psnr(prior: UHAP, views: ViewSet, scan_maps: np.ndarray, capacity: kernels.AdaptiveCapacity,
+              batch_size: int) -> float:  # fmt: skip
+    """Mean PSNR of the frames rendered at the held-out cameras (foreground on black, as the prior's eval/psnr)."""
+    graphdef, state = nnx.split(prior)
+    score = _score_fn(graphdef)
     count, values = len(views.codes), []
     for start in range(0, count, batch_size):
         index = np.minimum(np.arange(start, start + batch_size), count - 1)

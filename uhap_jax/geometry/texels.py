@@ -6,6 +6,8 @@ Geometry only (no network): the data pipelines build per-texel tables from it, t
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 
 import jax
 import numpy as np
@@ -33,6 +35,23 @@ class TexelLayout:
     @property
     def num_gaussians(self) -> int:
         return len(self.face_ids)
+
+    # Equal by value: a model's graph (nnx.GraphDef) holds its layout, and jitted functions are cached by graph;
+    # two priors built or loaded apart (each stage, each avatar) then share their compiled functions.
+    @functools.cached_property
+    def _digest(self) -> str:
+        digest = hashlib.sha256(f"{self.resolution}|{self.num_vertices}".encode())
+        for array in (self.face_ids, self.barys, self.texel_yx):
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+        return digest.hexdigest()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TexelLayout) and (other is self or other._digest == self._digest)
+
+    def __hash__(self) -> int:
+        return hash(self._digest)
 
     def mask(self) -> np.ndarray:
         """[R, R] float32: 1 on texels that carry a Gaussian."""

@@ -4,7 +4,9 @@ the fine-tune, from a neutral scan, or the template (the average identity) with 
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -28,7 +30,7 @@ def encode_video(encoder: MonoEncoder, video: monocular.MonoVideo, batch_size: i
     `video.camera`'s world: they share its orientation, so the head's place in front of the camera is kept.
     """
     graphdef, state = nnx.split(encoder)
-    run = jax.jit(lambda state, images, views, ks: nnx.merge(graphdef, state)(images / 255.0, views, ks))
+    run = _encode_fn(graphdef)
     count = len(video.images)
     reference = video.camera.world_to_cam.astype(np.float32)
     frame_views = video.frame_world_to_cam
@@ -42,6 +44,23 @@ def encode_video(encoder: MonoEncoder, video: monocular.MonoVideo, batch_size: i
     if frame_views is not None:  # R x + t_i = R (x + R^T (t_i - t_ref)) + t_ref
         translation = translation + (frame_views[:, :3, 3] - reference[:3, 3]) @ reference[:3, :3]
     return codes, rotation, translation.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _encode_fn(graphdef: nnx.GraphDef) -> Callable:
+    """The jitted MonoEncoder of a graph: every video (the personalise and benchmark stages' identities, a
+    personalisation resumed for its evaluation) reuses its compilation."""
+    return jax.jit(lambda state, images, views, ks: nnx.merge(graphdef, state)(images / 255.0, views, ks))
+
+
+@functools.lru_cache(maxsize=8)
+def _render_fn(graphdef: nnx.GraphDef) -> Callable:
+    """The jitted render of a prior's graph (cameras as arguments), compiled once per shape and capacity."""
+
+    def render(state, gaussians, views, ks, width: int, height: int, capacity: int):
+        return nnx.merge(graphdef, state).render(gaussians, views, ks, width=width, height=height, capacity=capacity)
+
+    return jax.jit(render, static_argnums=(4, 5, 6))
 
 
 def texel_regions(prior: UHAP, template: template_lib.Template) -> np.ndarray:
@@ -79,9 +98,7 @@ def video_albedo(prior: UHAP, template: template_lib.Template, video: monocular.
     height, width = video.images.shape[1:3]
     capacity = prior.capacity_for(posed, views, ks, width=width, height=height)  # exact: one render, no growth
     graphdef, state = nnx.split(prior)
-    render = jax.jit(lambda state, g: nnx.merge(graphdef, state).render(g, views, ks, width=width, height=height,
-                                                                         capacity=capacity))  # fmt: skip
-    out = jax.device_get(render(state, posed))
+    out = jax.device_get(_render_fn(graphdef)(state, posed, views, ks, width, height, capacity))
     alpha, depth = out.alpha[:, 0], out.depth[:, 0] / np.maximum(out.alpha[:, 0], 1e-6)
     world_to_cam, k = video.camera.world_to_cam, video.camera.intrinsics
     cam = np.asarray(posed.means) @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]  # [K, N, 3]

@@ -5,7 +5,8 @@
 # Everything goes to $OUT as it happens (synth.log, bench.log, train.log, metrics.jsonl, search.log), so a call
 # cut short still returns what it did. A warm machine keeps /tmp: the dataset and its caches are made once.
 #   TASKS="synth bench curve search" (default all), BUDGET_S (default 570: the call's limit less a margin),
-#   CONFIG, CURVE_ARGS (extra --config.* overrides of the curve run), RUN (its name), SEARCH ("8,16,32,...").
+#   CONFIG, CURVE_ARGS (extra --config.* overrides of the curve run), RUN (its name), CURVE_ARGS_B (a second curve
+#   beside it, for an A/B of settings), SEARCH ("8,16,32,...").
 # On a CPU machine, for a smoke test: CONFIG=configs/prior.py:tiny SYNTH_ARGS=... NO_WHEELS=1.
 set -uo pipefail
 START=$SECONDS
@@ -50,17 +51,32 @@ if [[ " $TASKS " == *" bench "* ]]; then
   [ -n "${PROFILE:-}" ] && python3 scripts/spy_summary.py "$OUT/spy.txt" | head -60
 fi
 
+# One curve: `uhap train prior` until the budget is spent, evals every EVERY steps; its log and metrics go to $OUT.
+curve() {  # name, seconds, extra --config.* overrides
+  rm -rf "$WORK/run_$1"
+  timeout -k 30 "$2" python3 -m uhap_jax.cli train prior --config "$CONFIG" --workdir "$WORK/run_$1" \
+    --config.data.root="$DATA" --config.eval.every="${EVERY:-200}" $3 2>&1 | tr '\r' '\n' | grep -v "$F" \
+    > "$OUT/train_$1.log"
+  cp "$WORK/run_$1/metrics.jsonl" "$OUT/metrics_$1.jsonl" 2>/dev/null
+}
+
 if [[ " $TASKS " == *" curve "* ]]; then
-  echo "== curve $RUN: uhap train prior --config $CONFIG --config.eval.every=${EVERY:-200} ${CURVE_ARGS:-} (t=$((SECONDS - START)) s)"
-  rm -rf "$WORK/run_$RUN"
   SPARE=${SEARCH_S:-0}
   [[ " $TASKS " == *" search "* ]] || SPARE=0
-  timeout -k 30 $(( $(left) - SPARE - 20 )) python3 -m uhap_jax.cli train prior --config "$CONFIG" \
-    --workdir "$WORK/run_$RUN" --config.data.root="$DATA" --config.eval.every="${EVERY:-200}" ${CURVE_ARGS:-} 2>&1 \
-    | tr '\r' '\n' | grep -v "$F" > "$OUT/train_$RUN.log"
-  cp "$WORK/run_$RUN/metrics.jsonl" "$OUT/metrics_$RUN.jsonl" 2>/dev/null
-  grep "eval at step" "$OUT/train_$RUN.log" | sed 's/.*eval at step/eval at step/' | tail -40
-  grep -i "error\|Traceback" "$OUT/train_$RUN.log" | head -5
+  SECS=$(( $(left) - SPARE - 20 ))
+  # CURVE_ARGS_B: a second run beside the first on the same GPU (an A/B of settings; each gets about half the GPU).
+  if [ -n "${CURVE_ARGS_B:-}" ]; then
+    echo "== curve ${RUN}_b: ${CURVE_ARGS_B} (t=$((SECONDS - START)) s)"
+    UHAP_CACHE=$WORK/cache_b curve "${RUN}_b" "$SECS" "$CURVE_ARGS_B" &
+  fi
+  echo "== curve $RUN: uhap train prior --config $CONFIG --config.eval.every=${EVERY:-200} ${CURVE_ARGS:-} (t=$((SECONDS - START)) s)"
+  curve "$RUN" "$SECS" "${CURVE_ARGS:-}"
+  wait
+  for name in "$RUN" ${CURVE_ARGS_B:+${RUN}_b}; do
+    echo "-- $name"
+    grep "eval at step" "$OUT/train_$name.log" | sed 's/.*eval at step/eval at step/' | tail -40
+    grep -i "error\|Traceback" "$OUT/train_$name.log" | head -5
+  done
 fi
 
 if [[ " $TASKS " == *" search "* ]] && [ "$(left)" -gt 60 ]; then

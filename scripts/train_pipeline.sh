@@ -58,6 +58,17 @@ curve() {  # name, seconds, extra --config.* overrides
     --config.data.root="$DATA" --config.eval.every="${EVERY:-200}" $3 2>&1 | tr '\r' '\n' | grep -v "$F" \
     > "$OUT/train_$1.log"
   cp "$WORK/run_$1/metrics.jsonl" "$OUT/metrics_$1.jsonl" 2>/dev/null
+  # The held-out renders (render | truth | error) of the best and the last evaluation.
+  python3 - "$WORK/run_$1" "$OUT" "$1" <<'PY' || true
+import json, shutil, sys
+from pathlib import Path
+run, out, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval/psnr" in line]
+for tag, row in (("best", max(evals, key=lambda r: r["eval/psnr"])), ("last", evals[-1])):
+    image = run / "images" / f"heldout_render_gt_error_{row['step']:08d}.png"
+    if image.exists():
+        shutil.copy(image, out / f"heldout_{name}_{tag}_step{row['step']}.png")
+PY
 }
 
 if [[ " $TASKS " == *" curve "* ]]; then

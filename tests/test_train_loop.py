@@ -23,9 +23,9 @@ from PIL import Image
 from tensorboardX.proto import event_pb2
 from train_toy_main import ToyData, image_fn, loss_fn, make_model
 
+from uhap_jax.models.image_metrics import image_grid
 from uhap_jax.train.loop import Trainer
 from uhap_jax.train.mesh import make_mesh
-from uhap_jax.train.metrics import image_grid
 
 TOY_MAIN = Path(__file__).resolve().parent / "train_toy_main.py"
 

@@ -16,6 +16,7 @@ from data_pipelines import dataset as dataset_lib
 from data_pipelines import layout, loaders
 from uhap_jax import cli
 from uhap_jax.config_utils import load_config
+from uhap_jax.eval import prior_eval
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.models.population import POPULATION_FILE, AlbedoPopulation
 from uhap_jax.models.prior import UHAP
@@ -68,6 +69,10 @@ def test_train_prior_writes_metrics_with_eval_rows_and_resumes(tmp_path, rng, ca
     assert population.mean.ndim == 2 and population.mean.shape[1] == 3 and np.all(np.isfinite(population.components))
     (grid,) = (workdir / "images").glob("render_gt_error_*.png")
     assert np.asarray(Image.open(grid)).shape == (2 * SIZE, 3 * SIZE, 3)  # the first frame's two views
+    held_out = sorted((workdir / "images").glob("heldout_render_gt_error_*.png"))  # at every eval: steps 0 and 2
+    assert [p.stem[-8:] for p in held_out] == ["00000000", "00000002"]
+    cameras = len(json.loads((root / "dataset.json").read_text())["held_out_cameras"])
+    assert np.asarray(Image.open(held_out[0])).shape == (prior_eval.IMAGE_FRAMES * cameras * SIZE, 3 * SIZE, 3)
 
     assert cli.main([*common, "--config.train.steps=4"]) == 0
     assert "resumed from step 2" in capsys.readouterr().out

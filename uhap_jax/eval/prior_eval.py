@@ -25,6 +25,8 @@ from uhap_jax.models import image_metrics, losses
 from uhap_jax.models.prior import UHAP
 from uhap_jax.models.render import encoder_geometry, frame_targets, render_fitting
 
+IMAGE_FRAMES = 2  # frames of the first eval batch whose held-out views go into `Evaluator.images`
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
@@ -87,6 +89,7 @@ class Evaluator:
         self.scan_gaussians = config.loss.scan_gaussians
         self._views = jax.jit(self._score_views, static_argnums=(0, 1))
         self._scan = jax.jit(self._scan_chamfer, static_argnums=0)
+        self.images: dict[str, np.ndarray] = {}  # the last call's held-out renders | truth | error (uint8)
 
     @staticmethod
     def _score_views(capacity: int, graphdef, state, batch: dict) -> dict[str, jax.Array]:
@@ -98,7 +101,8 @@ class Evaluator:
         scores = {"psnr": image_metrics.psnr(render, target), "ssim": image_metrics.ssim(render, target),
                   "psnr_gain_fitted": image_metrics.psnr(jnp.clip(image_metrics.gain_fitted(render, target), 0, 1),
                                                          target),
-                  "n_pairs": jnp.max(rendered.stats.n_pairs)}  # fmt: skip
+                  "n_pairs": jnp.max(rendered.stats.n_pairs),
+                  "render": render[:IMAGE_FRAMES], "target": target[:IMAGE_FRAMES]}  # fmt: skip
         if "tracked_points" in batch:
             distance = jnp.linalg.norm(posed.means - batch["tracked_points"], axis=-1)
             scores["tracked_mm"] = 1e3 * jnp.mean(distance, axis=-1)
@@ -127,6 +131,10 @@ class Evaluator:
             }  # fmt: skip
             views = lambda capacity, batch=batch: jax.device_get(self._views(capacity, graphdef, state, batch))  # noqa: E731
             scores = render_fitting(views, self.capacity, lambda scores: int(scores["n_pairs"]))
+            render, target = scores.pop("render"), scores.pop("target")
+            if not parts:  # the first frames' held-out views, as `images` for the trainer to write
+                flat = lambda x: x.reshape(-1, *x.shape[-3:])  # noqa: E731
+                self.images = {"heldout_render_gt_error": image_metrics.image_grid(flat(render), flat(target))}
             parts.append({k: v for k, v in scores.items() if k != "n_pairs"})
         scores = {k: np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in parts[0]}
         subjects = e.scan_subjects

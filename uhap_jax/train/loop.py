@@ -41,8 +41,9 @@ from jax.experimental import multihost_utils
 
 import kernels
 from uhap_jax.artifacts.checkpoints import Checkpointer, abstract_like
+from uhap_jax.models import image_metrics
 from uhap_jax.train.mesh import batch_sharding, make_mesh, put_batch, replicated
-from uhap_jax.train.metrics import MetricWriter, Progress, image_grid
+from uhap_jax.train.metrics import MetricWriter, Progress
 from uhap_jax.train.sharding import place, tree_shardings
 
 logger = logging.getLogger(__name__)
@@ -356,7 +357,8 @@ class Trainer:
     def run_with_evals(self, evaluate: Callable[[nnx.Module], dict[str, float]], every: int
                        ) -> tuple[TrainResult, dict[str, float]]:  # fmt: skip
         """`run()` to `config.steps`, calling `evaluate(model)` first (on a fresh run), every `every` steps and
-        at the end; its metrics go to metrics.jsonl. Returns the result and the last evaluation."""
+        at the end; its metrics go to metrics.jsonl, and where `evaluate` has `images` (name -> uint8 HxWx3) and
+        `train.image_every` is on, those too. Returns the result and the last evaluation."""
         total_steps = self.config.steps
         metrics = {}
         result = self._result(preempted=False, logged={})
@@ -380,6 +382,9 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             metrics = evaluate(self.eval_model)
         self._writer.write_scalars(self.step, metrics)
+        if self.config.image_every:  # an evaluator's `images` (e.g. held-out renders) go beside the training ones
+            for name, image in getattr(evaluate, "images", {}).items():
+                self._writer.write_image(self.step, name, image)
         self._writer.flush()
         logger.info("eval at step %d: %s", self.step, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return metrics
@@ -417,7 +422,7 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             render, target = self._image_fn(self.model, put_batch(batch, self.mesh))
         render, target = _host_values((render, target))
-        self._writer.write_image(self.step, "render_gt_error", image_grid(render, target))
+        self._writer.write_image(self.step, "render_gt_error", image_metrics.image_grid(render, target))
 
     # ---- preemption --------------------------------------------------------------------------
     def _install_sigterm_handler(self) -> Callable[[], None]:

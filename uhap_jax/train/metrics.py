@@ -79,19 +79,6 @@ class MetricWriter:
             self._tensorboard = None
 
 
-def image_grid(render: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Rows of `render | ground truth | |error|` as one uint8 image; inputs [B,H,W,3] or [H,W,3] in [0,1]."""
-    render = np.asarray(render, np.float32)
-    target = np.asarray(target, np.float32)
-    if render.shape != target.shape or render.shape[-1] != 3 or render.ndim not in (3, 4):
-        raise ValueError(f"image_grid: render {render.shape} and target {target.shape} must both be [B,H,W,3]")
-    if render.ndim == 3:
-        render, target = render[None], target[None]
-    rows = np.concatenate([render, target, np.abs(render - target)], axis=2)  # [B, H, 3W, 3]
-    grid = rows.reshape(-1, *rows.shape[2:])
-    return (np.clip(grid, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)

@@ -99,7 +99,7 @@ def bin_pairs(
     """Build the per-camera sorted pair buffers of `capacity` pairs (more slots when `align` > 1).
 
     `expand` and `sort` choose between equivalent strategies (benchmarked in kernels.bench --stages); `expand="cuda"`
-    is the CUDA kernel of kernels/cuda_ops.py (NVIDIA GPUs).
+    is the CUDA kernel of kernels/cuda_ops.py (NVIDIA GPUs), `expand="cpu"` the C++ one of kernels/cpu_ops.py.
     """
     tiles_x, tiles_y = tile_grid(width, height)
     n_tiles = tiles_x * tiles_y
@@ -110,10 +110,11 @@ def bin_pairs(
     pad = jnp.zeros_like(proj.means2d)
     footprint = jnp.concatenate([proj.means2d, proj.conics, proj.opacities[..., None], pad], axis=-1)
     footprint = jax.lax.stop_gradient(footprint)
-    if expand == "cuda":  # one kernel for all cameras (kernels/cuda_ops.py)
-        from kernels import cuda_ops
+    if expand in ("cuda", "cpu"):  # one kernel for all cameras (kernels/cuda_ops.py, kernels/cpu_ops.py)
+        from kernels import cpu_ops, cuda_ops
 
-        tile, rank, used, n_pairs = cuda_ops.expand_pairs(
+        ops = cuda_ops if expand == "cuda" else cpu_ops
+        tile, rank, used, n_pairs = ops.expand_pairs(
             order, *rects, footprint, capacity=capacity, tiles_x=tiles_x, n_tiles=n_tiles
         )
     else:

@@ -1,5 +1,5 @@
-"""The rasterizer's C++ kernels behind XLA's CPU FFI (`kernels/cpu/rasterizer.cc`): the pair expansion of step 2
-and the compositor of steps 3-4, with the same records, tile ranges, outputs and contract as `kernels.cuda_ops`.
+"""The rasterizer's C++ kernels behind XLA's CPU FFI (`kernels/cpu/rasterizer.cc`): the binning of step 2 and the
+compositor of steps 3-4, with the same records, tile ranges, outputs and contract as `kernels.cuda_ops`.
 
 The jnp reference evaluates every pair against all 256 pixels of its tile and the interpreted Pallas kernels run
 loops of small XLA ops; this library visits only the pixels a pair's ellipse can reach and spreads the (camera,
@@ -29,12 +29,12 @@ from kernels.constants import ALPHA_MAX, ALPHA_MIN, T_EPSILON, TILE_PIXELS
 
 ALIGN = 1  # the kernels read and write exactly a tile's slots: no padding of tile ranges
 PAIR_MAJOR = True
-EXPAND = "cpu"  # binning's pair expansion runs as the kernel below too
+EXPAND = "cpu"  # binning (depth ranking, pair expansion, sorts) runs as the kernel below too
 SOURCE = Path(__file__).parent / "cpu" / "rasterizer.cc"
 # Under vmap (e.g. over frames) the kernels get the batch as more leading dimensions and treat them as cameras.
 VMAP = "broadcast_all"
 TARGETS = {
-    "uhap_cpu_expand_pairs": "UhapCpuExpandPairs",
+    "uhap_cpu_bin_pairs": "UhapCpuBinPairs",
     "uhap_cpu_composite_fwd": "UhapCpuCompositeForward",
     "uhap_cpu_composite_bwd": "UhapCpuCompositeBackward",
 }
@@ -119,25 +119,21 @@ def register() -> None:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
 
 
-def expand_pairs(order, x0, y0, x1, y1, count, footprint, *, capacity: int, tiles_x: int, n_tiles: int):
-    """All cameras at once, as `kernels.binning.expand_pairs` per camera: per slot [C, capacity] the tile id (n_tiles
-    where the slot holds no pair), the depth rank, whether it is used, and [C] the pairs each camera needed."""
+def bin_pairs(keys, x0, y0, x1, count, footprint, *, capacity: int, tiles_x: int, n_tiles: int):
+    """All cameras at once, what `kernels.binning.bin_pairs` gets from its depth ranking, expansion and sorts: per
+    slot [C, capacity] the tile id (n_tiles where the slot holds no pair) and the Gaussian id (0 there), sorted by
+    tile then depth, and [C, n_tiles + 1] each tile's first slot. `keys` are `binning._depth_key`'s."""
     register()
-    del y1
-    count_r = jnp.take_along_axis(count, order, axis=-1)
-    ends = jnp.cumsum(count_r, axis=-1, dtype=jnp.int32)
     rects = jnp.stack([x0, y0, jnp.maximum(x1 - x0, 1), count], axis=-1).astype(jnp.int32)
-    slots = jax.ShapeDtypeStruct((*order.shape[:-1], capacity), jnp.int32)
-    tile, rank = jax.ffi.ffi_call("uhap_cpu_expand_pairs", (slots, slots), vmap_method=VMAP)(
-        order.astype(jnp.int32),
-        ends,
+    slots = jax.ShapeDtypeStruct((*keys.shape[:-1], capacity), jnp.int32)
+    bounds = jax.ShapeDtypeStruct((*keys.shape[:-1], n_tiles + 1), jnp.int32)
+    return jax.ffi.ffi_call("uhap_cpu_bin_pairs", (slots, slots, bounds), vmap_method=VMAP)(
+        keys.astype(jnp.uint32),
         rects,
         footprint.astype(jnp.float32),
         tiles_x=np.int32(tiles_x),
         n_tiles=np.int32(n_tiles),
     )
-    n_pairs = ends[..., -1] if order.shape[-1] else jnp.zeros(order.shape[:-1], jnp.int32)
-    return tile, rank, tile < n_tiles, n_pairs
 
 
 def _forward(records, tile_start, tile_end, background, tiles_x):

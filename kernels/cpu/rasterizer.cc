@@ -1,8 +1,9 @@
 // The rasterizer's CPU kernels behind XLA's FFI (built at first use by kernels/cpu_ops.py with g++; the thresholds
 // come from kernels/constants.py as -D defines).
 //
-// Step 2, pair expansion: each slot gets its (tile, depth rank) pair, or "no pair" for a tile no pixel can take; the
-// same pairs as kernels/binning.expand_pairs (and the CUDA kernel), in one pass per camera.
+// Step 2, binning: depth ranking (a radix sort), pair expansion (dropping the tiles no pixel can take) and the sort of
+// pairs by tile (a counting sort), per camera: the same slots as kernels/binning.bin_pairs, where XLA's CPU sorts
+// (comparison sorts) cost more than the compositor.
 //
 // Steps 3-4, compositing: the same pair records, tile ranges, outputs and per-pixel arithmetic as the CUDA kernels.
 // One task per (camera, tile), pair-major inside the tile: each pair visits only the pixels its ellipse can reach
@@ -20,6 +21,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -284,43 +286,78 @@ int64_t leading(const Dims& dims, size_t trailing) {
   return count;
 }
 
-ffi::Error Expand(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> order, ffi::Buffer<ffi::S32> ends,
-                  ffi::Buffer<ffi::S32> rects, ffi::Buffer<ffi::F32> footprint, ffi::ResultBuffer<ffi::S32> tile,
-                  ffi::ResultBuffer<ffi::S32> rank, int32_t tiles_x, int32_t n_tiles) {
-  const auto dims = order.dimensions();
+// Stable LSD radix sort of the Gaussians' depth keys (8-bit digits; a digit all keys share is skipped):
+// rank -> Gaussian id, ties in index order, as binning.rank_by_depth.
+void rank_by_depth(const uint32_t* keys, int64_t n, std::vector<int32_t>& order, std::vector<int32_t>& scratch) {
+  order.resize(n);
+  scratch.resize(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = static_cast<int32_t>(i);
+  for (int shift = 0; shift < 32; shift += 8) {
+    int64_t counts[257] = {};
+    for (int64_t i = 0; i < n; ++i) ++counts[((keys[i] >> shift) & 0xff) + 1];
+    if (std::any_of(counts + 1, counts + 257, [n](int64_t c) { return c == n; })) continue;
+    for (int d = 0; d < 256; ++d) counts[d + 1] += counts[d];
+    for (int64_t i = 0; i < n; ++i) scratch[counts[(keys[order[i]] >> shift) & 0xff]++] = order[i];
+    order.swap(scratch);
+  }
+}
+
+// Step 2 for one camera: rank by depth, emit the first `capacity` pairs in rank order (a pair whose tile no pixel
+// can take holds no slot, as binning.expand_pairs + tile_hits), and place them per tile with a counting sort, which
+// keeps depth order within each tile: the same slots as binning.bin_pairs with its sorts.
+void bin_camera(const uint32_t* keys, const int32_t* rects, const float* foot, int64_t num_gauss, int64_t capacity,
+                int tiles_x, int n_tiles, int32_t* tile_out, int32_t* gid_out, int32_t* bounds) {
+  std::vector<int32_t> order, scratch;
+  rank_by_depth(keys, num_gauss, order, scratch);
+  std::vector<int32_t> pair_tile, pair_gid;
+  pair_tile.reserve(capacity);
+  pair_gid.reserve(capacity);
+  int64_t slot = 0;
+  for (int64_t r = 0; r < num_gauss && slot < capacity; ++r) {
+    const int32_t gid = order[r];
+    const int32_t* rect = rects + 4 * static_cast<int64_t>(gid);  // x0, y0, width, count
+    const float* f = foot + 8 * static_cast<int64_t>(gid);          // mx, my, a, b, c, opacity, -, -
+    for (int local = 0; local < rect[3] && slot < capacity; ++local, ++slot) {
+      const int tx = rect[0] + local % rect[2], ty = rect[1] + local / rect[2];
+      if (!tile_hits(tx, ty, f[0], f[1], f[2], f[3], f[4], f[5])) continue;
+      pair_tile.push_back(ty * tiles_x + tx);
+      pair_gid.push_back(gid);
+    }
+  }
+  std::fill(bounds, bounds + n_tiles + 1, 0);
+  for (const int32_t t : pair_tile) ++bounds[t + 1];
+  for (int t = 0; t < n_tiles; ++t) bounds[t + 1] += bounds[t];
+  std::vector<int32_t> next(bounds, bounds + n_tiles);
+  for (size_t k = 0; k < pair_tile.size(); ++k) {
+    const int32_t at = next[pair_tile[k]]++;
+    tile_out[at] = pair_tile[k];
+    gid_out[at] = pair_gid[k];
+  }
+  std::fill(tile_out + pair_tile.size(), tile_out + capacity, n_tiles);
+  std::fill(gid_out + pair_tile.size(), gid_out + capacity, 0);
+}
+
+ffi::Error Bin(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys, ffi::Buffer<ffi::S32> rects,
+               ffi::Buffer<ffi::F32> footprint, ffi::ResultBuffer<ffi::S32> tile, ffi::ResultBuffer<ffi::S32> gid,
+               ffi::ResultBuffer<ffi::S32> bounds, int32_t tiles_x, int32_t n_tiles) {
+  const auto dims = keys.dimensions();
   const int64_t cams = leading(dims, 1);
   const int64_t num_gauss = dims.size() ? dims.back() : 0, capacity = tile->dimensions().back();
-  if (cams < 0 || ends.element_count() != order.element_count() ||
-      rects.element_count() != 4 * order.element_count() || footprint.element_count() != 8 * order.element_count() ||
-      leading(tile->dimensions(), 1) != cams) {
+  if (cams < 0 || rects.element_count() != 4 * keys.element_count() ||
+      footprint.element_count() != 8 * keys.element_count() || leading(tile->dimensions(), 1) != cams ||
+      gid->element_count() != tile->element_count() || bounds->dimensions().back() != n_tiles + 1 ||
+      leading(bounds->dimensions(), 1) != cams || tiles_x <= 0 || n_tiles <= 0) {
     return ffi::Error::InvalidArgument(
-        "uhap expand: want order, ends [..., N], rects [..., N, 4], footprint [..., N, 8], outputs [..., P]");
+        "uhap bin: want keys [..., N], rects [..., N, 4], footprint [..., N, 8], outputs [..., P] and [..., T + 1]");
   }
-  const int32_t* order_p = order.typed_data();
-  const int32_t* ends_p = ends.typed_data();
+  const uint32_t* keys_p = keys.typed_data();
   const int32_t* rects_p = rects.typed_data();
   const float* foot_p = footprint.typed_data();
-  int32_t* tile_p = tile->typed_data();
-  int32_t* rank_p = rank->typed_data();
+  int32_t *tile_p = tile->typed_data(), *gid_p = gid->typed_data(), *bounds_p = bounds->typed_data();
   parallel_for(pool, cams, [&](int64_t cam) {
-    const int64_t row = cam * num_gauss;
-    int32_t* tiles = tile_p + cam * capacity;
-    int32_t* ranks = rank_p + cam * capacity;
-    int64_t slot = 0;
-    for (int64_t r = 0; r < num_gauss && slot < capacity; ++r) {
-      const int64_t stop = std::min<int64_t>(ends_p[row + r], capacity);
-      if (slot >= stop) continue;
-      const int64_t gid = order_p[row + r];
-      const int32_t* rect = rects_p + 4 * (row + gid);  // x0, y0, width, count
-      const float* f = foot_p + 8 * (row + gid);        // mx, my, a, b, c, opacity, -, -
-      for (int local = 0; slot < stop; ++slot, ++local) {
-        const int tx = rect[0] + local % rect[2], ty = rect[1] + local / rect[2];
-        tiles[slot] = tile_hits(tx, ty, f[0], f[1], f[2], f[3], f[4], f[5]) ? ty * tiles_x + tx : n_tiles;
-        ranks[slot] = static_cast<int32_t>(r);
-      }
-    }
-    std::fill(tiles + slot, tiles + capacity, n_tiles);
-    std::fill(ranks + slot, ranks + capacity, 0);
+    bin_camera(keys_p + cam * num_gauss, rects_p + 4 * cam * num_gauss, foot_p + 8 * cam * num_gauss, num_gauss,
+               capacity, tiles_x, n_tiles, tile_p + cam * capacity, gid_p + cam * capacity,
+               bounds_p + cam * (n_tiles + 1));
   });
   return ffi::Error::Success();
 }
@@ -396,15 +433,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> records, ffi::Bu
 }  // namespace
 
 // C below stands for all leading (camera) dimensions.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(UhapCpuExpandPairs, Expand,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UhapCpuBinPairs, Bin,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // order [C, N]: depth rank -> Gaussian
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // ends [C, N]: one past each rank's slots
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // depth keys [C, N] (culled: the largest)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // rects [C, N, 4]: x0, y0, width, count
                                   .Arg<ffi::Buffer<ffi::F32>>()  // footprint [C, N, 8]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // tile [C, P] (n_tiles: no pair)
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // rank [C, P]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // tile [C, P] (n_tiles: no pair), sorted
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // Gaussian id [C, P] (0: no pair)
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // tile bounds [C, T + 1]
                                   .Attr<int32_t>("tiles_x")
                                   .Attr<int32_t>("n_tiles"));
 

@@ -206,7 +206,9 @@ def _resolve_backend(backend: str) -> str:
         )
     if backend == "cpu":
         if jax.default_backend() != "cpu":
-            raise ValueError(f"rasterize: backend='cpu' needs the CPU as JAX's default device, not {jax.default_backend()!r}")
+            raise ValueError(
+                f"rasterize: backend='cpu' needs the CPU as JAX's default device, not {jax.default_backend()!r}"
+            )
         from kernels import cpu_ops
 
         cpu_ops.register()  # raises CpuBuildError, with the compiler's message

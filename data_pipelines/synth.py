@@ -472,7 +472,7 @@ class Renderer:
         plus headroom: over whole clips the busiest image needed at most 12% more pairs than the first frame, and
         other identities' hair may need more.
 
-        Binning and the interpreted CPU kernel do work in proportion to the capacity: tight saves ~5% here.
+        Binning and the record gather do work in proportion to the capacity: tight saves a few percent here.
         """
         world_to_cam, intrinsics = _camera_arrays(cameras)
         means, quats, scales, opacities = _visible_gaussians(

@@ -91,9 +91,8 @@ def synth_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.exposure_drift = 0.12  # the phone's auto-exposure wanders by about this fraction
     config.motion_blur_shutter = 0.5  # of the frame interval: the phone's blur follows the head's motion
     config.images_per_batch = 16  # (frame, camera) images rendered per jitted call
-    # "pallas": each 16x16 tile stops once its pixels are opaque. On CPU it runs interpreted and renders these
-    # scenes ~1.7x faster than "reference" (images agree within one 8-bit level).
-    config.render_backend = "pallas"
+    # "auto": the C++ kernels on a CPU (kernels/cpu_ops.py), the CUDA ones on an NVIDIA GPU.
+    config.render_backend = "auto"
     if preset == "tiny":
         pass
     elif preset == "base":
@@ -105,7 +104,6 @@ def synth_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         config.held_out_cameras = (3, 8)
         config.image_size = 512
         config.images_per_batch = 48
-        config.render_backend = "auto"  # the CUDA kernels on an NVIDIA GPU
         config.template_resolution = 96
         config.gaussian_uv_resolution = 544  # 512 falls 0.4% short of 4x at the layout's borders
         config.model_uv_resolution = 256
@@ -474,7 +472,7 @@ class Renderer:
         plus headroom: over whole clips the busiest image needed at most 12% more pairs than the first frame, and
         other identities' hair may need more.
 
-        Binning and the interpreted CPU kernel do work in proportion to the capacity: tight saves ~5% here.
+        Binning and the record gather do work in proportion to the capacity: tight saves a few percent here.
         """
         world_to_cam, intrinsics = _camera_arrays(cameras)
         means, quats, scales, opacities = _visible_gaussians(

@@ -99,32 +99,27 @@ def bin_pairs(
     """Build the per-camera sorted pair buffers of `capacity` pairs (more slots when `align` > 1).
 
     `expand` and `sort` choose between equivalent strategies (benchmarked in kernels.bench --stages); `expand="cuda"`
-    is the CUDA kernel of kernels/cuda_ops.py (NVIDIA GPUs).
+    is the CUDA kernel of kernels/cuda_ops.py (NVIDIA GPUs), `expand="cpu"` the C++ one of kernels/cpu_ops.py.
     """
     tiles_x, tiles_y = tile_grid(width, height)
     n_tiles = tiles_x * tiles_y
     rects = tile_rectangles(proj, width, height)
-    flat = flat_sort(proj.depths.shape[0])
-    order = rank_by_depth(proj.depths, rects[-1], flat=flat)
     # One [C, N, 8] table (32-byte rows): the per-slot lookup reads one sector instead of six scattered floats.
     pad = jnp.zeros_like(proj.means2d)
     footprint = jnp.concatenate([proj.means2d, proj.conics, proj.opacities[..., None], pad], axis=-1)
     footprint = jax.lax.stop_gradient(footprint)
-    if expand == "cuda":  # one kernel for all cameras (kernels/cuda_ops.py)
-        from kernels import cuda_ops
+    n_pairs = jnp.sum(rects[-1], axis=-1, dtype=jnp.int32)
+    if expand == "cpu":  # ranking, expansion and sorts in one C++ kernel for all cameras (kernels/cpu_ops.py)
+        from kernels import cpu_ops
 
-        tile, rank, used, n_pairs = cuda_ops.expand_pairs(
-            order, *rects, footprint, capacity=capacity, tiles_x=tiles_x, n_tiles=n_tiles
-        )
+        x0, y0, x1, _, count = rects
+        tile_sorted, gid_sorted, bounds = cpu_ops.bin_pairs(
+            _depth_key(proj.depths, count), x0, y0, x1, count, footprint,
+            capacity=capacity, tiles_x=tiles_x, n_tiles=n_tiles,
+        )  # fmt: skip
     else:
-        expand_fn = functools.partial(expand_pairs, capacity=capacity, tiles_x=tiles_x, method=expand)
-        tile, rank, used, n_pairs = jax.vmap(expand_fn)(order, *rects, footprint)
-    if flat and sort == "auto":
-        tile_sorted, gid_sorted = sort_pairs_flat(tile, rank, used, order, n_tiles=n_tiles)
-    else:
-        sort_fn = functools.partial(sort_pairs, n_tiles=n_tiles, num_gauss=proj.depths.shape[1], method=sort)
-        tile_sorted, gid_sorted = jax.vmap(sort_fn)(tile, rank, used, order)
-    bounds = jax.vmap(functools.partial(_tile_bounds, n_tiles=n_tiles))(tile_sorted)
+        tile_sorted, gid_sorted = _expand_and_sort(proj, rects, footprint, capacity, tiles_x, n_tiles, expand, sort)
+        bounds = jax.vmap(functools.partial(_tile_bounds, n_tiles=n_tiles))(tile_sorted)
     tile_start, tile_end = bounds[:, :-1], bounds[:, 1:]
     gid_valid = tile_sorted < n_tiles
     if align > 1:
@@ -139,6 +134,25 @@ def bin_pairs(
         n_pairs=n_pairs,
         overflow=jnp.any(n_pairs > capacity),
     )
+
+
+def _expand_and_sort(proj, rects, footprint, capacity, tiles_x, n_tiles, expand, sort):
+    """Depth ranking, pair expansion and the sort by tile in XLA: per slot the tile id and the Gaussian id."""
+    flat = flat_sort(proj.depths.shape[0])
+    order = rank_by_depth(proj.depths, rects[-1], flat=flat)
+    if expand == "cuda":  # one kernel for all cameras (kernels/cuda_ops.py)
+        from kernels import cuda_ops
+
+        tile, rank, used, _ = cuda_ops.expand_pairs(
+            order, *rects, footprint, capacity=capacity, tiles_x=tiles_x, n_tiles=n_tiles
+        )
+    else:
+        expand_fn = functools.partial(expand_pairs, capacity=capacity, tiles_x=tiles_x, method=expand)
+        tile, rank, used, _ = jax.vmap(expand_fn)(order, *rects, footprint)
+    if flat and sort == "auto":
+        return sort_pairs_flat(tile, rank, used, order, n_tiles=n_tiles)
+    sort_fn = functools.partial(sort_pairs, n_tiles=n_tiles, num_gauss=proj.depths.shape[1], method=sort)
+    return jax.vmap(sort_fn)(tile, rank, used, order)
 
 
 def flat_sort(num_cams: int) -> bool:

@@ -1,8 +1,9 @@
-"""A kernel backend (CUDA, Pallas or Pallas TPU) against the reference compositor on fresh random scenes, on whatever
-device JAX has.
+"""A kernel backend (CUDA, C++ on CPU, Pallas or Pallas TPU) against the reference compositor on fresh random
+scenes, on whatever device JAX has.
 
     python -m kernels.check                   # the backend "auto" picks; prints max differences and gradient errors
     python -m kernels.check --backend pallas
+    python -m kernels.check --backend cpu     # the C++ kernels (what "auto" picks on a CPU with a compiler)
     python -m kernels.check --backend pallas_tpu  # on a TPU: the Mosaic kernels compiled (elsewhere: interpreted)
 
 Images must agree within 1e-5 and gradients within 1e-4 (relative, by norm); exits non-zero otherwise.
@@ -57,7 +58,7 @@ def compare(scene: bench.Scene, seed: int, backend: str) -> dict:
         cpu_rgb = np.asarray(cpu.rgb)
     row = dict(
         scene=scene.name,
-        **(_compare_expansion(args, w, h, capacity) if backend == "cuda" else {}),
+        **(_compare_expansion(args, w, h, capacity, backend) if backend in ("cuda", "cpu") else {}),
         **_compare_vmap(args, w, h, capacity, backend),
         backend=backend,
         seed=seed,
@@ -93,12 +94,14 @@ def _compare_vmap(args, width: int, height: int, capacity: int, backend: str) ->
     )
 
 
-def _compare_expansion(args, width: int, height: int, capacity: int) -> dict:
-    """The CUDA pair expansion against binning's jnp one: the fraction of sorted pair slots that differ (tile
-    decisions at float rounding may flip a pair whose alpha is within 1% of 1/255 at the tile's best pixel)."""
+def _compare_expansion(args, width: int, height: int, capacity: int, expand: str) -> dict:
+    """The CUDA pair expansion (or the C++ binning) against binning's jnp one: the fraction of sorted pair slots that
+    differ (tile decisions at float rounding may flip a pair whose alpha is within 1% of 1/255 at the tile's best
+    pixel)."""
     proj = project(*args[:4], *args[5:], width=width, height=height)
-    bins = [binning.bin_pairs(proj, width, height, capacity, expand=how) for how in ("cummax", "cuda")]
-    same_ids = (bins[0].gaussian_ids == bins[1].gaussian_ids) & (bins[0].valid == bins[1].valid)
+    bins = [binning.bin_pairs(proj, width, height, capacity, expand=how) for how in ("cummax", expand)]
+    # Unused slots' ids are never read (the C++ binning leaves 0 there, the sorts the frontmost Gaussian).
+    same_ids = ((bins[0].gaussian_ids == bins[1].gaussian_ids) | ~bins[0].valid) & (bins[0].valid == bins[1].valid)
     return dict(
         pair_slots_differ=float(1.0 - jnp.mean(same_ids)),
         n_pairs_equal=bool(jnp.all(bins[0].n_pairs == bins[1].n_pairs)),
@@ -108,10 +111,10 @@ def _compare_expansion(args, width: int, height: int, capacity: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--backend", choices=["auto", "pallas", "pallas_tpu", "cuda"], default="auto")
+    parser.add_argument("--backend", choices=["auto", "pallas", "pallas_tpu", "cuda", "cpu"], default="auto")
     args = parser.parse_args(argv)
     backend = _resolve_backend(args.backend)
-    if backend == "reference":  # "auto" on a CPU: the Pallas kernels, interpreted
+    if backend == "reference":  # "auto" on a CPU without a C++ compiler: the Pallas kernels, interpreted
         backend = "pallas"
     scenes = [
         bench.Scene("head20k_200x136_x2", "head", 20_000, 200, 136, 2),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import NamedTuple
 
@@ -14,7 +15,9 @@ from kernels import binning, reference
 from kernels.constants import TILE
 from kernels.projection import project
 
-BACKENDS = ("auto", "reference", "pallas", "pallas_tpu", "cuda")
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "reference", "pallas", "pallas_tpu", "cuda", "cpu")
 MODES = ("classic", "antialiased")
 
 
@@ -182,7 +185,8 @@ class AdaptiveCapacity:
 
 def _resolve_backend(backend: str) -> str:
     """The backend "auto" stands for: $UHAP_RASTER_BACKEND if set, else the CUDA kernels on an NVIDIA GPU with nvcc,
-    else Pallas (Triton) on a GPU, the Pallas TPU (Mosaic) kernels on a TPU, else the jnp reference."""
+    else Pallas (Triton) on a GPU, the Pallas TPU (Mosaic) kernels on a TPU, the C++ kernels on a CPU with a C++
+    compiler, else the jnp reference."""
     from kernels import cuda_ops
 
     if backend == "auto":
@@ -192,15 +196,37 @@ def _resolve_backend(backend: str) -> str:
     if backend == "auto":
         if jax.default_backend() == "tpu":
             return "pallas_tpu"
-        if jax.default_backend() != "gpu":
-            return "reference"
-        return "cuda" if cuda_ops.available() else "pallas"
+        if jax.default_backend() == "gpu":
+            return "cuda" if cuda_ops.available() else "pallas"
+        return "cpu" if _cpu_kernels_built() else "reference"
     if backend == "cuda" and not cuda_ops.available():
         raise ValueError(
             "rasterize: backend='cuda' needs an NVIDIA GPU as JAX's default device and nvcc (set UHAP_NVCC or put "
             f"the CUDA toolkit on PATH); JAX's default backend is {jax.default_backend()!r}"
         )
+    if backend == "cpu":
+        if jax.default_backend() != "cpu":
+            raise ValueError(
+                f"rasterize: backend='cpu' needs the CPU as JAX's default device, not {jax.default_backend()!r}"
+            )
+        from kernels import cpu_ops
+
+        cpu_ops.register()  # raises CpuBuildError, with the compiler's message
     return backend
+
+
+@functools.cache
+def _cpu_kernels_built() -> bool:
+    """Whether the C++ kernels are built and registered; says once why not (then "auto" is the slower reference)."""
+    from kernels import cpu_ops
+
+    try:
+        cpu_ops.register()
+    except (cpu_ops.CpuBuildError, OSError) as err:  # no compiler, it failed, or the cache is not writable
+        logger.warning("rasterize: using the jnp reference on CPU, the C++ kernels are unavailable: %s",
+                       str(err).splitlines()[0])  # fmt: skip
+        return False
+    return True
 
 
 @functools.partial(jax.jit, static_argnames=("width", "height", "antialiased"))
@@ -232,6 +258,10 @@ def _compositor(backend: str):
         from kernels import cuda_ops
 
         return cuda_ops
+    if backend == "cpu":
+        from kernels import cpu_ops
+
+        return cpu_ops
     return reference
 
 

@@ -45,7 +45,7 @@ def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):
 def test_backend_selection(monkeypatch):
     assert jax.default_backend() == "cpu"
     monkeypatch.delenv("UHAP_RASTER_BACKEND", raising=False)
-    assert _resolve_backend("auto") == "reference"
+    assert _resolve_backend("auto") in ("cpu", "reference")  # the C++ kernels where a compiler builds them
     monkeypatch.setenv("UHAP_RASTER_BACKEND", "pallas")
     assert _resolve_backend("auto") == "pallas"
     assert _resolve_backend("reference") == "reference"  # an explicit backend wins over the variable

@@ -219,7 +219,7 @@ def test_backend_selection_and_bench_flag(monkeypatch):
     assert _resolve_backend("auto") == "pallas_tpu"
     assert pallas_tpu.interpret_params() is False  # compiled with Mosaic on a TPU
     monkeypatch.undo()
-    assert _resolve_backend("auto") == "reference"
+    assert _resolve_backend("auto") in ("cpu", "reference")  # the C++ kernels where a compiler builds them
     assert isinstance(pallas_tpu.interpret_params(), pltpu.InterpretParams)
     monkeypatch.setenv("UHAP_RASTER_BACKEND", "pallas_tpu")
     assert _resolve_backend("auto") == "pallas_tpu"

@@ -42,7 +42,8 @@ def run_synth(args: argparse.Namespace) -> int:
         apply_override(config, item, source=f"synth preset {args.preset!r}")
     if args.seed is not None:
         config.seed = args.seed
-    start_jax_cpu_on_one_core()
+    if not renders_with_cpu_kernels(config.render_backend):
+        start_jax_cpu_on_one_core()
     with output_dirs.replacing(args.out, "dataset") as staging:
         info = synth.generate(staging, config, progress=not args.no_progress)
     num_sequences = sum(len(s) for s in info["sequences"].values())
@@ -50,14 +51,30 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def renders_with_cpu_kernels(backend: str) -> bool:
+    """Whether the synth renderer gets the C++ CPU kernels (`kernels/cpu_ops.py`), decided without starting JAX's
+    client. Those spread over XLA's thread pool, and on 2 cores the tiny preset took 74 s with it, 94 s on one."""
+    from kernels import cpu_ops
+
+    if backend == "auto":
+        backend = os.environ.get("UHAP_RASTER_BACKEND", "auto")
+    if backend not in ("auto", "cpu"):
+        return False
+    try:
+        cpu_ops.build()
+    except (cpu_ops.CpuBuildError, OSError):
+        return False
+    return True
+
+
 def start_jax_cpu_on_one_core() -> None:
     """Starts JAX's CPU client while this thread may use one core, then gives every thread all its cores back.
 
-    XLA sizes its CPU thread pool from the usable cores when the client starts. The synth renderer's programs (the
-    interpreted Pallas rasterizer: loops of small ops) took ~1.7x the CPU time, and no less wall time, with a pool
-    that hands their work between 2 cores (2-core machine); with the pool on one core, the PNG writers and the
-    identity preparer run on the others. Only where JAX can use no accelerator and the cores can be listed (Linux);
-    a no-op if JAX has started already.
+    XLA sizes its CPU thread pool from the usable cores when the client starts. Without the C++ kernels, the synth
+    renderer's programs (the interpreted Pallas rasterizer: loops of small ops) took ~1.7x the CPU time, and no less
+    wall time, with a pool that hands their work between 2 cores (2-core machine); with the pool on one core, the
+    PNG writers and the identity preparer run on the others. Only where JAX can use no accelerator and the cores can
+    be listed (Linux); a no-op if JAX has started already.
     """
     import jax
 

@@ -607,6 +607,9 @@ def _pad_frames(track: np.ndarray) -> np.ndarray:
     return np.concatenate([track, np.repeat(track[-1:], padding, axis=0)])
 
 
+WRITE_FRAMES = 8  # frames per PNG-writing task
+
+
 def _write_sequence(
     writers: ThreadPoolExecutor,
     seq_dir: Path,
@@ -621,8 +624,10 @@ def _write_sequence(
     meta,
     blur_shifts: np.ndarray | None = None,
 ) -> list[Future]:
-    """Writes one sequence (`audio` as recorded); its PNGs are encoded by `writers` (one task per camera, which
-    first applies `motion_blur` along `blur_shifts` if given) while the next one renders."""
+    """Writes one sequence (`audio` as recorded); its PNGs are encoded by `writers` (one task per camera and run of
+    `WRITE_FRAMES` frames, which first applies `motion_blur` along `blur_shifts` if given) while the next one
+    renders. Runs of frames, not whole cameras: a phone clip is one camera, and one task blurring all of it was the
+    base preset's tail on a 16-core GPU machine."""
     layout.write_audio(seq_dir / layout.AUDIO_FILE, audio)
     layout.write_vertices(seq_dir, vertices)
     np.save(seq_dir / "expressions.npy", expressions)
@@ -640,14 +645,19 @@ def _write_sequence(
         **meta,
     )
     write = functools.partial(writers.submit, _write_camera_images, seq_dir)
-    return [write(serial, rgb[:, c], alpha[:, c], blur_shifts) for c, serial in enumerate(serials)]
+    runs = [slice(start, start + WRITE_FRAMES) for start in range(0, len(rgb), WRITE_FRAMES)]
+    return [
+        write(serial, run.start, rgb[run, c], alpha[run, c], None if blur_shifts is None else blur_shifts[run])
+        for c, serial in enumerate(serials)
+        for run in runs
+    ]
 
 
-def _write_camera_images(seq_dir: Path, serial: str, rgb: np.ndarray, alpha: np.ndarray,
+def _write_camera_images(seq_dir: Path, serial: str, first_frame: int, rgb: np.ndarray, alpha: np.ndarray,
                          blur_shifts: np.ndarray | None) -> None:  # fmt: skip
     if blur_shifts is not None:
         rgb, alpha = motion_blur(rgb, blur_shifts), motion_blur(alpha, blur_shifts)
-    for frame, (image, mask) in enumerate(zip(rgb, alpha)):
+    for frame, (image, mask) in enumerate(zip(rgb, alpha), start=first_frame):
         layout.write_image(layout.frame_path(seq_dir, serial, frame), image)
         layout.write_image(layout.frame_path(seq_dir, serial, frame, kind="masks"), mask)
 

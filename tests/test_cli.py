@@ -40,6 +40,19 @@ def test_load_config_with_overrides(tmp_path):
     assert load_config(f"{path}:tiny").train.steps == 10
 
 
+def test_built_in_config_paths_load_from_any_working_directory(tmp_path, monkeypatch):
+    """The demo and saved stage configs name `configs/prior.py:tiny`: a user running `uhap` outside the checkout
+    must get the built-in file, and a file of that name in the working directory still wins."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/prior.py:tiny", ["train.steps=3"]).train.steps == 3
+    (tmp_path / "configs").mkdir()
+    mine = "import ml_collections\n\ndef get_config(preset):\n    return ml_collections.ConfigDict({'mine': preset})\n"
+    (tmp_path / "configs" / "prior.py").write_text(mine)
+    assert load_config("configs/prior.py:tiny").mine == "tiny"
+    with pytest.raises(UsageError, match="configs/nope.py"):
+        load_config("configs/nope.py:tiny")
+
+
 def test_load_config_errors_name_the_problem(tmp_path):
     path = tmp_path / "stage.py"
     path.write_text(CONFIG)

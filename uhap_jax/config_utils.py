@@ -21,7 +21,8 @@ class UsageError(ValueError):
 
 
 def load_config(spec: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
-    """`spec` is `path/to/file.py[:preset]`; a bare stage name (`prior`) means `configs/prior.py`.
+    """`spec` is `path/to/file.py[:preset]`; a bare stage name (`prior`) means `configs/prior.py`. A relative
+    path that is not under the working directory is looked up in this checkout (`configs/prior.py` from anywhere).
 
     The file defines `get_config(preset: str) -> ConfigDict`. Overrides are `a.b.c=value` strings; the
     value is parsed as a Python literal when it can be, and must keep the field's type.
@@ -30,6 +31,9 @@ def load_config(spec: str, overrides: list[str] | None = None) -> ml_collections
     path = Path(path_str)
     if not path.suffix:
         path = _REPO_CONFIGS / f"{path_str}.py"
+    elif not path.is_file() and not path.is_absolute() and (_REPO_CONFIGS.parent / path).is_file():
+        # `configs/prior.py` as the stages' defaults and saved configs name it, from outside the checkout
+        path = _REPO_CONFIGS.parent / path
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in _REPO_CONFIGS.glob("*.py") if not p.stem.startswith("_")))
         raise UsageError(f"--config {spec}: config file {path} does not exist (built-in stages: {known})")

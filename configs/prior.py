@@ -81,6 +81,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # x metres^2: posed Gaussians against the tracked mesh at their texels, on sequences with vertices.npy
     # (synthetic data, Multiface); 0 turns it off. It makes z follow the mouth (see prior_stage).
     config.loss.tracked_mesh = 1e5
+    config.loss.tracked_lips = 0.0  # x metres^2: the same on the lips' Gaussians alone (their motion drives LVE)
     config.loss.camera_gain = 1.0  # x mean squared log gain (model.camera_gains)
 
     config.optimizer = ml_collections.ConfigDict()

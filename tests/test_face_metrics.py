@@ -102,6 +102,16 @@ def test_lve_and_fdd_in_square_millimetres(rng):
     expected = np.mean(np.max(np.sum((pred - gt) ** 2, -1), 1)) * 1e6
     assert face_metrics.lve_mm2(pred, gt) == pytest.approx(expected, rel=1e-12)
     assert face_metrics.lve_mm2(gt, gt) == 0.0
+    # The motion LVE ignores a static lip-shape error, counts motion: zero for the truth shifted by a constant,
+    # the truth's own spread for a still face, and the plain LVE's value when the error's mean is zero.
+    shape_error = rng.normal(0, 0.005, gt.shape[1:])
+    assert face_metrics.lve_motion_mm2(gt + shape_error, gt) == pytest.approx(0.0, abs=1e-9)
+    assert face_metrics.lve_mm2(gt + shape_error, gt) > 1.0
+    still = np.broadcast_to(gt.mean(0) + shape_error, gt.shape)
+    spread = face_metrics.lve_mm2(np.broadcast_to(gt.mean(0), gt.shape), gt)
+    assert face_metrics.lve_motion_mm2(still, gt) == pytest.approx(spread, rel=1e-9)
+    centred = pred - (pred - gt).mean(0)
+    assert face_metrics.lve_motion_mm2(pred + shape_error, gt) == pytest.approx(face_metrics.lve_mm2(centred, gt))
     neutral = rng.normal(0, 0.01, (5, 3))
     shared = face_metrics.fdd_mm2(pred, gt, neutral, neutral)
     assert shared == pytest.approx(1e6 * lip_metrics.upper_face_dynamics_deviation(pred, gt, neutral, range(5)))

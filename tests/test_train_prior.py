@@ -18,6 +18,7 @@ from uhap_jax import cli
 from uhap_jax.config_utils import load_config
 from uhap_jax.eval import prior_eval
 from uhap_jax.geometry import template as template_lib
+from uhap_jax.geometry.texels import lip_gaussian_ids
 from uhap_jax.models.population import POPULATION_FILE, AlbedoPopulation
 from uhap_jax.models.prior import UHAP
 from uhap_jax.models.render import initial_capacity
@@ -148,3 +149,38 @@ def test_camera_gains_scale_each_view_by_its_camera_and_learn_from_the_loss(rng)
     grads = np.asarray(jax.grad(loss_of)(params)["camera_log_gains"][...])
     assert (grads[[0, 2, 4]] < 0).all(), grads
     np.testing.assert_array_equal(grads[[1, 3, 5]], 0.0)
+
+
+def test_tracked_lips_pulls_only_the_lip_gaussians_to_their_tracked_points(rng):
+    """`loss.tracked_lips`: a tracked-mesh term over the lips' Gaussians alone. Its gradient in the tracked points
+    is -2 (mean - tracked) / (lips x valid frames) on every lip Gaussian of a valid frame and zero elsewhere, its
+    value is that residual's mean square; with the weight at 0 it is not computed."""
+    config = load_config("configs/prior.py:tiny", [o.removeprefix("--config.") for o in TINY_MODEL])
+    config.model.update(small_model_config())
+    config.model.geometry_dropout = 1.0  # the encoder never sees the tracked mesh: the term is its only path
+    config.model.uv_resolution, config.model.decoder_channels = 32, (8, 8, 8)  # 16² has no texel on the lips
+    head = template_lib.procedural_head(config.model.template_resolution)
+    model = UHAP(head, config.model, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    config.data.batch_size, config.data.num_views = 3, 2
+    batch = prior_bench.synthetic_batch(config, model, head, rng)
+    count = model.layout.num_gaussians
+    batch["tracked_points"] = rng.normal(0.0, 0.05, (3, count, 3)).astype(np.float32)
+    batch["tracked_valid"] = np.asarray([1.0, 0.0, 1.0], np.float32)
+    capacity = initial_capacity(model, batch, headroom=1.5)
+    lips = lip_gaussian_ids(model.layout, head)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+
+    def aux_of(weight: float):
+        config.loss.tracked_lips = weight
+        loss_fn = prior_stage.make_loss_fn(config, capacity)
+        return lambda tracked: loss_fn(model, batch | {"tracked_points": tracked}, key)[1]
+
+    assert "tracked_lips" not in jax.eval_shape(aux_of(0.0), batch["tracked_points"])  # off: not computed
+    term = jax.jit(jax.value_and_grad(lambda t: aux_of(1e3)(t)["tracked_lips"]))
+    value, grad = term(batch["tracked_points"])
+    grad = np.asarray(grad, np.float64)
+    others = np.setdiff1d(np.arange(count), lips)
+    assert np.all(grad[:, others] == 0.0) and np.all(grad[1] == 0.0)  # not a lip, or an invalid frame
+    assert np.all(np.abs(grad[[0, 2]][:, lips]).sum(-1) > 0)
+    residual = -grad[[0, 2]][:, lips] * len(lips) * 2.0 / 2.0  # mean - tracked: the gradient x lips x frames / -2
+    np.testing.assert_allclose(float(value), np.mean(np.sum(residual**2, -1)), rtol=1e-4)

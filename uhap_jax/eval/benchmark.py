@@ -59,7 +59,16 @@ logger = logging.getLogger(__name__)
 CONDITIONS = ("audio", "zero_motion", "shuffled_audio", "oracle_codes")
 BASELINES = CONDITIONS[1:]
 IMAGE_METRICS = ("psnr", "ssim", "lpips", "mouth_psnr", "mouth_ssim", "mouth_lpips")
-METRICS = (*IMAGE_METRICS, "lve_mm2", "fdd_mm2", "sync_offset_frames", "sync_confidence", "lse_d", "lse_c")
+METRICS = (
+    *IMAGE_METRICS,
+    "lve_mm2",
+    "lve_motion_mm2",
+    "fdd_mm2",
+    "sync_offset_frames",
+    "sync_confidence",
+    "lse_d",
+    "lse_c",
+)
 # What each metric is, for the report and the JSON: name -> (description, higher is better).
 DESCRIPTIONS = {
     "psnr": ("PSNR (dB) over the ground-truth head mask, held-out cameras", True),
@@ -69,6 +78,11 @@ DESCRIPTIONS = {
     "mouth_ssim": ("SSIM of the mouth crop", True),
     "mouth_lpips": ("LPIPS-VGG of the mouth crop", False),
     "lve_mm2": ("LVE (mm²) vs the ground-truth tracked meshes: max squared lip-point error per frame, mean", False),
+    "lve_motion_mm2": (
+        "LVE (mm²) with each lip point's static error over the clip removed (the avatar's lip shape):"
+        " the error of the motion alone; a diagnostic, not a bar",
+        False,
+    ),
     "fdd_mm2": (
         "FDD (mm²): upper-face dynamics of the ground truth minus the prediction's (each from its own "
         "neutral: the neutral scan; the avatar at its neutral code)",
@@ -377,6 +391,7 @@ class Scorer:
         clip = self.clip
         metrics = self._image_metrics(rendered) if rendered is not None else dict.fromkeys(IMAGE_METRICS)
         metrics["lve_mm2"] = face_metrics.lve_mm2(lips, self.gt_lips)
+        metrics["lve_motion_mm2"] = face_metrics.lve_motion_mm2(lips, self.gt_lips)
         metrics["fdd_mm2"] = face_metrics.fdd_mm2(upper, self.gt_upper, neutral_upper, gt_neutral_upper)
         sync = face_metrics.audio_mouth_sync(clip.waveform, SAMPLE_RATE, clip.fps,
                                              face_metrics.mouth_opening(lips, halves), self.max_lag)  # fmt: skip

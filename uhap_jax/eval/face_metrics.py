@@ -210,6 +210,14 @@ def lve_mm2(pred_points, gt_points) -> float:
     return _MM2 * lip_metrics.lip_vertex_error(pred_points, gt_points, np.arange(pred_points.shape[1]))
 
 
+def lve_motion_mm2(pred_points, gt_points) -> float:
+    """LVE (mm²) with each lip point's mean error over the clip removed: the avatar's static lip-shape error (its
+    identity, which audio cannot change) taken out, the error of the motion is left. Not FaceFormer's LVE: a
+    diagnostic beside it, which says how much of the LVE the speech model could remove."""
+    pred, gt = np.asarray(pred_points, np.float64), np.asarray(gt_points, np.float64)
+    return lve_mm2(pred - np.mean(pred - gt, axis=0, keepdims=True), gt)
+
+
 def fdd_mm2(pred_points, gt_points, pred_neutral, gt_neutral) -> float:
     """FDD (mm²) of upper-face points [T, U, 3] in metres, each side's motion measured from its own neutral [U, 3].
 

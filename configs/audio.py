@@ -30,6 +30,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.data.cache_dir = ""
     config.data.window_frames = 32  # frames per training window (audio cut to the same span)
     config.data.batch_size = 8  # windows per global batch
+    # Each training window played at a random rate within 1 +- this (audio and codes together): more voices.
+    config.data.speed_perturbation = 0.0
     config.data.code_batch_size = 16  # frames per call when the prior encodes the targets (once)
     config.data.num_threads = 2
     config.data.prefetch = 4

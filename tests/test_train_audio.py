@@ -117,3 +117,27 @@ def test_lips_split_into_upper_and_lower_halves():
     assert points[lip_ids[upper], 1].min() > points[lip_ids[lower], 1].max()
     with pytest.raises(ValueError, match="16² UV layout lies on the template's lips"):
         lip_gaussian_ids(TexelLayout.build(head, 16), head)
+
+
+def test_speed_perturbation_keeps_audio_and_codes_on_one_clock(rng):
+    """A window played `rate` times as fast: a tone of f Hz comes out at rate x f, codes that ramp with the frame
+    index come out sampled every `rate` frames from the same start, so sound and motion stay in sync; rate 1 is
+    the plain window."""
+    fps, frames, start = 25.0, 16, int(rng.integers(3, 10))
+    num_samples = round(frames * 16_000 / fps)
+    tone = float(rng.uniform(150.0, 300.0))
+    seconds = np.arange(int(3 * 16_000)) / 16_000
+    waveform = np.sin(2 * np.pi * tone * seconds).astype(np.float32)
+    slope, offset = rng.normal(size=(2, 5))
+    codes = (offset + slope * np.arange(60)[:, None]).astype(np.float32)
+    plain = audio_stage.speed_window(waveform, codes, start, frames, num_samples, fps, 1.0)
+    np.testing.assert_array_equal(plain["codes"], codes[start : start + frames])
+    np.testing.assert_array_equal(plain["audio"], waveform[round(start * 16_000 / fps) :][:num_samples])
+    rate = float(rng.uniform(0.9, 1.1))
+    fast = audio_stage.speed_window(waveform, codes, start, frames, num_samples, fps, rate)
+    assert fast["audio"].shape == (num_samples,) and fast["codes"].shape == (frames, 5)
+    np.testing.assert_allclose(fast["codes"], offset + slope * (start + rate * np.arange(frames))[:, None],
+                               rtol=1e-5, atol=1e-4)  # fmt: skip
+    t0 = start / fps  # the window's first sample, in the source's seconds
+    expected = np.sin(2 * np.pi * tone * (t0 + rate * np.arange(num_samples) / 16_000))
+    np.testing.assert_allclose(fast["audio"], expected, atol=5e-3)  # linear interpolation of a <=330 Hz tone

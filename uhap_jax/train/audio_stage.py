@@ -42,35 +42,58 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class CutWindow(grain.transforms.Map):
-    """(sequence index, first frame) -> audio [S], target codes [K, z_dim] and the subject's scan UV maps."""
+class CutWindow(grain.transforms.RandomMap):
+    """(sequence index, first frame) -> audio [S], target codes [K, z_dim] and the subject's scan UV maps.
+
+    With `speed` > 0 each window is played at a random rate in [1 - speed, 1 + speed]: the audio resampled and
+    the codes interpolated on the same clock, so they stay in sync while the voice's pitch and formants move
+    (speed perturbation): a few training voices stand for more, and unseen voices are less foreign.
+    """
 
     sequences: tuple[dataset_lib.Sequence, ...]
     scan_maps: np.ndarray  # [subjects, R, R, 6]
     window_frames: int
     fps: float
+    speed: float = 0.0
 
-    def map(self, element: np.ndarray) -> dict[str, np.ndarray]:
+    def random_map(self, element: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         sequence = self.sequences[int(element[0])]
         start = int(element[1])
         num_samples = round(self.window_frames * SAMPLE_RATE / self.fps)
+        rate = float(rng.uniform(1.0 - self.speed, 1.0 + self.speed)) if self.speed > 0 else 1.0
         return {
-            "audio": dataset_lib.window_audio(sequence.waveform, start, num_samples, self.fps),
-            "codes": sequence.codes[start : start + self.window_frames].astype(np.float32),
+            **speed_window(sequence.waveform, sequence.codes, start, self.window_frames, num_samples, self.fps, rate),
             "scan_maps": self.scan_maps[sequence.subject_id],
         }
 
 
+def speed_window(waveform: np.ndarray, codes: np.ndarray, start: int, frames: int, num_samples: int, fps: float,
+                 rate: float) -> dict[str, np.ndarray]:  # fmt: skip
+    """`frames` codes and `num_samples` of audio from frame `start` on, played `rate` times as fast (1: as they
+    are; linear interpolation of both, past the end the last code and silence)."""
+    if rate == 1.0:
+        return {"audio": dataset_lib.window_audio(waveform, start, num_samples, fps),
+                "codes": codes[start : start + frames].astype(np.float32)}  # fmt: skip
+    span = int(np.ceil(num_samples * rate)) + 1
+    source = dataset_lib.window_audio(waveform, start, span, fps).astype(np.float64)
+    audio = np.interp(np.arange(num_samples) * rate, np.arange(span), source)
+    times = np.minimum(start + np.arange(frames) * rate, len(codes) - 1)
+    lower = np.floor(times).astype(int)
+    upper, weight = np.minimum(lower + 1, len(codes) - 1), (times - lower)[:, None]
+    mixed = (1.0 - weight) * codes[lower].astype(np.float64) + weight * codes[upper].astype(np.float64)
+    return {"audio": audio.astype(np.float32), "codes": mixed.astype(np.float32)}
+
+
 def window_loader(
     sequences: list[dataset_lib.Sequence], scan_maps: np.ndarray, window_frames: int, fps: float, mesh,
-    options: loaders.LoaderOptions,
+    options: loaders.LoaderOptions, speed: float = 0.0,
 ) -> loaders.GlobalBatchIterator:  # fmt: skip
     """Shuffled windows at every start frame of every sequence, batched into global arrays; checkpointable."""
     starts = [(i, f) for i, s in enumerate(sequences) for f in range(s.num_frames - window_frames + 1)]
     if not starts:
         raise ValueError(f"no training sequence has data.window_frames={window_frames} frames")
-    cut = CutWindow(tuple(sequences), scan_maps, window_frames, fps)
-    return loaders.build_loader(grain.MapDataset.source(np.asarray(starts, np.int64)), lambda d: d.map(cut),
+    cut = CutWindow(tuple(sequences), scan_maps, window_frames, fps, speed)
+    return loaders.build_loader(grain.MapDataset.source(np.asarray(starts, np.int64)), lambda d: d.random_map(cut),
                                 batch_sharding(mesh), options)  # fmt: skip
 
 
@@ -125,7 +148,8 @@ def train_audio(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple
     model = build_speech_model(config, prior, fps)
     options = dataset_lib.loader_options(config)
     train_sequences = [s for s in sequences if s.split == "train"]
-    data = window_loader(train_sequences, scan_maps, config.data.window_frames, fps, mesh, options)
+    data = window_loader(train_sequences, scan_maps, config.data.window_frames, fps, mesh, options,
+                         config.data.get("speed_perturbation", 0.0))  # fmt: skip
     optimizer = make_optimizer(config)
     loss_fn = make_loss_fn(config, evaluator.lip_ids)
     trainer = Trainer(config.train, model, optimizer, loss_fn, data, workdir, mesh=mesh)

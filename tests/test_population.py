@@ -27,7 +27,10 @@ def test_fit_spans_the_identities_and_reconstructs_a_member(rng):
 
 
 def test_posterior_fills_unseen_texels_from_the_seen_ones(rng):
-    albedos, regions = _identities(rng, 12)
+    # 31 training identities pin down the 6 directions that skin and hair span. With 11, a held-out person outside
+    # their range made the posterior extrapolate along components estimated from few samples, whose teeth entries
+    # are the 0.005 noise: the teeth moved by up to 2x that noise (2.8% of seeds), a sampling effect, not the model's.
+    albedos, regions = _identities(rng, 32)
     population = AlbedoPopulation.fit(albedos[:-1])
     person = albedos[-1]
     seen = np.where(np.arange(len(person)) % 2 == 0, 1.0, 0.0) * (regions != 0)  # half of skin and hair, no teeth

@@ -14,6 +14,7 @@ from flax import nnx
 
 import kernels
 from data_pipelines import layout
+from kernels.constants import ALPHA_MIN
 from uhap_jax.config_utils import load_config
 from uhap_jax.geometry import cameras
 from uhap_jax.geometry import template as template_lib
@@ -275,7 +276,14 @@ def test_ply_renders_like_the_gaussians_it_was_written_from(tmp_path, rng):
 
     original = render([gaussians[k] for k in ("means", "quats", "scales", "opacities", "colors")])
     assert float(np.max(np.asarray(original))) > 0.1  # the Gaussians are in view
-    np.testing.assert_allclose(np.asarray(render(read)), np.asarray(original), atol=2e-5)
+    # The file stores log scales, logit opacities and SH colours, so read-back values differ by a float32 ulp or
+    # two; within 2e-5 everywhere but where that ulp moves one pair's alpha across ALPHA_MIN (the skip and the
+    # bounding box's cut-off). Such a flip adds or drops alpha * (c_i - what is behind it), at most ALPHA_MIN times
+    # the colour span (with the 0 background), at one pixel (measured: 14/3000 seeds, one pixel each, <= 0.85x the
+    # bound); a real encoding error moves many pixels.
+    error = np.abs(np.asarray(render(read)) - np.asarray(original)).max(-1)
+    span = float(gaussians["colors"].max() - min(gaussians["colors"].min(), 0.0))
+    assert np.sum(error > 2e-5) <= 2 and error.max() <= ALPHA_MIN * span, (int(np.sum(error > 2e-5)), error.max())
 
 
 # ------------------------------------------------------------------------------------------ camera paths

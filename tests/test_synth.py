@@ -402,7 +402,12 @@ def test_phone_clip_lens_exposure_and_motion_blur(rng):
     assert fov(phone) > 2 * fov(rig_camera)
     assert np.linalg.norm(phone.world_to_cam[:3, 3]) < 0.6 * np.linalg.norm(rig_camera.world_to_cam[:3, 3])
     drift = synth.exposure_drift(200, 0.12, rng)
-    assert 0.05 < drift.max() - drift.min() < 0.3 and np.abs(np.diff(drift)).max() < 0.03
+    assert 0.05 < drift.max() - drift.min() < 0.3
+    # Smooth: the frame-to-frame change varies slowly. The largest step is no measure of that, since the drift is a
+    # random walk scaled to unit spread, whose steps grow as its raw spread happens to shrink (it passed 0.03 at 1.8%
+    # of seeds). Second differences over first are scale-free: 0.17 median, <= 0.33 in 20,000 seeds for the
+    # Hann-smoothed walk; >= 1.1 for an unsmoothed one, sqrt(3) for frame-independent noise.
+    assert np.std(np.diff(drift, 2)) < 0.6 * np.std(np.diff(drift))
     image = np.zeros((2, 16, 16), np.uint8)
     image[:, :, 8:] = 255
     blurred = synth.motion_blur(image, np.array([[4.0, 0.0], [0.0, 0.0]]))

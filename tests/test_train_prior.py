@@ -2,6 +2,7 @@
 same step on 1 and 8 devices."""
 
 import json
+import logging
 
 import grain
 import jax
@@ -151,7 +152,7 @@ def test_camera_gains_scale_each_view_by_its_camera_and_learn_from_the_loss(rng)
     np.testing.assert_array_equal(grads[[1, 3, 5]], 0.0)
 
 
-def test_tracked_lips_pulls_only_the_lip_gaussians_to_their_tracked_points(rng):
+def test_tracked_lips_pulls_only_the_lip_gaussians_to_their_tracked_points(rng, caplog):
     """`loss.tracked_lips`: a tracked-mesh term over the lips' Gaussians alone. Its gradient in the tracked points
     is -2 (mean - tracked) / (lips x valid frames) on every lip Gaussian of a valid frame and zero elsewhere, its
     value is that residual's mean square; with the weight at 0 it is not computed."""
@@ -184,3 +185,14 @@ def test_tracked_lips_pulls_only_the_lip_gaussians_to_their_tracked_points(rng):
     assert np.all(np.abs(grad[[0, 2]][:, lips]).sum(-1) > 0)
     residual = -grad[[0, 2]][:, lips] * len(lips) * 2.0 / 2.0  # mean - tracked: the gradient x lips x frames / -2
     np.testing.assert_allclose(float(value), np.mean(np.sum(residual**2, -1)), rtol=1e-4)
+    # A UV layout without a lip texel (16²) trains without the term, and one warning line says why.
+    config.model.uv_resolution, config.model.decoder_channels = 16, (8, 8)
+    coarse = UHAP(head, config.model, rngs=nnx.Rngs(0))
+    coarse_maps = prior_bench.synthetic_batch(config, coarse, head, rng)["scan_maps"]
+    coarse_batch = batch | {"tracked_points": batch["tracked_points"][:, : coarse.layout.num_gaussians],
+                            "scan_maps": coarse_maps}  # fmt: skip
+    loss_fn = prior_stage.make_loss_fn(config, initial_capacity(coarse, coarse_batch, headroom=1.5))
+    with caplog.at_level(logging.WARNING, logger=prior_stage.logger.name):
+        aux = jax.eval_shape(lambda b: loss_fn(coarse, b, key)[1], coarse_batch)
+    assert "tracked_lips" not in aux and "tracked_mesh" in aux
+    assert any("loss.tracked_lips is off" in r.getMessage() for r in caplog.records)

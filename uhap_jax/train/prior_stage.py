@@ -121,8 +121,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
             terms["tracked_mesh"] = losses.tracked_mesh_loss(
                 posed.means, batch["tracked_points"], batch["tracked_valid"]
             )
-            if mouth_template is not None:
-                lips = lip_gaussian_ids(model.layout, mouth_template)  # numpy, at trace time
+            lips = _lip_ids(model.layout, mouth_template) if mouth_template is not None else None
+            if lips is not None:
                 terms["tracked_lips"] = losses.tracked_mesh_loss(
                     posed.means[:, lips], batch["tracked_points"][:, lips], batch["tracked_valid"]
                 )
@@ -138,6 +138,17 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
         return loss, aux
 
     return loss_fn
+
+
+def _lip_ids(texels, template: template_lib.Template):
+    """The lips' Gaussians (numpy, at trace time), or None with one warning when the UV layout has none."""
+    try:
+        return lip_gaussian_ids(texels, template)
+    except ValueError:
+        logger.warning("loss.tracked_lips is off: no Gaussian of the %d² UV layout lies on the lips (a larger "
+                       "model.uv_resolution turns it on; --config.loss.tracked_lips=0 silences this)",
+                       texels.resolution)  # fmt: skip
+        return None
 
 
 def make_image_fn(capacity: kernels.AdaptiveCapacity):

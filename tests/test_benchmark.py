@@ -99,8 +99,12 @@ def test_a_random_speech_model_does_not_beat_shuffled_audio(setup):
     means = setup["result"]["means"]
     checks = {c.name: c.passed for c in benchmark.check_bars(means)}
     assert not checks["LVE <= 70% of shuffled_audio"] and not checks["LVE <= 70% of zero_motion"]
-    # The sync bar needs both: the offset within a frame and more confidence than on another sentence's audio.
-    assert not (checks["|sync offset| <= frames"] and checks["sync confidence > shuffled_audio"])
+    # Sync: a random model's mouth follows no audio, so its confidence stays at the noise floor of another
+    # sentence's audio (a model that follows the audio clears that floor by > 0.3: the one-frame-shift test). Its
+    # offset is the argmax of a flat curve and the strict '>' of the bar compares two noise values: which way
+    # they fall changed between runs of the same code (XLA's numerics), so those are not asserted.
+    ours, shuffled = means["audio"]["sync_confidence"], means["shuffled_audio"]["sync_confidence"]
+    assert ours < shuffled + 0.15, (ours, shuffled)
     # The oracle's codes are the prior's own: the metrics run on them too.
     assert np.isfinite(means["oracle_codes"]["lve_mm2"]) and np.isfinite(means["oracle_codes"]["psnr"])
 

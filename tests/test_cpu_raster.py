@@ -128,10 +128,21 @@ def test_vmap_over_frames_matches_one_call_per_frame(rng):
         return jnp.sum(out.rgb * out.rgb) + jnp.sum(out.depth), out.rgb
 
     (_, batched), g_batched = jax.jit(jax.vmap(jax.value_and_grad(loss, has_aux=True)))(frames)
+    # The batched projection may round a float32 ulp differently, and where that moves one pair's alpha across
+    # ALPHA_MIN at one pixel the pair is composited in one image only: that pixel moves by alpha * T * (its colour -
+    # what is behind it), at most ALPHA_MIN x the colour span, and that one Gaussian's gradient by its pair's share
+    # (measured: 1/18 seeds, one pixel at 0.09x the bound, one Gaussian's row at 1e-3 x the largest gradient).
+    # Without a flip: within 1e-6 and 1e-5 x the largest gradient; a wrong batching rule moves many pixels and rows.
+    span = float(jnp.max(args[4]) - jnp.minimum(jnp.min(args[4]), 0.0))
     for i in range(2):
         (_, rgb), g = jax.value_and_grad(loss, has_aux=True)(frames[i])
-        np.testing.assert_allclose(batched[i], rgb, atol=1e-6, rtol=0)
-        np.testing.assert_allclose(g_batched[i], g, atol=1e-5 * float(jnp.abs(g).max()), rtol=0)
+        error = np.abs(np.asarray(batched[i]) - np.asarray(rgb)).max(-1)
+        flips = int(np.sum(error > 1e-6))
+        assert flips <= 2 and error.max() <= ALPHA_MIN * span, (i, flips, error.max())
+        scale = float(jnp.abs(g).max())
+        g_error = np.abs(np.asarray(g_batched[i]) - np.asarray(g)).max(-1)
+        off = int(np.sum(g_error > 1e-5 * scale))
+        assert off <= flips and g_error.max() <= 1e-2 * scale, (i, flips, off, g_error.max() / scale)
 
 
 @needs_compiler

@@ -51,6 +51,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.model.offset_scale = 0.01  # metres per unit of decoded offset and of the scan-offset input
     config.model.max_scale_ratio = 4.0  # scales stay within [1/r, r] x the texel's base scale
     config.model.thickness = 0.3  # normal-axis scale relative to the in-plane scale
+    # Colour that depends on the view ray (an MLP of it and the Gaussian's features); False: one colour per
+    # Gaussian and frame, whatever the camera (issue 19: the rig has only its training cameras' directions).
+    config.model.view_dependent = True
     config.model.opacity_init_logit = 3.0
     # Frames whose tracked mesh the expression encoder does not see during training (it sees it where the
     # capture has one; see ExpressionEncoder): the image-only path learns from these.
@@ -78,9 +81,15 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.loss.offset = 1e3  # x metres^2
     config.loss.scale = 1e2  # x metres beyond max_scale
     config.loss.max_scale = 0.01
+    # x mean (1 - cos) of each Gaussian's thin axis against the surface normal: flat Gaussians stay tangent to the
+    # surface, instead of turning edge-on to fit the training cameras and opening holes seen from others (issue 19).
+    config.loss.normal_tilt = 0.0
     # x metres^2: posed Gaussians against the tracked mesh at their texels, on sequences with vertices.npy
     # (synthetic data, Multiface); 0 turns it off. It makes z follow the mouth (see prior_stage).
     config.loss.tracked_mesh = 1e5
+    # Which Gaussians the term pulls: "all", or "expression" (those the template's expression rig moves: jaw,
+    # lips, eyelids, brows, eyes), which leaves scalp, neck and ears free to fit hair and shapes off the template.
+    config.loss.tracked_mesh_scope = "all"
     # x metres^2: the same on the lips' Gaussians alone. Without it the decoded lips moved 1-3 mm² where the
     # tracked ones move 30-40 (LVE about their mean), even from oracle codes; at 2e5 they move 20-28 (see
     # docs/benchmarks.md, session 9). 0 turns it off.
@@ -129,8 +138,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         config.model.color_features = 16
         config.model.color_hidden = 64
         config.loss.lpips = 0.1
-        # The tracked points of every record would sit on every device ([records, N, 3]: gigabytes at UV 256^2);
-        # at 512^2 the mouth spans enough pixels for the image-only encoder.
+        # Off at 512^2, where the mouth spans enough pixels for the image-only encoder. The tracked vertices of every
+        # record sit on every device when on ([records, 14.5k, 3]: ~0.7 GB for the full base preset's ~4k training
+        # frames); not yet trained on the GPU.
         config.loss.tracked_mesh = 0.0
         # Issue 19: at 1e-3 the held-out-camera PSNR dipped 2.3 dB for one eval (the KL spiked to 131 nats);
         # half the rate, and evaluations and exports read a moving average of the parameters.

@@ -168,8 +168,13 @@ class SubjectTables:
     scan_colours: np.ndarray
     head_pose: np.ndarray
     first_record: np.ndarray  # [num_sequences]
-    tracked_points: np.ndarray  # [num_records, N, 3] tracked surface at each Gaussian's texel (world), or [0, N, 3]
+    # The tracked meshes' vertices [num_records, V, 3] (world), or [0, V, 3]; a Gaussian's tracked point is its
+    # texel's barycentric mix of the vertices `texel_corners` [N, 3] with weights `texel_barys` [N, 3]. Vertices,
+    # not points, so that the table is V/N of the size (UV 256: 14.5k vertices for 65.5k texels).
+    tracked_vertices: np.ndarray
     tracked_valid: np.ndarray  # [num_records] 1 where the sequence has tracked meshes
+    texel_corners: np.ndarray
+    texel_barys: np.ndarray
 
     def rows(self, subject_id: np.ndarray, sequence_id: np.ndarray, frame_index: np.ndarray) -> dict:
         """The per-example fields of a batch (numpy tables on the host, or device arrays under jit)."""
@@ -179,8 +184,10 @@ class SubjectTables:
         """`rows` by record index."""
         pose = self.head_pose[record]
         tracked = {}
-        if self.tracked_points.shape[0]:
-            tracked = {"tracked_points": self.tracked_points[record], "tracked_valid": self.tracked_valid[record]}
+        if self.tracked_vertices.shape[0]:
+            corners = self.tracked_vertices[record][..., self.texel_corners, :]  # [..., N, 3 corners, 3]
+            points = (corners * self.texel_barys[..., None]).sum(-2)
+            tracked = {"tracked_points": points, "tracked_valid": self.tracked_valid[record]}
         return tracked | {
             "scan_maps": self.scan_maps[subject_id],
             "scan_points": self.scan_points[subject_id],
@@ -232,9 +239,9 @@ def subject_tables(root: Path, records: loaders.FrameRecords, texels: TexelLayou
         first.append(sum(len(p) for p in poses))
         poses.append(pose)
         if config.loss.tracked_mesh > 0:
-            surface = _tracked_points(seq_dir, row["num_frames"], template, texels)
-            valid.append(np.full(row["num_frames"], surface is not None, np.float32))
-            tracked.append(surface if surface is not None else np.zeros((row["num_frames"], texels.num_gaussians, 3)))
+            vertices = _tracked_vertices(seq_dir, row["num_frames"], texels)
+            valid.append(np.full(row["num_frames"], vertices is not None, np.float32))
+            tracked.append(vertices if vertices is not None else np.zeros((row["num_frames"], texels.num_vertices, 3)))
     if config.loss.tracked_mesh > 0 and not any(v[0] for v in valid):
         logger.warning("loss.tracked_mesh > 0 but no sequence of %s has %s: the term is zero", root,
                        layout.VERTICES_FILE)  # fmt: skip
@@ -243,23 +250,23 @@ def subject_tables(root: Path, records: loaders.FrameRecords, texels: TexelLayou
     return SubjectTables(
         *(np.stack(table).astype(np.float32) for table in (maps, points, normals, colours)),
         head_pose=np.concatenate(poses).astype(np.float32), first_record=np.asarray(first, np.int32),
-        tracked_points=(np.concatenate(tracked).astype(np.float32) if tracked
-                        else np.zeros((0, texels.num_gaussians, 3), np.float32)),
+        tracked_vertices=(np.concatenate(tracked).astype(np.float32) if tracked
+                          else np.zeros((0, texels.num_vertices, 3), np.float32)),
         tracked_valid=np.concatenate(valid) if valid else np.zeros((0,), np.float32),
+        texel_corners=template.faces[texels.face_ids].astype(np.int32),
+        texel_barys=texels.barys.astype(np.float32),
     )  # fmt: skip
 
 
-def _tracked_points(seq_dir: Path, num_frames: int, template: template_lib.Template,
-                    texels: TexelLayout) -> np.ndarray | None:  # fmt: skip
-    """The tracked meshes of a sequence at each Gaussian's (face, barycentric) point [F, N, 3], or None."""
+def _tracked_vertices(seq_dir: Path, num_frames: int, texels: TexelLayout) -> np.ndarray | None:
+    """The tracked meshes' vertices of a sequence [F, V, 3], or None when it has none."""
     if not (seq_dir / layout.VERTICES_FILE).is_file():
         return None
     vertices = layout.read_vertices(seq_dir, num_frames=num_frames)
     if vertices.shape[1] != texels.num_vertices:
         raise ValueError(f"{seq_dir / layout.VERTICES_FILE}: {vertices.shape[1]} vertices per frame, but the "
                          f"template (model.template_resolution) has {texels.num_vertices}")  # fmt: skip
-    corners = vertices[:, template.faces[texels.face_ids]]  # [F, N, 3, 3]
-    return np.einsum("nk,fnkd->fnd", texels.barys, corners)
+    return vertices
 
 
 class GatheredBatches:

@@ -6,7 +6,7 @@
 # cut short still returns what it did. A warm machine keeps /tmp: the dataset and its caches are made once.
 #   TASKS="synth bench curve search" (default all), BUDGET_S (default 570: the call's limit less a margin),
 #   CONFIG, CURVE_ARGS (extra --config.* overrides of the curve run), RUN (its name), CURVE_ARGS_B (a second curve
-#   beside it, for an A/B of settings), SEARCH ("8,16,32,...").
+#   beside it, for an A/B of settings), SEARCH ("8,16,32,..."), CURVE_S (the curve's seconds, at most what is left).
 # On a CPU machine, for a smoke test: CONFIG=configs/prior.py:tiny SYNTH_ARGS=... NO_WHEELS=1.
 set -uo pipefail
 START=$SECONDS
@@ -75,6 +75,7 @@ if [[ " $TASKS " == *" curve "* ]]; then
   SPARE=${SEARCH_S:-0}
   [[ " $TASKS " == *" search "* ]] || SPARE=0
   SECS=$(( $(left) - SPARE - 20 ))
+  [ -n "${CURVE_S:-}" ] && [ "$CURVE_S" -lt "$SECS" ] && SECS=$CURVE_S  # a shorter curve (several in one call)
   # CURVE_ARGS_B: a second run beside the first on the same GPU (an A/B of settings; each gets about half the GPU).
   if [ -n "${CURVE_ARGS_B:-}" ]; then
     echo "== curve ${RUN}_b: ${CURVE_ARGS_B} (t=$((SECONDS - START)) s)"

@@ -86,6 +86,37 @@ def test_render_shapes_and_view_dependent_colour(head, rng):
     assert np.abs(colours[:, 0] - colours[:, 1]).mean() > 1e-3  # the view direction changes the colour
 
 
+def test_view_independent_colour_is_the_same_from_every_camera(head, rng):
+    config = small_model_config()
+    config.view_dependent = False
+    model = UHAP(head, config, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    randomise(model.color_out, rng)
+    randomise(model.decoder.out, rng)
+    albedo = rng.uniform(0.2, 0.8, head.vertices.shape).astype(np.float32)
+    maps = np.stack([scan_uv_maps(model.layout, head, head.vertices, albedo, "scan")] * 2)
+    views, _ = random_cameras(rng, 3, 32)
+    gaussians = model.decode(rng.normal(size=(2, 8)).astype(np.float32), maps, np.zeros((2, 3)), np.zeros((2, 3)))
+    colours = np.asarray(model.colours(gaussians, np.stack([views] * 2)))
+    np.testing.assert_array_equal(colours[:, 0], colours[:, 2])
+    assert np.abs(colours - np.asarray(gaussians.albedo)[:, None]).mean() > 1e-3  # the features still colour
+
+
+def test_normal_tilt_is_the_thin_axis_angle_from_the_surface_normal(head, rng):
+    """`normal_tilt` = 1 - cos of the angle between each Gaussian's thin (third) axis and its texel's surface
+    normal, both in world space under a random head pose (float64 reference from the posed quaternions)."""
+    model = UHAP(head, small_model_config(), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    randomise(model.decoder.out, rng, scale=1.0)
+    maps = np.stack([scan_uv_maps(model.layout, head, head.vertices, np.full(head.vertices.shape, 0.5), "s")] * 2)
+    pose = rng.normal(0.0, 0.5, (2, 3)).astype(np.float32)
+    out = model.decode(rng.normal(size=(2, 8)).astype(np.float32), maps, pose, np.zeros((2, 3), np.float32))
+    axes = np.asarray(rotations.quaternion_to_matrix(np.asarray(out.quats, np.float64)))[..., 2]
+    normal, _ = template_lib.surface_frames(head.vertices, head.faces, head.uvs, model.layout.face_ids)
+    world_normal = np.einsum("bij,nj->bni", np.asarray(out.head_rotation, np.float64), normal)
+    expected = 1.0 - np.sum(axes * world_normal, -1) / np.linalg.norm(axes, axis=-1)
+    np.testing.assert_allclose(out.normal_tilt, expected, atol=2e-5)
+    assert expected.max() > 0.05  # the random decoder does tilt them
+
+
 def test_expression_posterior_shapes_and_view_order_invariance(head, rng):
     model = UHAP(head, small_model_config(), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     images = rng.uniform(0.0, 1.0, (2, 3, 32, 32, 3)).astype(np.float32)

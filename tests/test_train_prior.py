@@ -6,6 +6,7 @@ import logging
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -19,7 +20,7 @@ from uhap_jax import cli
 from uhap_jax.config_utils import load_config
 from uhap_jax.eval import prior_eval
 from uhap_jax.geometry import template as template_lib
-from uhap_jax.geometry.texels import lip_gaussian_ids
+from uhap_jax.geometry.texels import expression_gaussian_ids, lip_gaussian_ids
 from uhap_jax.models.population import POPULATION_FILE, AlbedoPopulation
 from uhap_jax.models.prior import UHAP
 from uhap_jax.models.render import initial_capacity
@@ -89,6 +90,35 @@ def test_bad_split_file_names_the_file(tmp_path):
     records = loaders.FrameRecords(source=None, sequences=[])
     with pytest.raises(ValueError, match=r"dataset\.json: needs identities\.train, held_out_cameras"):
         dataset_lib.read_split(tmp_path, records, num_views=2)
+
+
+def test_tracked_points_are_each_texels_point_on_its_frames_tracked_mesh(tmp_path, rng):
+    """The tables keep the tracked vertices and give each Gaussian the barycentric point of its texel on the
+    record's mesh (float64 reference), on the host and gathered on device; frames without a mesh are invalid."""
+    root = tmp_path / "layout"
+    write_prior_layout(root, rng)
+    head = template_lib.procedural_head(24)
+    seq_dir = layout.sequence_dir(root, "id000", "sen_00")
+    tracked = head.vertices + rng.normal(0.0, 0.01, (4, *head.vertices.shape))
+    layout.write_vertices(seq_dir, tracked)
+    config = load_config("configs/prior.py:tiny", [o.removeprefix("--config.") for o in TINY_MODEL])
+    config.data.cache_dir = str(tmp_path / "cache")
+    records = dataset_lib.prepared_records(root, config)
+    model = UHAP(head, config.model, rngs=nnx.Rngs(0))
+    tables = dataset_lib.subject_tables(root, records, model.layout, head, config)
+    texels = model.layout
+    assert tables.tracked_vertices.shape[1:] == head.vertices.shape  # vertices, not [N, 3] points per record
+    first = {row["subject"]: row["first_record"] for row in records.sequences}
+    record = first["id000"] + np.array([3, 0, 2])
+    expected = np.einsum("nk,fnkd->fnd", texels.barys.astype(np.float64),
+                         tracked[[3, 0, 2]][:, head.faces[texels.face_ids]])  # fmt: skip
+    host = tables.record_rows(np.zeros(3, np.int32), record)
+    np.testing.assert_allclose(host["tracked_points"], expected, atol=1e-6)
+    np.testing.assert_array_equal(host["tracked_valid"], 1.0)
+    device = jax.jit(lambda t, r: t.record_rows(jnp.zeros(3, jnp.int32), r))(jax.device_put(tables), record)
+    np.testing.assert_allclose(device["tracked_points"], expected, atol=1e-6)
+    unmeshed = tables.record_rows(np.ones(2, np.int32), first["id001"] + np.array([0, 3]))
+    np.testing.assert_array_equal(unmeshed["tracked_valid"], 0.0)
 
 
 def test_same_loss_on_one_and_eight_devices(tmp_path, rng):
@@ -196,3 +226,39 @@ def test_tracked_lips_pulls_only_the_lip_gaussians_to_their_tracked_points(rng, 
         aux = jax.eval_shape(lambda b: loss_fn(coarse, b, key)[1], coarse_batch)
     assert "tracked_lips" not in aux and "tracked_mesh" in aux
     assert any("loss.tracked_lips is off" in r.getMessage() for r in caplog.records)
+
+
+def test_tracked_mesh_scope_expression_pulls_only_the_gaussians_the_rig_moves(rng):
+    """`loss.tracked_mesh_scope="expression"`: the tracked-mesh term's gradient reaches the tracked points of the
+    Gaussians that the expression rig moves (lips yes, scalp no) and no other; "all" reaches every one; a typo
+    is one clear error."""
+    config = load_config("configs/prior.py:tiny", [o.removeprefix("--config.") for o in TINY_MODEL])
+    config.model.update(small_model_config())
+    config.model.geometry_dropout = 1.0
+    config.model.uv_resolution, config.model.decoder_channels = 32, (8, 8, 8)
+    config.loss.tracked_lips = 0.0
+    head = template_lib.procedural_head(config.model.template_resolution)
+    model = UHAP(head, config.model, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    config.data.batch_size, config.data.num_views = 2, 2
+    batch = prior_bench.synthetic_batch(config, model, head, rng)
+    count = model.layout.num_gaussians
+    batch["tracked_points"] = rng.normal(0.0, 0.05, (2, count, 3)).astype(np.float32)
+    batch["tracked_valid"] = np.ones(2, np.float32)
+    capacity = initial_capacity(model, batch, headroom=1.5)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    moving = expression_gaussian_ids(model.layout, head)
+    nearest = head.faces[model.layout.face_ids, np.argmax(model.layout.barys, axis=1)]
+    assert set(lip_gaussian_ids(model.layout, head)) <= set(moving)
+    assert not set(np.flatnonzero(head.region_mask("scalp")[nearest])) & set(moving)
+
+    def reached(scope: str) -> np.ndarray:
+        config.loss.tracked_mesh_scope = scope
+        loss_fn = prior_stage.make_loss_fn(config, capacity)
+        grad = jax.grad(lambda t: loss_fn(model, batch | {"tracked_points": t}, key)[1]["tracked_mesh"])
+        return np.flatnonzero(np.abs(np.asarray(grad(batch["tracked_points"]))).sum((0, 2)) > 0)
+
+    np.testing.assert_array_equal(reached("expression"), moving)
+    np.testing.assert_array_equal(reached("all"), np.arange(count))
+    with pytest.raises(ValueError, match="loss.tracked_mesh_scope must be"):
+        config.loss.tracked_mesh_scope = "face"
+        prior_stage.make_loss_fn(config, capacity)

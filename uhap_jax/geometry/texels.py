@@ -99,6 +99,19 @@ def lip_gaussian_ids(texels: TexelLayout, template: template_lib.Template) -> np
     return ids
 
 
+def expression_gaussian_ids(
+    texels: TexelLayout, template: template_lib.Template, threshold: float = 0.05
+) -> np.ndarray:
+    """Gaussians whose texel's nearest vertex moves with the template's expression rig (any weight > `threshold`:
+    jaw, lips, eyelids, brows, eyeballs) and is not scalp (where hair hides the skin); neck, ears and upper
+    cheeks are left out too."""
+    nearest_vertex = template.faces[texels.face_ids, np.argmax(texels.barys, axis=1)]
+    moving = np.max(np.stack(list(template.weights.values())), axis=0) > threshold
+    if "scalp" in template.region_names:
+        moving &= ~template.region_mask("scalp")
+    return np.flatnonzero(moving[nearest_vertex])
+
+
 def split_lips(
     texels: TexelLayout, template: template_lib.Template, lip_ids: np.ndarray, up_axis: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -187,6 +187,7 @@ class Gaussians(NamedTuple):
     albedo: jax.Array  # [B, N, 3] the scan's albedo at each texel
     color_features: jax.Array  # [B, N, F]
     offsets: jax.Array  # [B, N, 3] decoded offsets in metres (local frame), for the regulariser
+    normal_tilt: jax.Array  # [B, N] 1 - cos(angle of each Gaussian's thin axis from the surface normal)
     head_rotation: jax.Array  # [B, 3, 3]
     head_translation: jax.Array  # [B, 3]
 
@@ -225,6 +226,7 @@ class UHAP(nnx.Module):
         self.max_scale_ratio = float(config.max_scale_ratio)
         self.max_log_scale = math.log(self.max_scale_ratio)
         self.thickness = float(config.thickness)
+        self.view_dependent = bool(config.get("view_dependent", True))
         self.opacity_init = float(config.opacity_init_logit)
         channels = tuple(config.decoder_channels)
         layout = self.layout
@@ -284,7 +286,8 @@ class UHAP(nnx.Module):
         offsets = self.offset_scale * texels[..., 0:3]
         head_means = self.template_points[...] + scan[..., :3] + jnp.einsum("nij,bnj->bni", self.frames[...], offsets)
         delta = jnp.concatenate([jnp.ones_like(texels[..., :1]), 0.5 * texels[..., 3:6]], -1)
-        local_quats = _quat_multiply(self.frame_quats[...], delta / jnp.linalg.norm(delta, axis=-1, keepdims=True))
+        delta = delta / jnp.linalg.norm(delta, axis=-1, keepdims=True)
+        local_quats = _quat_multiply(self.frame_quats[...], delta)
         log_ratio = self.max_log_scale * jnp.tanh(texels[..., 6:9] / self.max_log_scale)
         base = self.base_scales[...][:, None] * jnp.array([1.0, 1.0, self.thickness])
         rotation = rotations.axis_angle_to_matrix(head_rotation)  # [B, 3, 3]
@@ -298,6 +301,7 @@ class UHAP(nnx.Module):
             albedo=scan[..., 3:6],
             color_features=texels[..., 10:],
             offsets=offsets,
+            normal_tilt=2.0 * jnp.sum(jnp.square(delta[..., 1:3]), -1),  # 1 - R[2, 2] of the unit quaternion
             head_rotation=rotation,
             head_translation=head_translation,
         )
@@ -319,6 +323,8 @@ class UHAP(nnx.Module):
         centres = jnp.einsum("bji,bcj->bci", gaussians.head_rotation, centres - gaussians.head_translation[:, None])
         rays = gaussians.head_means[:, None] - centres[:, :, None]  # [B, C, N, 3]
         rays = rays / jnp.linalg.norm(rays, axis=-1, keepdims=True)
+        if not self.view_dependent:  # the same colour from every camera (same parameters: the ray is held at 0)
+            rays = jnp.zeros_like(rays)
         features = jnp.broadcast_to(
             gaussians.color_features[:, None], (*rays.shape[:-1], gaussians.color_features.shape[-1])
         )

@@ -28,7 +28,7 @@ from data_pipelines import dataset as dataset_lib
 from data_pipelines import loaders
 from uhap_jax.eval import prior_eval
 from uhap_jax.geometry import template as template_lib
-from uhap_jax.geometry.texels import lip_gaussian_ids
+from uhap_jax.geometry.texels import expression_gaussian_ids, lip_gaussian_ids
 from uhap_jax.models import image_metrics, losses
 from uhap_jax.models.population import POPULATION_FILE, AlbedoPopulation
 from uhap_jax.models.prior import UHAP, build_prior
@@ -72,7 +72,11 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
     # The lips are ~1.5% of the Gaussians: in the mean over all of them their motion is lost (the decoded lips
     # moved 1-3 mm² where the tracked ones move 30-40), so they get a term of their own.
     tracked_lips = weights.get("tracked_lips", 0.0) > 0 and weights.get("tracked_mesh", 0.0) > 0
-    mouth_template = template_lib.procedural_head(config.model.template_resolution) if tracked_lips else None
+    scope = weights.get("tracked_mesh_scope", "all")
+    if scope not in ("all", "expression"):
+        raise ValueError(f"loss.tracked_mesh_scope must be 'all' or 'expression', got {scope!r}")
+    uses_template = tracked_lips or (scope == "expression" and weights.get("tracked_mesh", 0.0) > 0)
+    template = template_lib.procedural_head(config.model.template_resolution) if uses_template else None
 
     def loss_fn(model: UHAP, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         images, masks, target = frame_targets(batch)
@@ -100,6 +104,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
             "kl": losses.kl_divergence(mean, log_var),
             "offset": losses.offset_regularizer(posed.offsets),
             "scale": losses.scale_regularizer(posed.scales, weights.max_scale),
+            "normal_tilt": jnp.mean(posed.normal_tilt),
             "view_colour": losses.view_colour_spread(model.colours(posed, batch["world_to_cam"])),
         }
         num_gaussians = neutral.head_means.shape[1]
@@ -118,10 +123,13 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
             losses.albedo_l1(points, neutral_colours, batch["scan_points"], batch["scan_colours"])
         )
         if "tracked_points" in batch:
+            moving = slice(None)
+            if scope == "expression":
+                moving = expression_gaussian_ids(model.layout, template)
             terms["tracked_mesh"] = losses.tracked_mesh_loss(
-                posed.means, batch["tracked_points"], batch["tracked_valid"]
+                posed.means[:, moving], batch["tracked_points"][:, moving], batch["tracked_valid"]
             )
-            lips = _lip_ids(model.layout, mouth_template) if mouth_template is not None else None
+            lips = _lip_ids(model.layout, template) if tracked_lips else None
             if lips is not None:
                 terms["tracked_lips"] = losses.tracked_mesh_loss(
                     posed.means[:, lips], batch["tracked_points"][:, lips], batch["tracked_valid"]

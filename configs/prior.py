@@ -90,6 +90,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # Which Gaussians the term pulls: "all", or "expression" (those the template's expression rig moves: jaw,
     # lips, eyelids, brows, eyes), which leaves scalp, neck and ears free to fit hair and shapes off the template.
     config.loss.tracked_mesh_scope = "all"
+    # What the tracked terms compare: "position" (the Gaussians on the tracked surface) or "motion" (their
+    # displacement from the neutral code against the tracked mesh's from its sequence's mean, in head space), which
+    # a tracker's static offset from the true surface does not bias (docs/benchmarks.md, session 10).
+    config.loss.tracked_target = "position"
     # x metres^2: the same on the lips' Gaussians alone. Without it the decoded lips moved 1-3 mm² where the
     # tracked ones move 30-40 (LVE about their mean), even from oracle codes; at 2e5 they move 20-28 (see
     # docs/benchmarks.md, session 9). 0 turns it off.

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from data_pipelines import frame_cache, layout, loaders, synth, tfds_builder
 from uhap_jax.config_utils import apply_override
+from uhap_jax.geometry import rotations
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.geometry.texels import TexelLayout, scan_uv_maps
 
@@ -175,6 +176,10 @@ class SubjectTables:
     tracked_valid: np.ndarray  # [num_records] 1 where the sequence has tracked meshes
     texel_corners: np.ndarray
     texel_barys: np.ndarray
+    # Each sequence's mean tracked mesh in head space [num_sequences, V, 3] (pose removed), and each record's
+    # sequence [num_records]: the rest shape that `loss.tracked_target="motion"` measures motion from.
+    tracked_rest_vertices: np.ndarray
+    record_sequence: np.ndarray
 
     def rows(self, subject_id: np.ndarray, sequence_id: np.ndarray, frame_index: np.ndarray) -> dict:
         """The per-example fields of a batch (numpy tables on the host, or device arrays under jit)."""
@@ -187,7 +192,9 @@ class SubjectTables:
         if self.tracked_vertices.shape[0]:
             corners = self.tracked_vertices[record][..., self.texel_corners, :]  # [..., N, 3 corners, 3]
             points = (corners * self.texel_barys[..., None]).sum(-2)
-            tracked = {"tracked_points": points, "tracked_valid": self.tracked_valid[record]}
+            rest = self.tracked_rest_vertices[self.record_sequence[record]][..., self.texel_corners, :]
+            tracked = {"tracked_points": points, "tracked_valid": self.tracked_valid[record],
+                       "tracked_rest": (rest * self.texel_barys[..., None]).sum(-2)}  # fmt: skip
         return tracked | {
             "scan_maps": self.scan_maps[subject_id],
             "scan_points": self.scan_points[subject_id],
@@ -226,7 +233,7 @@ def subject_tables(root: Path, records: loaders.FrameRecords, texels: TexelLayou
         sample = sample_scan(vertices, faces, vertex_colours, config.loss.scan_points, np.random.default_rng(index))
         for table, values in zip((points, normals, colours), sample):
             table.append(values)
-    poses, first, tracked, valid = [], [], [], []
+    poses, first, tracked, valid, rest = [], [], [], [], []
     for row in records.sequences:
         seq_dir = layout.sequence_dir(root, row["subject"], row["sequence"])
         pose = layout.read_sequence_meta(seq_dir).get("head_pose")
@@ -242,6 +249,8 @@ def subject_tables(root: Path, records: loaders.FrameRecords, texels: TexelLayou
             vertices = _tracked_vertices(seq_dir, row["num_frames"], texels)
             valid.append(np.full(row["num_frames"], vertices is not None, np.float32))
             tracked.append(vertices if vertices is not None else np.zeros((row["num_frames"], texels.num_vertices, 3)))
+            rotation = np.asarray(rotations.axis_angle_to_matrix(pose[:, :3]), np.float64)  # head = R^T (world - t)
+            rest.append(np.einsum("fji,fvj->fvi", rotation, tracked[-1] - pose[:, None, 3:]).mean(0))
     if config.loss.tracked_mesh > 0 and not any(v[0] for v in valid):
         logger.warning("loss.tracked_mesh > 0 but no sequence of %s has %s: the term is zero", root,
                        layout.VERTICES_FILE)  # fmt: skip
@@ -255,6 +264,9 @@ def subject_tables(root: Path, records: loaders.FrameRecords, texels: TexelLayou
         tracked_valid=np.concatenate(valid) if valid else np.zeros((0,), np.float32),
         texel_corners=template.faces[texels.face_ids].astype(np.int32),
         texel_barys=texels.barys.astype(np.float32),
+        tracked_rest_vertices=(np.stack(rest).astype(np.float32) if rest
+                               else np.zeros((0, texels.num_vertices, 3), np.float32)),
+        record_sequence=np.repeat(np.arange(len(poses), dtype=np.int32), [len(p) for p in poses]),
     )  # fmt: skip
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers.layouts import SIZE, TINY_MODEL, rows, write_prior_layout
-from helpers.models import small_model_config
+from helpers.models import randomise, small_model_config
 from PIL import Image
+from scipy.spatial.transform import Rotation
 
 from data_pipelines import dataset as dataset_lib
 from data_pipelines import layout, loaders
@@ -119,6 +120,12 @@ def test_tracked_points_are_each_texels_point_on_its_frames_tracked_mesh(tmp_pat
     np.testing.assert_allclose(device["tracked_points"], expected, atol=1e-6)
     unmeshed = tables.record_rows(np.ones(2, np.int32), first["id001"] + np.array([0, 3]))
     np.testing.assert_array_equal(unmeshed["tracked_valid"], 0.0)
+    # The rest shape: the sequence's tracked meshes in head space (pose removed), averaged over its frames.
+    meta = layout.read_sequence_meta(seq_dir)["head_pose"]
+    matrices = Rotation.from_rotvec(np.asarray(meta["rotation_vector"], np.float64)).as_matrix()
+    in_head = np.einsum("fji,fvj->fvi", matrices, tracked - np.asarray(meta["translation"])[:, None]).mean(0)
+    rest = np.einsum("nk,nkd->nd", texels.barys.astype(np.float64), in_head[head.faces[texels.face_ids]])
+    np.testing.assert_allclose(host["tracked_rest"], np.broadcast_to(rest, host["tracked_rest"].shape), atol=1e-6)
 
 
 def test_same_loss_on_one_and_eight_devices(tmp_path, rng):
@@ -261,4 +268,41 @@ def test_tracked_mesh_scope_expression_pulls_only_the_gaussians_the_rig_moves(rn
     np.testing.assert_array_equal(reached("all"), np.arange(count))
     with pytest.raises(ValueError, match="loss.tracked_mesh_scope must be"):
         config.loss.tracked_mesh_scope = "face"
+        prior_stage.make_loss_fn(config, capacity)
+
+
+def test_tracked_target_motion_is_blind_to_a_static_offset_of_the_tracker(rng):
+    """`loss.tracked_target="motion"`: a per-point offset of the tracked meshes that is fixed in head space (moved
+    with each frame's pose, and in the rest shape) leaves the term unchanged, where the position term grows."""
+    config = load_config("configs/prior.py:tiny", [o.removeprefix("--config.") for o in TINY_MODEL])
+    config.model.update(small_model_config())
+    config.model.geometry_dropout = 1.0
+    config.model.uv_resolution, config.model.decoder_channels = 32, (8, 8, 8)
+    head = template_lib.procedural_head(config.model.template_resolution)
+    model = UHAP(head, config.model, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    randomise(model.decoder.out, rng)
+    config.data.batch_size, config.data.num_views = 3, 2
+    batch = prior_bench.synthetic_batch(config, model, head, rng)
+    count = model.layout.num_gaussians
+    batch["head_rotation"] = rng.normal(0.0, 0.3, (3, 3)).astype(np.float32)
+    batch["tracked_points"] = rng.normal(0.0, 0.05, (3, count, 3)).astype(np.float32)
+    batch["tracked_rest"] = rng.normal(0.0, 0.05, (3, count, 3)).astype(np.float32)
+    batch["tracked_valid"] = np.ones(3, np.float32)
+    offset = rng.normal(0.0, 0.03, (count, 3))
+    matrices = Rotation.from_rotvec(batch["head_rotation"].astype(np.float64)).as_matrix()
+    shifted = batch | {"tracked_points": (batch["tracked_points"] + np.einsum("bij,nj->bni", matrices, offset)
+                                          ).astype(np.float32),
+                       "tracked_rest": (batch["tracked_rest"] + offset).astype(np.float32)}  # fmt: skip
+    capacity = initial_capacity(model, batch, headroom=1.5)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+
+    def terms(target: str, b: dict) -> tuple[float, float]:
+        config.loss.tracked_target = target
+        aux = jax.jit(lambda b: prior_stage.make_loss_fn(config, capacity)(model, b, key)[1])(b)
+        return float(aux["tracked_mesh"]), float(aux["tracked_lips"])
+
+    np.testing.assert_allclose(terms("motion", shifted), terms("motion", batch), rtol=2e-4)
+    assert terms("position", shifted)[0] > 1.05 * terms("position", batch)[0]
+    with pytest.raises(ValueError, match="loss.tracked_target must be"):
+        config.loss.tracked_target = "velocity"
         prior_stage.make_loss_fn(config, capacity)

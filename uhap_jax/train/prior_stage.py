@@ -75,6 +75,9 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
     scope = weights.get("tracked_mesh_scope", "all")
     if scope not in ("all", "expression"):
         raise ValueError(f"loss.tracked_mesh_scope must be 'all' or 'expression', got {scope!r}")
+    tracked_target = weights.get("tracked_target", "position")
+    if tracked_target not in ("position", "motion"):
+        raise ValueError(f"loss.tracked_target must be 'position' or 'motion', got {tracked_target!r}")
     uses_template = tracked_lips or (scope == "expression" and weights.get("tracked_mesh", 0.0) > 0)
     template = template_lib.procedural_head(config.model.template_resolution) if uses_template else None
 
@@ -126,14 +129,16 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
             moving = slice(None)
             if scope == "expression":
                 moving = expression_gaussian_ids(model.layout, template)
-            terms["tracked_mesh"] = losses.tracked_mesh_loss(
-                posed.means[:, moving], batch["tracked_points"][:, moving], batch["tracked_valid"]
-            )
+            decoded, tracked = posed.means, batch["tracked_points"]
+            if tracked_target == "motion":  # displacements from the rest shape, in head space: blind to a static offset
+                decoded = posed.head_means - neutral.head_means
+                tracked = jnp.einsum("bji,bnj->bni", posed.head_rotation,
+                                     tracked - posed.head_translation[:, None]) - batch["tracked_rest"]  # fmt: skip
+            valid = batch["tracked_valid"]
+            terms["tracked_mesh"] = losses.tracked_mesh_loss(decoded[:, moving], tracked[:, moving], valid)
             lips = _lip_ids(model.layout, template) if tracked_lips else None
             if lips is not None:
-                terms["tracked_lips"] = losses.tracked_mesh_loss(
-                    posed.means[:, lips], batch["tracked_points"][:, lips], batch["tracked_valid"]
-                )
+                terms["tracked_lips"] = losses.tracked_mesh_loss(decoded[:, lips], tracked[:, lips], valid)
         if lpips is not None:
             terms["lpips"] = jnp.mean(lpips(flat(rgb), flat(target)))
         if model.camera_log_gains is not None:  # the average camera is the colour reference

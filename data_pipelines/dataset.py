@@ -176,8 +176,8 @@ class SubjectTables:
     tracked_valid: np.ndarray  # [num_records] 1 where the sequence has tracked meshes
     texel_corners: np.ndarray
     texel_barys: np.ndarray
-    # Each sequence's mean tracked mesh in head space [num_sequences, V, 3] (pose removed), and each record's
-    # sequence [num_records]: the rest shape that `loss.tracked_target="motion"` measures motion from.
+    # Each sequence's mean tracked mesh in head space [num_sequences, V, 3] (pose removed; [0, V, 3] unless
+    # `loss.tracked_target="motion"`, which measures motion from it), and each record's sequence [num_records].
     tracked_rest_vertices: np.ndarray
     record_sequence: np.ndarray
 
@@ -192,9 +192,10 @@ class SubjectTables:
         if self.tracked_vertices.shape[0]:
             corners = self.tracked_vertices[record][..., self.texel_corners, :]  # [..., N, 3 corners, 3]
             points = (corners * self.texel_barys[..., None]).sum(-2)
-            rest = self.tracked_rest_vertices[self.record_sequence[record]][..., self.texel_corners, :]
-            tracked = {"tracked_points": points, "tracked_valid": self.tracked_valid[record],
-                       "tracked_rest": (rest * self.texel_barys[..., None]).sum(-2)}  # fmt: skip
+            tracked = {"tracked_points": points, "tracked_valid": self.tracked_valid[record]}
+            if self.tracked_rest_vertices.shape[0]:  # loss.tracked_target="motion" only
+                rest = self.tracked_rest_vertices[self.record_sequence[record]][..., self.texel_corners, :]
+                tracked["tracked_rest"] = (rest * self.texel_barys[..., None]).sum(-2)
         return tracked | {
             "scan_maps": self.scan_maps[subject_id],
             "scan_points": self.scan_points[subject_id],
@@ -249,8 +250,9 @@ def subject_tables(root: Path, records: loaders.FrameRecords, texels: TexelLayou
             vertices = _tracked_vertices(seq_dir, row["num_frames"], texels)
             valid.append(np.full(row["num_frames"], vertices is not None, np.float32))
             tracked.append(vertices if vertices is not None else np.zeros((row["num_frames"], texels.num_vertices, 3)))
-            rotation = np.asarray(rotations.axis_angle_to_matrix(pose[:, :3]), np.float64)  # head = R^T (world - t)
-            rest.append(np.einsum("fji,fvj->fvi", rotation, tracked[-1] - pose[:, None, 3:]).mean(0))
+            if config.loss.get("tracked_target", "position") == "motion":
+                rotation = np.asarray(rotations.axis_angle_to_matrix(pose[:, :3]), np.float64)  # head = R^T (world - t)
+                rest.append(np.einsum("fji,fvj->fvi", rotation, tracked[-1] - pose[:, None, 3:]).mean(0))
     if config.loss.tracked_mesh > 0 and not any(v[0] for v in valid):
         logger.warning("loss.tracked_mesh > 0 but no sequence of %s has %s: the term is zero", root,
                        layout.VERTICES_FILE)  # fmt: skip

@@ -104,6 +104,7 @@ def test_tracked_points_are_each_texels_point_on_its_frames_tracked_mesh(tmp_pat
     layout.write_vertices(seq_dir, tracked)
     config = load_config("configs/prior.py:tiny", [o.removeprefix("--config.") for o in TINY_MODEL])
     config.data.cache_dir = str(tmp_path / "cache")
+    config.loss.tracked_target = "motion"  # the tables then also hold each sequence's rest shape
     records = dataset_lib.prepared_records(root, config)
     model = UHAP(head, config.model, rngs=nnx.Rngs(0))
     tables = dataset_lib.subject_tables(root, records, model.layout, head, config)
@@ -189,20 +190,29 @@ def test_camera_gains_scale_each_view_by_its_camera_and_learn_from_the_loss(rng)
     np.testing.assert_array_equal(grads[[1, 3, 5]], 0.0)
 
 
+def _tracked_case(rng, batch_size: int):
+    """(config, template, model, batch): a small prior at UV 32 (16² has no texel on the lips) whose encoder never
+    sees the tracked mesh, so the tracked terms are its only path, and a synthetic batch with random tracked points
+    on every frame."""
+    config = load_config("configs/prior.py:tiny", [o.removeprefix("--config.") for o in TINY_MODEL])
+    config.model.update(small_model_config())
+    config.model.geometry_dropout = 1.0
+    config.model.uv_resolution, config.model.decoder_channels = 32, (8, 8, 8)
+    head = template_lib.procedural_head(config.model.template_resolution)
+    model = UHAP(head, config.model, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    config.data.batch_size, config.data.num_views = batch_size, 2
+    batch = prior_bench.synthetic_batch(config, model, head, rng)
+    batch["tracked_points"] = rng.normal(0.0, 0.05, (batch_size, model.layout.num_gaussians, 3)).astype(np.float32)
+    batch["tracked_valid"] = np.ones(batch_size, np.float32)
+    return config, head, model, batch
+
+
 def test_tracked_lips_pulls_only_the_lip_gaussians_to_their_tracked_points(rng, caplog):
     """`loss.tracked_lips`: a tracked-mesh term over the lips' Gaussians alone. Its gradient in the tracked points
     is -2 (mean - tracked) / (lips x valid frames) on every lip Gaussian of a valid frame and zero elsewhere, its
     value is that residual's mean square; with the weight at 0 it is not computed."""
-    config = load_config("configs/prior.py:tiny", [o.removeprefix("--config.") for o in TINY_MODEL])
-    config.model.update(small_model_config())
-    config.model.geometry_dropout = 1.0  # the encoder never sees the tracked mesh: the term is its only path
-    config.model.uv_resolution, config.model.decoder_channels = 32, (8, 8, 8)  # 16² has no texel on the lips
-    head = template_lib.procedural_head(config.model.template_resolution)
-    model = UHAP(head, config.model, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
-    config.data.batch_size, config.data.num_views = 3, 2
-    batch = prior_bench.synthetic_batch(config, model, head, rng)
+    config, head, model, batch = _tracked_case(rng, 3)
     count = model.layout.num_gaussians
-    batch["tracked_points"] = rng.normal(0.0, 0.05, (3, count, 3)).astype(np.float32)
     batch["tracked_valid"] = np.asarray([1.0, 0.0, 1.0], np.float32)
     capacity = initial_capacity(model, batch, headroom=1.5)
     lips = lip_gaussian_ids(model.layout, head)
@@ -239,18 +249,9 @@ def test_tracked_mesh_scope_expression_pulls_only_the_gaussians_the_rig_moves(rn
     """`loss.tracked_mesh_scope="expression"`: the tracked-mesh term's gradient reaches the tracked points of the
     Gaussians that the expression rig moves (lips yes, scalp no) and no other; "all" reaches every one; a typo
     is one clear error."""
-    config = load_config("configs/prior.py:tiny", [o.removeprefix("--config.") for o in TINY_MODEL])
-    config.model.update(small_model_config())
-    config.model.geometry_dropout = 1.0
-    config.model.uv_resolution, config.model.decoder_channels = 32, (8, 8, 8)
+    config, head, model, batch = _tracked_case(rng, 2)
     config.loss.tracked_lips = 0.0
-    head = template_lib.procedural_head(config.model.template_resolution)
-    model = UHAP(head, config.model, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
-    config.data.batch_size, config.data.num_views = 2, 2
-    batch = prior_bench.synthetic_batch(config, model, head, rng)
     count = model.layout.num_gaussians
-    batch["tracked_points"] = rng.normal(0.0, 0.05, (2, count, 3)).astype(np.float32)
-    batch["tracked_valid"] = np.ones(2, np.float32)
     capacity = initial_capacity(model, batch, headroom=1.5)
     key = jax.random.key(int(rng.integers(1 << 30)))
     moving = expression_gaussian_ids(model.layout, head)
@@ -274,20 +275,11 @@ def test_tracked_mesh_scope_expression_pulls_only_the_gaussians_the_rig_moves(rn
 def test_tracked_target_motion_is_blind_to_a_static_offset_of_the_tracker(rng):
     """`loss.tracked_target="motion"`: a per-point offset of the tracked meshes that is fixed in head space (moved
     with each frame's pose, and in the rest shape) leaves the term unchanged, where the position term grows."""
-    config = load_config("configs/prior.py:tiny", [o.removeprefix("--config.") for o in TINY_MODEL])
-    config.model.update(small_model_config())
-    config.model.geometry_dropout = 1.0
-    config.model.uv_resolution, config.model.decoder_channels = 32, (8, 8, 8)
-    head = template_lib.procedural_head(config.model.template_resolution)
-    model = UHAP(head, config.model, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    config, _, model, batch = _tracked_case(rng, 3)
     randomise(model.decoder.out, rng)
-    config.data.batch_size, config.data.num_views = 3, 2
-    batch = prior_bench.synthetic_batch(config, model, head, rng)
     count = model.layout.num_gaussians
     batch["head_rotation"] = rng.normal(0.0, 0.3, (3, 3)).astype(np.float32)
-    batch["tracked_points"] = rng.normal(0.0, 0.05, (3, count, 3)).astype(np.float32)
     batch["tracked_rest"] = rng.normal(0.0, 0.05, (3, count, 3)).astype(np.float32)
-    batch["tracked_valid"] = np.ones(3, np.float32)
     offset = rng.normal(0.0, 0.03, (count, 3))
     matrices = Rotation.from_rotvec(batch["head_rotation"].astype(np.float64)).as_matrix()
     shifted = batch | {"tracked_points": (batch["tracked_points"] + np.einsum("bij,nj->bni", matrices, offset)

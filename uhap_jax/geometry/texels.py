@@ -90,9 +90,14 @@ def scan_uv_maps(
     return layout.scatter(np.concatenate([np.asarray(scan_points - template_points), np.asarray(albedo)], -1))
 
 
+def _nearest_vertices(texels: TexelLayout, template: template_lib.Template) -> np.ndarray:
+    """Each Gaussian's nearest template vertex (its face's corner of largest barycentric weight) [N]."""
+    return template.faces[texels.face_ids, np.argmax(texels.barys, axis=1)]
+
+
 def lip_gaussian_ids(texels: TexelLayout, template: template_lib.Template) -> np.ndarray:
     """Gaussians whose texel lies nearest (largest barycentric) to a vertex of the template's "lips" region."""
-    nearest_vertex = template.faces[texels.face_ids, np.argmax(texels.barys, axis=1)]
+    nearest_vertex = _nearest_vertices(texels, template)
     ids = np.flatnonzero(template.region_mask("lips")[nearest_vertex])
     if ids.size == 0:
         raise ValueError(f"no Gaussian of the {texels.resolution}² UV layout lies on the template's lips region")
@@ -105,7 +110,7 @@ def expression_gaussian_ids(
     """Gaussians whose texel's nearest vertex moves with the template's expression rig (any weight > `threshold`:
     jaw, lips, eyelids, brows, eyeballs) and is not scalp (where hair hides the skin); neck, ears and upper
     cheeks are left out too."""
-    nearest_vertex = template.faces[texels.face_ids, np.argmax(texels.barys, axis=1)]
+    nearest_vertex = _nearest_vertices(texels, template)
     moving = np.max(np.stack(list(template.weights.values())), axis=0) > threshold
     if "scalp" in template.region_names:
         moving &= ~template.region_mask("scalp")

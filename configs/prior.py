@@ -51,6 +51,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.model.offset_scale = 0.01  # metres per unit of decoded offset and of the scan-offset input
     config.model.max_scale_ratio = 4.0  # scales stay within [1/r, r] x the texel's base scale
     config.model.thickness = 0.3  # normal-axis scale relative to the in-plane scale
+    # Metres: the scalp's Gaussians start this far out along the normal, a shell for hair that stands off the skull
+    # (issue 19: the scalp otherwise reaches the hair's silhouette only by growing). When > 0 the scan and tracked
+    # terms leave the scalp out (scanners and trackers see the skull). 0: on the skull.
+    config.model.hair_shell = 0.0
     # Colour that depends on the view ray (an MLP of it and the Gaussian's features); False: one colour per
     # Gaussian and frame, whatever the camera (issue 19: the rig has only its training cameras' directions).
     config.model.view_dependent = True

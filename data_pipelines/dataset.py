@@ -223,14 +223,17 @@ def sample_scan(vertices, faces, colours, count: int, rng: np.random.Generator) 
 
 def subject_tables(root: Path, records: loaders.FrameRecords, texels: TexelLayout, template: template_lib.Template,
                    config: ml_collections.ConfigDict) -> SubjectTables:  # fmt: skip
-    """The subjects' neutral scans (UV maps on `texels`, `config.loss.scan_points` sampled points) and, per record,
-    head pose and (when `config.loss.tracked_mesh` > 0) the tracked surface at each texel."""
+    """The subjects' neutral scans (UV maps on `texels`, `config.loss.scan_points` sampled points, off the scalp
+    when `config.model.hair_shell` > 0) and, per record, head pose and (when `config.loss.tracked_mesh` > 0) the
+    tracked surface at each texel."""
     subjects = sorted({row["subject"] for row in records.sequences})
     maps, points, normals, colours = [], [], [], []
     for index, subject in enumerate(subjects):
         subject_path = layout.subject_dir(root, subject)
         vertices, faces, vertex_colours = layout.read_neutral_scan(subject_path)
         maps.append(scan_uv_maps(texels, template, vertices, vertex_colours, str(subject_path / layout.SCAN_DIR)))
+        if config.model.get("hair_shell", 0.0) > 0 and "scalp" in template.region_names:
+            faces = faces[~template.region_mask("scalp")[faces].any(axis=1)]  # the registration's skull, not the hair
         sample = sample_scan(vertices, faces, vertex_colours, config.loss.scan_points, np.random.default_rng(index))
         for table, values in zip((points, normals, colours), sample):
             table.append(values)

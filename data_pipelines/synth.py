@@ -75,7 +75,7 @@ def synth_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.monocular_turn_deg = 30.0  # the monocular sequence's head turn: yaw amplitude of one left-right sweep
     config.template_resolution = 48  # skin grid rows of the procedural head
     # The generator's surface: one Gaussian per texel of this UV map, 4x the model's (configs/prior.py) texels.
-    config.gaussian_uv_resolution = 64
+    config.gaussian_uv_resolution = 66  # 64 falls 1% short of 4x at the layout's borders
     config.model_uv_resolution = 32  # the prior's UV resolution, recorded to state the density ratio
     # Primitives off the template (shading.Counts): hair and brow strands, ears, neck.
     config.hair_strands = 300  # at 64^2 (2.5 mm a pixel) strands are sub-pixel: a few hundred make the look
@@ -235,6 +235,7 @@ def _identity_albedo(template: template_lib.Template, rng: np.random.Generator) 
         "lips": np.clip(skin * np.array([0.9, 0.55, 0.58]) * rng.uniform(0.85, 1.05), 0, 1),
         "brows": hair * 0.8,
         "scalp": hair,
+        "neck": skin,  # never drawn (SurfaceSampler): the capture's neck is its own primitive
         "iris": _IRIS[rng.integers(len(_IRIS))],
         **{name: np.array(c) for name, c in _FIXED_COLOURS.items()},
     }
@@ -343,6 +344,9 @@ class SurfaceSampler:
     @classmethod
     def build(cls, template: template_lib.Template, resolution: int) -> SurfaceSampler:
         face_ids, barys, _ = template_lib.uv_sample(template, resolution)
+        # The template's neck is the model's; the capture's neck is a primitive of its own (shading._extras).
+        on_template_neck = template.region_ids[template.faces[face_ids, 0]] == template.region_names.index("neck")
+        face_ids, barys = face_ids[~on_template_neck], barys[~on_template_neck]
         points, normals = _points_and_normals(template.vertices, template.faces, template.uvs, face_ids, barys)
         sign = np.sign(np.sum(np.asarray(normals) * np.asarray(points), axis=-1))
         skin = np.isin(template.region_names, ["face", "lips", "brows", "scalp"])

@@ -275,14 +275,18 @@ def test_cli_rejects_bad_override(tmp_path):
 
 @pytest.mark.parametrize("preset", ["tiny", "base"])
 def test_generator_surface_is_four_times_denser_than_the_model(preset):
-    """The generator's surface samples outnumber the prior's texel Gaussians at least 4x in every preset."""
+    """The generator's surface samples outnumber the prior's texel Gaussians at least 4x in every preset: on the
+    template's surface, and on the neck (the template's neck is the model's; the capture draws its own)."""
     config = synth.synth_config(preset)
     model = prior_config.get_config(preset).model
     assert (config.model_uv_resolution, config.template_resolution) == (model.uv_resolution, model.template_resolution)
     template = template_lib.procedural_head(config.template_resolution)
-    model_texels = len(template_lib.uv_sample(template, config.model_uv_resolution)[0])
-    generator = len(template_lib.uv_sample(template, config.gaussian_uv_resolution)[0])
-    assert generator >= 4 * model_texels
+    face_ids = template_lib.uv_sample(template, config.model_uv_resolution)[0]
+    on_neck = template.region_mask("neck")[template.faces[face_ids, 0]]
+    generator = synth.SurfaceSampler.build(template, config.gaussian_uv_resolution)
+    assert not template.region_mask("neck")[template.faces[generator.face_ids, 0]].any()
+    assert len(generator.face_ids) >= 4 * int((~on_neck).sum())
+    assert config.neck_points >= 4 * int(on_neck.sum()) > 0
 
 
 def test_identity_look_has_what_the_template_texels_cannot_hold(rng):
@@ -297,7 +301,8 @@ def test_identity_look_has_what_the_template_texels_cannot_hold(rng):
     identity = looks[0]
     look = identity.look
     # Albedo detail finer than a model texel: group the generator's samples by the model texel they fall in.
-    _, _, fine_yx = template_lib.uv_sample(template, config.gaussian_uv_resolution)
+    fine_faces, _, fine_yx = template_lib.uv_sample(template, config.gaussian_uv_resolution)
+    fine_yx = fine_yx[~template.region_mask("neck")[template.faces[fine_faces, 0]]]  # the sampler leaves it out
     coarse = (fine_yx * config.model_uv_resolution) // config.gaussian_uv_resolution
     texel = coarse[:, 0] * config.model_uv_resolution + coarse[:, 1]
     region = np.asarray(template.region_names)[template.region_ids[template.faces[sampler.face_ids, 0]]]

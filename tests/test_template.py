@@ -19,11 +19,17 @@ def test_procedural_head_is_a_valid_head(head):
     assert head.vertices.dtype == np.float32 and head.faces.dtype == np.int32
     assert head.faces.min() >= 0 and head.faces.max() < len(head.vertices)
     assert np.all((head.uvs >= 0) & (head.uvs <= 1))
-    for name in ("face", "lips", "mouth_interior", "teeth", "tongue", "eyeball", "iris", "brows", "scalp"):
+    for name in template_lib.REGION_NAMES:
         assert head.region_mask(name).sum() >= 10, name
-    height = np.ptp(head.vertices[:, 1])
+    neck = head.region_mask("neck")
+    height = np.ptp(head.vertices[~neck, 1])
     assert 0.18 < height < 0.23
-    assert np.all(np.abs(head.vertices.mean(0)) < 0.03)
+    assert np.all(np.abs(head.vertices[~neck].mean(0)) < 0.03)
+    # The neck runs from inside the head (its top ring hidden in the skin) to below a head-framed crop, and no
+    # rig weight moves it.
+    assert head.vertices[neck, 1].max() > head.vertices[~neck, 1].min() + 0.03
+    assert head.vertices[neck, 1].min() < -0.2
+    assert all(float(np.abs(w[neck]).max()) == 0.0 for w in head.weights.values())
     # The face looks toward -z: the lips and irises are in front of (more negative z than) the head's centre.
     assert head.vertices[head.region_mask("iris"), 2].mean() < -0.06
     assert head.vertices[head.region_mask("lips"), 2].mean() < -0.08

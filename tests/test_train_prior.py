@@ -21,7 +21,7 @@ from uhap_jax import cli
 from uhap_jax.config_utils import load_config
 from uhap_jax.eval import prior_eval
 from uhap_jax.geometry import template as template_lib
-from uhap_jax.geometry.texels import expression_gaussian_ids, lip_gaussian_ids
+from uhap_jax.geometry.texels import expression_gaussian_ids, lip_gaussian_ids, region_gaussian_ids
 from uhap_jax.models.population import POPULATION_FILE, AlbedoPopulation
 from uhap_jax.models.prior import UHAP
 from uhap_jax.models.render import initial_capacity
@@ -298,3 +298,62 @@ def test_tracked_target_motion_is_blind_to_a_static_offset_of_the_tracker(rng):
     with pytest.raises(ValueError, match="loss.tracked_target must be"):
         config.loss.tracked_target = "velocity"
         prior_stage.make_loss_fn(config, capacity)
+
+
+def test_hair_shell_lifts_the_scalp_off_the_scan_and_tracked_terms(tmp_path, rng):
+    """`model.hair_shell`: the scalp's Gaussians start that far out along the outward normal and the others stay;
+    the neutral-scan and tracked-mesh terms then ignore the scalp's Gaussians (moving them changes neither) and
+    still see every other one; the scan points are sampled off the registered scan's scalp."""
+    config, head, model, batch = _tracked_case(rng, 2)
+    config.loss.tracked_lips = 0.0
+    config.loss.scan_gaussians = 1 << 20  # every compared Gaussian: no random subset
+    config.model.hair_shell = 0.02
+    shelled = UHAP(head, config.model, rngs=nnx.Rngs(0))
+    count = model.layout.num_gaussians
+    scalp = region_gaussian_ids(model.layout, head, "scalp")
+    others = np.setdiff1d(np.arange(count), scalp)
+    assert scalp.size > 0.1 * count
+    before = np.asarray(model.template_points[...], np.float64)
+    after = np.asarray(shelled.template_points[...], np.float64)
+    np.testing.assert_allclose(np.linalg.norm(after - before, axis=1)[scalp], 0.02, rtol=1e-4)
+    np.testing.assert_array_equal(after[others], before[others])
+    centre = before.mean(0)
+    assert np.all(np.linalg.norm(after[scalp] - centre, axis=1) > np.linalg.norm(before[scalp] - centre, axis=1))
+
+    capacity = initial_capacity(shelled, batch, headroom=1.5)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    displaced = UHAP(head, config.model, rngs=nnx.Rngs(0))  # the shelled prior's parameters, the scalp moved
+    displaced.template_points[...] = jnp.asarray(after + np.isin(np.arange(count), scalp)[:, None] * 0.3, jnp.float32)
+
+    def scan_term(prior: UHAP, shell: float) -> float:
+        config.model.hair_shell = shell
+        return float(prior_stage.make_loss_fn(config, capacity)(prior, batch, key)[1]["scan"])
+
+    assert scan_term(displaced, 0.02) == pytest.approx(scan_term(shelled, 0.02), rel=1e-6)
+    assert scan_term(displaced, 0.0) > 1.5 * scan_term(shelled, 0.0)  # without the shell the scalp is compared
+
+    def reached(shell: float) -> np.ndarray:
+        config.model.hair_shell = shell
+        loss_fn = prior_stage.make_loss_fn(config, capacity)
+        grad = jax.grad(lambda t: loss_fn(shelled, batch | {"tracked_points": t}, key)[1]["tracked_mesh"])
+        return np.flatnonzero(np.abs(np.asarray(grad(batch["tracked_points"]))).sum((0, 2)) > 0)
+
+    np.testing.assert_array_equal(reached(0.02), others)
+    np.testing.assert_array_equal(reached(0.0), np.arange(count))
+
+    # The tables' scan points: off the scalp with the shell, about a quarter on it without.
+    root = tmp_path / "layout"
+    write_prior_layout(root, rng)
+    config.data.cache_dir = str(tmp_path / "cache")
+    records = dataset_lib.prepared_records(root, config)
+    small_head = template_lib.procedural_head(config.model.template_resolution)
+    small = UHAP(small_head, config.model, rngs=nnx.Rngs(0))
+    vertices, _, _ = layout.read_neutral_scan(layout.subject_dir(root, "id000"))
+
+    def on_scalp(shell: float) -> float:
+        config.model.hair_shell = shell
+        points = dataset_lib.subject_tables(root, records, small.layout, small_head, config).scan_points[0]
+        nearest = np.argmin(np.linalg.norm(points[:, None] - vertices[None], axis=-1), axis=1)
+        return float(np.mean(small_head.region_mask("scalp")[nearest]))
+
+    assert on_scalp(0.02) < 0.05 < 0.15 < on_scalp(0.0)

@@ -21,6 +21,8 @@ from flax import nnx
 import kernels
 from data_pipelines import dataset as dataset_lib
 from data_pipelines import loaders
+from uhap_jax.geometry import template as template_lib
+from uhap_jax.geometry.texels import measured_gaussian_ids
 from uhap_jax.models import image_metrics, losses
 from uhap_jax.models.prior import UHAP
 from uhap_jax.models.render import encoder_geometry, frame_targets, render_fitting
@@ -87,6 +89,8 @@ class Evaluator:
         self.eval_set, self.tables, self.capacity = eval_set, tables, capacity
         self.batch_size = config.eval.batch_size
         self.scan_gaussians = config.loss.scan_gaussians
+        self.hair_shell = config.model.get("hair_shell", 0.0)
+        self.template_resolution = config.model.template_resolution
         self._views = jax.jit(self._score_views, static_argnums=(0, 1))
         self._scan = jax.jit(self._scan_chamfer, static_argnums=0)
         self.images: dict[str, np.ndarray] = {}  # the last call's held-out renders | truth | error (uint8)
@@ -114,6 +118,9 @@ class Evaluator:
         zeros = jnp.zeros((scan_maps.shape[0], 3))
         neutral = model.decode(jnp.zeros((scan_maps.shape[0], model.z_dim)), scan_maps, zeros, zeros)
         points = neutral.head_means
+        if self.hair_shell > 0:  # as in the loss: the hair shell stands off the scanned skull
+            template = template_lib.procedural_head(self.template_resolution)
+            points = points[:, measured_gaussian_ids(model.layout, template, self.hair_shell)]
         if self.scan_gaussians < points.shape[1]:
             points = points[:, np.random.default_rng(0).choice(points.shape[1], self.scan_gaussians, replace=False)]
         return 1e3 * losses.chamfer(points, scan_points, squared=False)

@@ -29,6 +29,7 @@ REGION_NAMES = (
     "iris",
     "brows",
     "scalp",
+    "neck",
 )
 
 
@@ -103,6 +104,8 @@ class _Proportions:
     eye_radius = 0.012
     socket_depth, socket_sigma = 0.010, 0.011
     jaw_pivot = np.array([0.0, -0.012, 0.012])
+    # The neck: a tube from inside the head (its top ring hidden under the jaw) to below the cameras' crop.
+    neck_radius, neck_centre_z, neck_top, neck_bottom = 0.05, 0.015, -0.06, -0.22
 
 
 P = _Proportions
@@ -281,21 +284,40 @@ def _mouth_parts(rects) -> list[_Part]:
     return parts
 
 
+def _neck(rows: int, cols: int, rects) -> list[_Part]:
+    """The neck's tube in two halves (front and back), each its own UV patch, so that its texels stay about
+    square in a patch taller than wide. Rigid with the head: no rig weight moves it."""
+    parts = []
+    for rect, (a0, a1) in zip(rects, ((-0.5 * np.pi, 0.5 * np.pi), (0.5 * np.pi, 1.5 * np.pi))):
+        angle, height = np.meshgrid(np.linspace(a0, a1, cols), np.linspace(P.neck_top, P.neck_bottom, rows))
+        vertices = np.stack(
+            [P.neck_radius * np.sin(angle), height, P.neck_centre_z - P.neck_radius * np.cos(angle)], -1
+        ).reshape(-1, 3)
+        faces = _grid_faces(rows, cols, np.arange(rows * cols).reshape(rows, cols))
+        parts.append(_Part(vertices, faces, _grid_uvs(rows, cols, rect), np.full(len(vertices), "neck", object), {}))
+    return parts
+
+
 def procedural_head(resolution: int = 64) -> Template:
     """The procedural template head; `resolution` sets the skin grid (rows = resolution, cols = 1.5x).
 
-    The UV atlas: skin in the top 72%, then a band holding mouth interior, teeth, tongue and both eyeballs.
+    The UV atlas: skin in the top 72%, then a band holding mouth interior, teeth, tongue, both eyeballs and the
+    neck. The neck reaches below the crop of a head-framed camera, as a capture's neck does; without it the
+    Gaussians of the chin had to stretch down to cover the neck, which held only from the training cameras
+    (issue 19).
     """
     if resolution < 24:
         raise ValueError(f"procedural_head needs resolution >= 24 to resolve the mouth, got {resolution}")
     band = (0.74, 0.995)
     parts = [_skin(resolution, resolution * 3 // 2, (0.005, 0.005, 0.995, 0.72))]
     parts += _mouth_parts(
-        [(0.005, band[0], 0.25, band[1]), (0.27, band[0], 0.45, 0.86), (0.27, 0.875, 0.45, band[1]),
-         (0.47, band[0], 0.6, band[1])]
+        [(0.005, band[0], 0.25, band[1]), (0.265, band[0], 0.425, 0.86), (0.265, 0.875, 0.425, band[1]),
+         (0.44, band[0], 0.54, band[1])]
     )  # fmt: skip
-    parts.append(_eyeball(-1.0, "left", (0.62, band[0], 0.8, band[1])))
-    parts.append(_eyeball(1.0, "right", (0.815, band[0], 0.995, band[1])))
+    parts.append(_eyeball(-1.0, "left", (0.555, band[0], 0.685, band[1])))
+    parts.append(_eyeball(1.0, "right", (0.7, band[0], 0.83, band[1])))
+    parts += _neck(max(4, resolution // 6), max(8, resolution // 3),
+                   [(0.845, band[0], 0.995, 0.862), (0.845, 0.872, 0.995, band[1])])  # fmt: skip
 
     vertices, faces, uvs, regions, landmarks, offset = [], [], [], [], {}, 0
     weight_names = sorted({name for part in parts for name in part.weights})

@@ -104,6 +104,20 @@ def lip_gaussian_ids(texels: TexelLayout, template: template_lib.Template) -> np
     return ids
 
 
+def region_gaussian_ids(texels: TexelLayout, template: template_lib.Template, region: str) -> np.ndarray:
+    """Gaussians whose texel's nearest vertex is in `region` (empty when the template has no such region)."""
+    if region not in template.region_names:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(template.region_mask(region)[_nearest_vertices(texels, template)])
+
+
+def measured_gaussian_ids(texels: TexelLayout, template: template_lib.Template, hair_shell: float) -> np.ndarray:
+    """The Gaussians that a neutral scan or a tracked mesh constrains: all of them, or all but the scalp's when the
+    scalp is a hair shell (`model.hair_shell` > 0), which stands off the skull that scans and trackers see."""
+    ids = np.arange(texels.num_gaussians)
+    return np.setdiff1d(ids, region_gaussian_ids(texels, template, "scalp")) if hair_shell > 0 else ids
+
+
 def expression_gaussian_ids(
     texels: TexelLayout, template: template_lib.Template, threshold: float = 0.05
 ) -> np.ndarray:

@@ -28,7 +28,7 @@ from flax import nnx
 import kernels
 from uhap_jax.geometry import rotations
 from uhap_jax.geometry import template as template_lib
-from uhap_jax.geometry.texels import TexelLayout
+from uhap_jax.geometry.texels import TexelLayout, region_gaussian_ids
 
 SCAN_CHANNELS = 6  # identity geometry offset (3, metres, world axes) and albedo (3, in [0, 1])
 
@@ -215,6 +215,19 @@ def _base_scales(template: template_lib.Template, layout: TexelLayout) -> np.nda
     return 0.5 * np.clip(footprint, 0.25 * median, 4.0 * median).astype(np.float32)
 
 
+def _hair_shell_points(points: np.ndarray, normal: np.ndarray, template: template_lib.Template, layout: TexelLayout,
+                       shell: float) -> np.ndarray:  # fmt: skip
+    """The texel points with the scalp's moved `shell` metres out along the surface normal: a capture's hair stands
+    off the skull (1-6 cm in the synthetic data), where the scalp's Gaussians otherwise reach only by growing."""
+    scalp = region_gaussian_ids(layout, template, "scalp")
+    if scalp.size == 0:
+        raise ValueError("model.hair_shell > 0 needs a template with a 'scalp' region; this one has none")
+    outward = np.sign(np.sum(normal[scalp] * (points[scalp] - points.mean(0)), -1, keepdims=True))
+    moved = np.array(points, np.float32)
+    moved[scalp] += shell * outward * normal[scalp]
+    return moved
+
+
 class UHAP(nnx.Module):
     """The universal prior: encoders, UV decoder, view-dependent colour, and rendering with `kernels`."""
 
@@ -233,6 +246,9 @@ class UHAP(nnx.Module):
         points = template_lib.surface_points(template.vertices, template.faces, layout.face_ids, layout.barys)
         normal, tangent = template_lib.surface_frames(template.vertices, template.faces, template.uvs, layout.face_ids)
         frame = jnp.stack([tangent, jnp.cross(normal, tangent), normal], axis=-1)  # columns: local axes
+        self.hair_shell = float(config.get("hair_shell", 0.0))
+        if self.hair_shell:
+            points = _hair_shell_points(np.asarray(points), np.asarray(normal), template, layout, self.hair_shell)
         self.template_points = TemplateConstant(jnp.asarray(points, jnp.float32))
         self.frames = TemplateConstant(frame.astype(jnp.float32))
         self.frame_quats = TemplateConstant(rotations.matrix_to_quaternion(frame).astype(jnp.float32))

@@ -28,7 +28,7 @@ from data_pipelines import dataset as dataset_lib
 from data_pipelines import loaders
 from uhap_jax.eval import prior_eval
 from uhap_jax.geometry import template as template_lib
-from uhap_jax.geometry.texels import expression_gaussian_ids, lip_gaussian_ids
+from uhap_jax.geometry.texels import expression_gaussian_ids, lip_gaussian_ids, measured_gaussian_ids
 from uhap_jax.models import image_metrics, losses
 from uhap_jax.models.population import POPULATION_FILE, AlbedoPopulation
 from uhap_jax.models.prior import UHAP, build_prior
@@ -78,7 +78,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
     tracked_target = weights.get("tracked_target", "position")
     if tracked_target not in ("position", "motion"):
         raise ValueError(f"loss.tracked_target must be 'position' or 'motion', got {tracked_target!r}")
-    uses_template = tracked_lips or (scope == "expression" and weights.get("tracked_mesh", 0.0) > 0)
+    hair_shell = config.model.get("hair_shell", 0.0)
+    uses_template = tracked_lips or hair_shell > 0 or (scope == "expression" and weights.get("tracked_mesh", 0.0) > 0)
     template = template_lib.procedural_head(config.model.template_resolution) if uses_template else None
 
     def loss_fn(model: UHAP, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -110,12 +111,15 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
             "normal_tilt": jnp.mean(posed.normal_tilt),
             "view_colour": losses.view_colour_spread(model.colours(posed, batch["world_to_cam"])),
         }
-        num_gaussians = neutral.head_means.shape[1]
+        measured = measured_gaussian_ids(model.layout, template, hair_shell) if hair_shell > 0 else None
+        num_measured = neutral.head_means.shape[1] if measured is None else len(measured)
         subset = (
-            jax.random.choice(subset_key, num_gaussians, (weights.scan_gaussians,), replace=False)
-            if weights.scan_gaussians < num_gaussians
-            else jnp.arange(num_gaussians)
+            jax.random.choice(subset_key, num_measured, (weights.scan_gaussians,), replace=False)
+            if weights.scan_gaussians < num_measured
+            else jnp.arange(num_measured)
         )
+        if measured is not None:  # the hair shell's Gaussians stand off the scanned skull
+            subset = jnp.asarray(measured)[subset]
         points = neutral.head_means[:, subset]
         if weights.scan_metric == "chamfer":
             terms["scan"] = jnp.mean(losses.chamfer(points, batch["scan_points"]))
@@ -126,7 +130,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
             losses.albedo_l1(points, neutral_colours, batch["scan_points"], batch["scan_colours"])
         )
         if "tracked_points" in batch:
-            moving = slice(None)
+            moving = slice(None) if measured is None else measured
             if scope == "expression":
                 moving = expression_gaussian_ids(model.layout, template)
             decoded, tracked = posed.means, batch["tracked_points"]

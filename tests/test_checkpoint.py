@@ -109,6 +109,33 @@ def test_moving_average_follows_a_float64_reference_and_is_what_evaluations_and_
     plain.close()
 
 
+@pytest.mark.parametrize("factor", [10.0, 0.0])
+def test_the_average_leaves_out_a_loss_spike_and_the_raw_parameters_train_on(tmp_path, rng, factor):
+    """`ema_skip_loss_factor`: a finite step whose loss is far above the run's typical loss trains the raw
+    parameters but leaves the average as it was (and is counted); the next ordinary step moves it again. 0: the
+    spike moves the average like any step."""
+    seed = int(rng.integers(1 << 30))
+    data = ToyData(seed, batch_size=16)
+    trainer = Trainer(small_config(steps=8, ema_decay=0.9, ema_skip_loss_factor=factor), make_model(seed),
+                      optax.adam(3e-2), loss_fn, data.iterator(), tmp_path)  # fmt: skip
+    for t in range(4):
+        trainer.train_step(data.batch(t))
+    before = host_tree({k: trainer.state[k] for k in ("params", "ema_params")})
+    spiked = data.batch(4)
+    spiked["y"] = spiked["y"] * 1e3  # finite, ~1e6 x the loss
+    metrics = host_tree(trainer.train_step(spiked))
+    after = host_tree({k: trainer.state[k] for k in ("params", "ema_params")})
+    assert np.isfinite(metrics["loss"]) and metrics["nonfinite_steps"] == 0
+    assert np.abs(after["params"]["hidden"]["kernel"] - before["params"]["hidden"]["kernel"]).max() > 1e-3
+    moved = np.abs(after["ema_params"]["hidden"]["kernel"] - before["ema_params"]["hidden"]["kernel"]).max()
+    assert metrics["ema_skipped_steps"] == (1 if factor else 0)
+    assert (moved == 0.0) if factor else (moved > 1e-4)
+    trainer.train_step(data.batch(5))
+    later = host_tree(trainer.state["ema_params"])
+    assert np.abs(later["hidden"]["kernel"] - after["ema_params"]["hidden"]["kernel"]).max() > 1e-5
+    trainer.close()
+
+
 class CountingIterator:
     """A real (tiny) checkpointable iterator whose state is bytes or a dict, as grain's iterators give."""
 

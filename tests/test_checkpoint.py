@@ -136,6 +136,48 @@ def test_the_average_leaves_out_a_loss_spike_and_the_raw_parameters_train_on(tmp
     trainer.close()
 
 
+def _rescale_hidden_units(params: dict, scale: np.ndarray) -> dict:
+    """The toy MLP with each hidden unit's BatchNorm scale and bias x `scale` (> 0) and its outgoing weights /
+    `scale`: the same function (ReLU is positively homogeneous), other parameters. An average of the two
+    parametrisations is neither (its outputs are ~(2 + c + 1/c) / 4 x too large)."""
+    params = jax.tree.map(np.array, params)
+    params["norm"]["scale"] = params["norm"]["scale"] * scale
+    params["norm"]["bias"] = params["norm"]["bias"] * scale
+    params["out"]["kernel"] = params["out"]["kernel"] / scale[:, None]
+    return params
+
+
+@pytest.mark.parametrize("factor", [1.25, 0.0])
+def test_the_average_restarts_when_it_fits_worse_than_the_raw_parameters(tmp_path, rng, factor):
+    """`ema_restart_factor`: after the raw parameters jump to an equivalent parametrisation (hidden units
+    rescaled), the average mixes the two and fits the batch far worse than the raw parameters: at the next check
+    it restarts from them (counted). Ordinary training never restarts it; with the factor 0 nothing is checked."""
+    seed = int(rng.integers(1 << 30))
+    data = ToyData(seed, batch_size=32)
+    trainer = Trainer(small_config(steps=20, ema_decay=0.9, ema_check_every=1, ema_restart_factor=factor),
+                      make_model(seed), optax.adam(3e-3), loss_fn, data.iterator(), tmp_path)  # fmt: skip
+    ratios = [float(host_tree(trainer.train_step(data.batch(t)))["ema_fit_ratio"]) for t in range(12)]
+    assert host_tree(trainer.state["ema_restarts"]) == 0
+    assert all(0.8 < r < 1.2 for r in ratios) if factor else ratios == [1.0] * 12
+    raw = host_tree(trainer.state["params"])
+    rescaled = _rescale_hidden_units(raw, rng.uniform(5.0, 20.0, raw["norm"]["scale"].shape).astype(np.float32))
+    trainer.state["params"] = jax.tree.map(lambda p, old: jax.device_put(p, old.sharding), rescaled,
+                                           trainer.state["params"])  # fmt: skip
+    before = host_tree(trainer.state["ema_params"])
+    metrics = host_tree(trainer.train_step(data.batch(12)))  # the average fits (same function), then mixes
+    mixed = host_tree(trainer.state["ema_params"])
+    assert metrics["ema_restarts"] == 0 and np.abs(mixed["out"]["kernel"] - before["out"]["kernel"]).max() > 1e-2
+    metrics = host_tree(trainer.train_step(data.batch(13)))
+    after = host_tree({k: trainer.state[k] for k in ("params", "ema_params")})
+    if factor:
+        assert metrics["ema_restarts"] == 1 and metrics["ema_fit_ratio"] > 2.0
+        jax.tree.map(np.testing.assert_array_equal, after["ema_params"], after["params"])
+    else:
+        assert metrics["ema_restarts"] == 0 and metrics["ema_fit_ratio"] == 1.0
+        assert np.abs(after["ema_params"]["out"]["kernel"] - after["params"]["out"]["kernel"]).max() > 1e-2
+    trainer.close()
+
+
 class CountingIterator:
     """A real (tiny) checkpointable iterator whose state is bytes or a dict, as grain's iterators give."""
 

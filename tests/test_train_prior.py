@@ -53,6 +53,8 @@ def test_train_prior_writes_metrics_with_eval_rows_and_resumes(tmp_path, rng, ca
         "--config.data.batch_size=8", "--config.data.num_views=2", "--config.data.num_threads=0",
         "--config.eval.every=2", "--config.eval.num_frames=4", "--config.eval.batch_size=4",
         "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.train.image_every=2",
+        # The base preset's parameter average, checked on the image term at every step (a second forward pass).
+        "--config.train.ema_decay=0.99", "--config.train.ema_check_metric=l1", "--config.train.ema_check_every=1",
         *TINY_MODEL,
     ]  # fmt: skip
     assert cli.main([*common, "--config.train.steps=2"]) == 0
@@ -68,6 +70,7 @@ def test_train_prior_writes_metrics_with_eval_rows_and_resumes(tmp_path, rng, ca
         for name in ("l1", "ssim", "silhouette", "kl", "scan", "albedo", "offset", "scale", "psnr"):
             assert np.isfinite(row[name]), name
         assert row["raster_overflow"] == 0.0 and row["nonfinite_steps"] == 0
+        assert 0.5 < row["ema_fit_ratio"] < 1.25 and row["ema_restarts"] == 0  # step 1: the average is the init
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     population = AlbedoPopulation.load(workdir / POPULATION_FILE)  # the training identities', for personalisation
     assert population.mean.ndim == 2 and population.mean.shape[1] == 3 and np.all(np.isfinite(population.components))

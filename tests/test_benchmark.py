@@ -239,6 +239,18 @@ def test_the_command_names_a_missing_weights_file(tmp_path, capsys):
         benchmark.read_split(_empty_layout(tmp_path))
 
 
+def test_the_command_takes_overrides_of_the_avatars_personalisation(tmp_path, capsys):
+    """`--config.*` overrides reach the personalisation config of the test identities' avatars: a known field is
+    taken (the run goes on to the data, which is missing here), an unknown one is named."""
+    args = ["benchmark", "--prior", str(tmp_path), "--audio-model", str(tmp_path), "--encoder", str(tmp_path),
+            "--data", str(_empty_layout(tmp_path / "layout")), "--out", str(tmp_path / "out")]  # fmt: skip
+    assert cli.main([*args, "--config.tune.not_a_field=1"]) == 2
+    assert "tune.not_a_field" in _one_error_line(capsys)
+    assert cli.main([*args, "--config.tune.pose=video"]) != 0
+    line = _one_error_line(capsys)
+    assert "override" not in line and "benchmark" in line  # past the config: the split has no test identity
+
+
 def _empty_layout(root):
     layout.write_dataset_info(root, {"cameras": ["a"], "held_out_cameras": [], "held_out_sentences": [],
                                      "identities": {"train": [], "held_out": []}})  # fmt: skip

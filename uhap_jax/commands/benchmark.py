@@ -28,11 +28,15 @@ def register(subparsers) -> None:
     parser.add_argument("--encoder", type=Path, required=True, help="a `uhap train encoder` workdir")
     parser.add_argument("--data", type=Path, required=True, help="a capture layout with dataset.json (the split)")
     parser.add_argument("--out", type=Path, required=True, help="results and the test identities' avatars")
-    parser.add_argument("--config", default="personalize:tiny", help="configs/personalize.py[:preset]")
+    parser.add_argument(
+        "--config",
+        default="personalize:tiny",
+        help="configs/personalize.py[:preset] of the test identities' avatars; --config.* overrides it",
+    )
     parser.add_argument("--lpips-weights", type=Path, default=None, help="LPIPS-VGG weights (.safetensors/.npz)")
     parser.add_argument("--syncnet-weights", type=Path, default=None, help="syncnet_v2 weights (LSE-D/LSE-C)")
     parser.add_argument("--max-lag", type=int, default=5, help="sync search range, frames (default 5)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, takes_config=True)
 
 
 def run(args: argparse.Namespace) -> int:

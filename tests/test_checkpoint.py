@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import numpy as np
 import optax
@@ -176,6 +178,37 @@ def test_the_average_restarts_when_it_fits_worse_than_the_raw_parameters(tmp_pat
         assert metrics["ema_restarts"] == 0 and metrics["ema_fit_ratio"] == 1.0
         assert np.abs(after["ema_params"]["out"]["kernel"] - after["params"]["out"]["kernel"]).max() > 1e-2
     trainer.close()
+
+
+def test_a_checkpoint_without_the_averages_newer_bookkeeping_resumes_with_it_fresh(tmp_path, rng, caplog):
+    """A run with a parameter average resumes from a checkpoint that an older version wrote (no `ema_restarts`,
+    `ema_fit_ratio`): the saved state comes back and those entries start fresh. A checkpoint without the average
+    itself (a run without one) is refused in one line that names it."""
+    seed = int(rng.integers(1 << 30))
+    data = ToyData(seed, batch_size=16)
+    config = small_config(steps=5, ema_decay=0.9)
+    trainer = Trainer(config, make_model(seed), optax.adam(1e-2), loss_fn, data.iterator(), tmp_path)
+    for t in range(2):
+        trainer.train_step(data.batch(t))
+    old = {k: v for k, v in trainer.state.items() if k not in ("ema_restarts", "ema_fit_ratio")}
+    trainer._checkpointer.save(2, old, trainer.data_iter)
+    trainer._checkpointer.wait()
+    saved = host_tree({k: old[k] for k in ("params", "ema_params", "step")})
+    trainer.close()
+    with caplog.at_level(logging.INFO, logger="uhap_jax.train.loop"):
+        resumed = Trainer(config, make_model(seed + 1), optax.adam(1e-2), loss_fn, data.iterator(), tmp_path)
+    assert "has no ema_fit_ratio, ema_restarts" in caplog.text and resumed.step == 2
+    jax.tree.map(np.testing.assert_array_equal, host_tree({k: resumed.state[k] for k in saved}), saved)
+    assert host_tree(resumed.state["ema_restarts"]) == 0 and host_tree(resumed.state["ema_fit_ratio"]) == 1.0
+    metrics = host_tree(resumed.train_step(data.batch(2)))
+    assert np.isfinite(metrics["loss"]) and metrics["ema_restarts"] == 0
+    resumed.close()
+    plain = small_config(steps=5)  # no average: a checkpoint of it lacks the average itself
+    without = Trainer(plain, make_model(seed), optax.adam(1e-2), loss_fn, data.iterator(), tmp_path / "plain")
+    without.save()
+    without.close()
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'plain' / 'checkpoints' / '0'}: does not hold this run's"):
+        Trainer(config, make_model(seed), optax.adam(1e-2), loss_fn, data.iterator(), tmp_path / "plain")
 
 
 class CountingIterator:

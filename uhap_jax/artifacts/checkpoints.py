@@ -123,6 +123,12 @@ class Checkpointer:
             items["data"] = DataIteratorRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items)).state
 
+    def state_keys(self, step: int) -> set[str]:
+        """The top-level keys of the train state saved at `step` (read from its metadata, no arrays)."""
+        with ocp.PyTreeCheckpointer() as reader:
+            metadata = reader.metadata(self.directory / str(step) / "state")
+        return set(getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata))
+
     def wait(self) -> None:
         """Block until every pending asynchronous write is committed."""
         self._manager.wait_until_finished()

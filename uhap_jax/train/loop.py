@@ -61,6 +61,9 @@ _RESERVED_METRICS = (
     "ema_fit_ratio",
 )
 
+# Train-state entries that a checkpoint of an older version may lack: a resume starts them fresh.
+_FRESH_IF_MISSING = ("log_loss_average", "ema_skipped_steps", "ema_restarts", "ema_fit_ratio")
+
 
 def default_config() -> ml_collections.ConfigDict:
     """The `train` section that stage configs embed and adjust."""
@@ -203,7 +206,20 @@ class Trainer:
         latest = self._checkpointer.latest_step()
         if latest is None:
             return
-        self.state = self._checkpointer.restore(latest, abstract_like(self.state), self.data_iter)
+        # The average's bookkeeping grew over versions: a checkpoint without some of it resumes with it fresh.
+        fresh = {k: self.state[k] for k in _FRESH_IF_MISSING if k in self.state}
+        fresh = {k: v for k, v in fresh.items() if k not in self._checkpointer.state_keys(latest)}
+        abstract = abstract_like({k: v for k, v in self.state.items() if k not in fresh})
+        try:
+            restored = self._checkpointer.restore(latest, abstract, self.data_iter)
+        except ValueError as error:
+            raise ValueError(f"{self._checkpointer.directory / str(latest)}: does not hold this run's training state "
+                             f"({str(error).strip().splitlines()[0]}); resume with the config that wrote it, or "
+                             "give a new --workdir") from error  # fmt: skip
+        self.state = {**restored, **fresh}
+        if fresh:
+            logger.info("checkpoint %d has no %s (an older version wrote it): they start fresh", latest,
+                        ", ".join(sorted(fresh)))  # fmt: skip
         self.step = int(self.state["step"])
         if self.step != latest:
             raise ValueError(f"{self._checkpointer.directory / str(latest)}: holds step {self.step}, not {latest}")

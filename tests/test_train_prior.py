@@ -70,7 +70,7 @@ def test_train_prior_writes_metrics_with_eval_rows_and_resumes(tmp_path, rng, ca
         for name in ("l1", "ssim", "silhouette", "kl", "scan", "albedo", "offset", "scale", "psnr"):
             assert np.isfinite(row[name]), name
         assert row["raster_overflow"] == 0.0 and row["nonfinite_steps"] == 0
-        assert 0.5 < row["ema_fit_ratio"] < 1.25 and row["ema_restarts"] == 0  # step 1: the average is the init
+        assert 0.5 < row["ema_fit_ratio"] < 1.25 and row["ema_restarts"] == 0  # early steps: close to the raw
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     population = AlbedoPopulation.load(workdir / POPULATION_FILE)  # the training identities', for personalisation
     assert population.mean.ndim == 2 and population.mean.shape[1] == 3 and np.all(np.isfinite(population.components))

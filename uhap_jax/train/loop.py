@@ -88,12 +88,13 @@ def default_config() -> ml_collections.ConfigDict:
     # with weight 1 - ema_decay; the steps that follow while the loss stays high are left out). 0: every finite step.
     config.ema_skip_loss_factor = 10.0
     # Every `ema_check_every` steps the average is scored on the step's batch beside the raw parameters (one
-    # forward pass more); when its `ema_check_metric` (the loss, or a lower-is-better aux metric of loss_fn) is
-    # above `ema_restart_factor` x the raw parameters', the average restarts from the raw parameters. An average
+    # forward pass more); when its `ema_check_metric` (the loss, or a positive, lower-is-better aux metric of
+    # loss_fn) is above `ema_restart_factor` x the raw parameters', the average restarts from the raw parameters
+    # (not on a step it leaves out as a spike; a check whose render overflowed does not count). An average
     # of parameters from before and after a reparametrisation (issue 19's base run: the expression code's KL
     # jumped from 13 to 182 nats in 200 steps and back, the raw parameters' training PSNR stayed at 27 dB) is a
     # model that neither side is: its held-out PSNR fell 6 dB and took 2,000 steps to come back. Counted as
-    # `ema_restarts`; the last score is logged as `ema_fit_ratio`. 0: never checked.
+    # `ema_restarts`; the last score is logged as `ema_fit_ratio` (both only when checked). 0: never checked.
     config.ema_check_every = 50
     config.ema_check_metric = "loss"
     config.ema_restart_factor = 1.25
@@ -202,24 +203,30 @@ class Trainer:
         )
         return state
 
+    def _restore(self, step: int, data_iter: Iterator[Any] | None = None) -> dict:
+        """The train state of checkpoint `step` on this run's shardings (and `data_iter` rewound, if given). The
+        average's bookkeeping grew over versions: entries of `_FRESH_IF_MISSING` that the checkpoint lacks start
+        fresh; any other difference in the state's entries is refused in one line."""
+        saved = self._checkpointer.state_keys(step)
+        fresh = {k: v for k, v in self.state.items() if k in _FRESH_IF_MISSING and k not in saved}
+        expected = set(self.state) - set(fresh)
+        if saved != expected:
+            differences = [f"{label} {', '.join(sorted(keys))}" for label, keys in
+                           (("has", saved - expected), ("lacks", expected - saved)) if keys]  # fmt: skip
+            raise ValueError(f"{self._checkpointer.directory / str(step)}: does not hold this run's training state "
+                             f"(it {' and '.join(differences)}); resume with the config that wrote it, or give a new "
+                             "--workdir")  # fmt: skip
+        restored = self._checkpointer.restore(step, abstract_like({k: self.state[k] for k in expected}), data_iter)
+        if fresh:
+            logger.info("checkpoint %d has no %s (an older version wrote it): they start fresh", step,
+                        ", ".join(sorted(fresh)))  # fmt: skip
+        return {**restored, **fresh}
+
     def _resume_if_possible(self) -> None:
         latest = self._checkpointer.latest_step()
         if latest is None:
             return
-        # The average's bookkeeping grew over versions: a checkpoint without some of it resumes with it fresh.
-        fresh = {k: self.state[k] for k in _FRESH_IF_MISSING if k in self.state}
-        fresh = {k: v for k, v in fresh.items() if k not in self._checkpointer.state_keys(latest)}
-        abstract = abstract_like({k: v for k, v in self.state.items() if k not in fresh})
-        try:
-            restored = self._checkpointer.restore(latest, abstract, self.data_iter)
-        except ValueError as error:
-            raise ValueError(f"{self._checkpointer.directory / str(latest)}: does not hold this run's training state "
-                             f"({str(error).strip().splitlines()[0]}); resume with the config that wrote it, or "
-                             "give a new --workdir") from error  # fmt: skip
-        self.state = {**restored, **fresh}
-        if fresh:
-            logger.info("checkpoint %d has no %s (an older version wrote it): they start fresh", latest,
-                        ", ".join(sorted(fresh)))  # fmt: skip
+        self.state = self._restore(latest, self.data_iter)
         self.step = int(self.state["step"])
         if self.step != latest:
             raise ValueError(f"{self._checkpointer.directory / str(latest)}: holds step {self.step}, not {latest}")
@@ -294,17 +301,21 @@ class Trainer:
         }
         metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite_steps": nonfinite_steps, **aux}
         for name in ("ema_skipped_steps", "ema_restarts", "ema_fit_ratio"):
-            if name in new_state:
+            if name in new_state and (name == "ema_skipped_steps" or self._ema_checked()):
                 metrics[name] = new_state[name]
         return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+    def _ema_checked(self) -> bool:
+        return bool(self.config.get("ema_check_every", 0) and self.config.get("ema_restart_factor", 0.0))
 
     def _ema_fit_ratio(self, state: dict, batch: Any, rng: jax.Array, loss: jax.Array, aux: dict) -> jax.Array:
         """The average's `ema_check_metric` on this batch over the raw parameters' (same batch, same key), on
         steps that are a multiple of `ema_check_every` (inf when the average's score is NaN); NaN on the others (no
-        forward pass is spent)."""
-        every = self.config.get("ema_check_every", 0)
-        if "ema_params" not in state or not every or not self.config.get("ema_restart_factor", 0.0):
+        forward pass is spent), when the average's render overflowed, or when the raw value is not positive (the
+        metric must be a positive, lower-is-better one)."""
+        if "ema_params" not in state or not self._ema_checked():
             return jnp.full((), jnp.nan, jnp.float32)
+        every = self.config.ema_check_every
         name = self.config.get("ema_check_metric", "loss")
         if name != "loss" and name not in aux:
             raise ValueError(f"train.ema_check_metric={name!r} is neither 'loss' nor one of loss_fn's metrics "
@@ -312,12 +323,14 @@ class Trainer:
 
         def score(params: dict) -> jax.Array:
             value, metrics = self._loss_fn(nnx.merge(self._graphdef, params, state["rest"]), batch, rng)
-            return jnp.asarray(value if name == "loss" else metrics[name], jnp.float32)
+            value = jnp.asarray(value if name == "loss" else metrics[name], jnp.float32)
+            value = jnp.where(jnp.isnan(value), jnp.inf, value)  # a broken average scores worst, not "unchecked"
+            # A render that ran out of pair slots (sized for the raw parameters) says nothing: unchecked.
+            return jnp.where(metrics.get("raster_overflow", 0.0) > 0, jnp.nan, value)
 
         raw = jnp.asarray(loss if name == "loss" else aux[name], jnp.float32)
         checked = state["step"] % every == 0
         average = jax.lax.cond(checked, score, lambda _: jnp.full((), jnp.nan, jnp.float32), state["ema_params"])
-        average = jnp.where(jnp.isnan(average), jnp.inf, average)  # a broken average scores worst, not "unchecked"
         return jnp.where(checked & (raw > 0), average / jnp.maximum(raw, 1e-30), jnp.nan)
 
     def _ema_update(self, state: dict, new_params: dict, loss: jax.Array, finite: jax.Array,
@@ -337,7 +350,8 @@ class Trainer:
             spike = known & (loss > 0) & (log_loss > state["log_loss_average"] + math.log(factor))
         take = finite & ~spike
         checked = ~jnp.isnan(fit_ratio)
-        restart = finite & checked & (fit_ratio > self.config.get("ema_restart_factor", 0.0))
+        # Not on a step the average leaves out: it would restart from the parameters the spike just moved.
+        restart = take & checked & (fit_ratio > self.config.get("ema_restart_factor", 0.0))
         t = state["step"].astype(jnp.float32)
         decay = jnp.minimum(self.config.ema_decay, (1.0 + t) / (10.0 + t))
         moved = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema_params"], new_params)
@@ -436,7 +450,7 @@ class Trainer:
                 + "; lower --config.optimizer.learning_rate, or raise --config.train.max_rollbacks"
             )
         diverged_at = self.step
-        self.state = self._checkpointer.restore(latest, abstract_like(self.state))
+        self.state = self._restore(latest)
         self.step = int(self.state["step"])
         self._checkpointer.delete_after(self.step)
         self._writer.truncate_after(self.step)

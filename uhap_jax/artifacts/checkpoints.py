@@ -125,9 +125,7 @@ class Checkpointer:
 
     def state_keys(self, step: int) -> set[str]:
         """The top-level keys of the train state saved at `step` (read from its metadata, no arrays)."""
-        with ocp.PyTreeCheckpointer() as reader:
-            metadata = reader.metadata(self.directory / str(step) / "state")
-        return set(getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata))
+        return set(_saved_tree(self.directory / str(step) / "state"))
 
     def wait(self) -> None:
         """Block until every pending asynchronous write is committed."""
@@ -135,6 +133,13 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _saved_tree(state_dir: Path) -> dict:
+    """The metadata tree (keys and array metadata, no arrays) of a saved train state."""
+    with ocp.PyTreeCheckpointer() as reader:
+        metadata = reader.metadata(state_dir)
+    return getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
 
 
 def single_device_mesh() -> jax.sharding.Mesh:
@@ -162,10 +167,8 @@ def restore_latest(workdir: str | Path, model: nnx.Module, mesh: jax.sharding.Me
     if step is None:
         raise FileNotFoundError(f"{workdir / 'checkpoints'}: holds no finished {what} checkpoint")
     state_dir = checkpointer.directory / str(step) / "state"
+    key = "ema_params" if "ema_params" in _saved_tree(state_dir) else "params"
     with ocp.PyTreeCheckpointer() as reader:
-        metadata = reader.metadata(state_dir)
-        tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
-        key = "ema_params" if "ema_params" in tree else "params"
         abstract = {key: shapes}
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
         try:

@@ -22,7 +22,8 @@ setup(
         "tensorflow-datasets>=4.9.9,<5",
         "importlib_resources>=6",
         "array-record>=0.8",
-        "transformers>=5.0,<6",
+        # 5.25 depends on Hugging Face's `kernels` package, whose top-level name shadows this project's `kernels`.
+        "transformers>=5.0,<5.25",
         "safetensors>=0.5",
         "tensorboardX>=2.6",
         "absl-py>=2.1",

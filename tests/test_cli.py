@@ -399,3 +399,19 @@ def test_data_synth_starts_xla_cpu_on_one_core_and_gives_the_cores_back():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "True"]
+
+
+def test_a_foreign_kernels_package_is_named_in_one_line(monkeypatch, tmp_path):
+    """Hugging Face's `kernels` (a dependency of transformers >= 5.25) shadowing our rasterizer is refused with the
+    fix; our own package passes."""
+    import importlib.machinery
+    import importlib.util
+
+    import uhap_jax
+
+    uhap_jax._own_kernels()  # the checkout's own kernels
+    origin = str(tmp_path / "site-packages/kernels/__init__.py")
+    foreign = importlib.machinery.ModuleSpec("kernels", None, origin=origin)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: foreign)
+    with pytest.raises(ImportError, match=r"resolves to .*site-packages/kernels/__init__\.py.*transformers<5\.25"):
+        uhap_jax._own_kernels()

@@ -1,7 +1,9 @@
 """UHAP-JAX: audio-driven universal Gaussian head avatars in JAX."""
 
 import importlib.metadata
+import importlib.util
 import os
+from pathlib import Path
 
 __version__ = "0.1.0"
 
@@ -27,3 +29,17 @@ def _xla_cpu_without_ynn_fusions() -> None:
 
 
 _xla_cpu_without_ynn_fusions()
+
+
+def _own_kernels() -> None:
+    """Our rasterizer is the top-level package `kernels`; Hugging Face's `kernels` (a dependency of transformers
+    >= 5.25) has the same name and, installed in site-packages, shadows it."""
+    spec = importlib.util.find_spec("kernels")
+    ours = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if spec is not None and spec.origin and Path(spec.origin).resolve() != ours:
+        raise ImportError(f"the package 'kernels' resolves to {spec.origin}, not UHAP-JAX's {ours}: another package "
+                          "of that name (Hugging Face's, installed by transformers>=5.25) shadows it; run "
+                          "`pip uninstall kernels && pip install 'transformers<5.25'`")  # fmt: skip
+
+
+_own_kernels()

@@ -42,6 +42,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.model.template_resolution = 48  # procedural template head: must be the scans' topology
     config.model.uv_resolution = 32
     config.model.z_dim = 128
+    # > 0: the expression posterior's mean is bounded to +-code_bound (a tanh) and its variance to at most the
+    # prior's (a softplus); 0: unbounded (issue 19's diagnosis below).
+    config.model.code_bound = 0.0
     config.model.decoder_base_resolution = 4
     config.model.decoder_channels = (64, 32, 16)  # one UpBlock each: base * 2**len = uv_resolution
     config.model.expression_channels = (16, 32, 64, 64)

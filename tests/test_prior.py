@@ -128,6 +128,24 @@ def test_expression_posterior_shapes_and_view_order_invariance(head, rng):
     assert not np.allclose(mean[0], other_mean[0])
 
 
+def test_a_bounded_posterior_squashes_the_raw_mean_and_caps_the_variance_at_the_priors(head, rng):
+    config = small_model_config()
+    raw = UHAP(head, config, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    config.code_bound = 2.0
+    bounded = UHAP(head, config, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    heads = raw.expression_encoder  # outputs far beyond the bounds, of either sign
+    heads.mean.bias[...] = jnp.asarray(rng.normal(0.0, 4.0, heads.mean.bias.shape), jnp.float32)
+    heads.log_var.bias[...] = jnp.asarray(rng.normal(0.0, 4.0, heads.log_var.bias.shape), jnp.float32)
+    nnx.update(bounded.expression_encoder, nnx.state(heads))
+    images = rng.uniform(0.0, 1.0, (2, 3, 32, 32, 3)).astype(np.float32)
+    raw_mean, raw_log_var = (np.asarray(x, np.float64) for x in raw.encode_expression(images))
+    mean, log_var = bounded.encode_expression(images)
+    assert np.abs(raw_mean).max() > 2.0 and raw_log_var.max() > 0.0
+    np.testing.assert_allclose(mean, 2.0 * np.tanh(raw_mean / 2.0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(log_var, -np.logaddexp(0.0, -raw_log_var), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(mean)).max() < 2.0 and np.asarray(log_var).max() < 0.0
+
+
 # ------------------------------------------------------------------------------------- losses and metrics
 
 

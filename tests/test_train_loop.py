@@ -116,6 +116,24 @@ def test_metrics_rows_progress_events_and_image_grid(tmp_path, rng, caplog):
     assert np.asarray(Image.open(grids[-1])).shape == (8 * 4, 3 * 4, 3)
 
 
+@pytest.mark.parametrize(("every", "evaluated"), [(2, [0, 2, 4, 5]), (0, [0, 5]), (-1, [0, 5])])
+def test_evaluations_come_at_the_start_every_n_steps_and_at_the_end(tmp_path, rng, every, evaluated):
+    seed = int(rng.integers(1 << 30))
+    data = ToyData(seed, batch_size=8)
+    trainer = Trainer(small_config(steps=5, log_every=5), make_model(seed), optax.adam(1e-2), loss_fn,
+                      data.iterator(), tmp_path)  # fmt: skip
+    steps = []
+
+    def evaluate(model) -> dict[str, float]:
+        steps.append(trainer.step)
+        return {"eval/count": float(len(steps))}
+
+    result, metrics = trainer.run_with_evals(evaluate, every)
+    trainer.close()
+    assert steps == evaluated and result.step == 5 and metrics == {"eval/count": float(len(evaluated))}
+    assert [row["step"] for row in rows(tmp_path) if "eval/count" in row] == evaluated
+
+
 def scalar_steps(event_file: Path) -> dict[str, list[int]]:
     """Tag -> steps of the scalar summaries in a TensorBoard event file (TFRecord framing, Event protos)."""
     data, found, offset = event_file.read_bytes(), {}, 0

@@ -100,7 +100,9 @@ class ExpressionEncoder(nnx.Module):
     # of the mean (mouth, blinks) drown and the decoder learns to ignore z (posterior collapse).
     INITIAL_LOG_VAR = -8.0
 
-    def __init__(self, channels: tuple[int, ...], hidden: int, z_dim: int, uv_resolution: int, *, rngs: nnx.Rngs):
+    def __init__(self, channels: tuple[int, ...], hidden: int, z_dim: int, uv_resolution: int, *,
+                 code_bound: float = 0.0, rngs: nnx.Rngs):  # fmt: skip
+        self.code_bound = code_bound
         widths = (3, *channels)
         self.convs = nnx.List([nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
         self.project = nnx.Linear(channels[-1] * self.POOL**2, hidden, rngs=rngs)
@@ -127,7 +129,11 @@ class ExpressionEncoder(nnx.Module):
         per_view = _leaky(self.project(x.reshape(batch, views, -1)))
         from_geometry = _leaky(self.geometry_project(self._pooled(geometry, self.geometry_convs)))
         h = _leaky(self.hidden(jnp.mean(per_view, axis=1) + from_geometry))
-        return self.mean(h), self.log_var(h)
+        mean, log_var = self.mean(h), self.log_var(h)
+        if self.code_bound:  # smooth bounds: |mean| < code_bound, and no wider than the prior N(0, 1)
+            mean = self.code_bound * jnp.tanh(mean / self.code_bound)
+            log_var = -jax.nn.softplus(-log_var)
+        return mean, log_var
 
 
 # ------------------------------------------------------------------------------------- decoder
@@ -256,7 +262,7 @@ class UHAP(nnx.Module):
         self.identity_encoder = IdentityEncoder(channels, self.offset_scale, layout.mask(), rngs=rngs)
         self.expression_encoder = ExpressionEncoder(
             tuple(config.expression_channels), config.expression_hidden, config.z_dim, config.uv_resolution,
-            rngs=rngs,
+            code_bound=config.get("code_bound", 0.0), rngs=rngs,
         )  # fmt: skip
         self.decoder = GaussianDecoder(
             config.z_dim, config.decoder_base_resolution, channels, config.color_features, rngs=rngs

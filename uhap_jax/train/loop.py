@@ -465,7 +465,8 @@ class Trainer:
                        ) -> tuple[TrainResult, dict[str, float]]:  # fmt: skip
         """`run()` to `config.steps`, calling `evaluate(model)` first (on a fresh run), every `every` steps and
         at the end; its metrics go to metrics.jsonl, and where `evaluate` has `images` (name -> uint8 HxWx3) and
-        `train.image_every` is on, those too. Returns the result and the last evaluation."""
+        `train.image_every` is on, those too; `every` <= 0: at the start and the end only. Returns the result and
+        the last evaluation."""
         total_steps = self.config.steps
         metrics = {}
         result = self._result(preempted=False, logged={})
@@ -474,7 +475,7 @@ class Trainer:
                 metrics = self._evaluate(evaluate)
             while self.step < total_steps:
                 # run() stops at config.steps; stepping that target through the eval points gives periodic evals.
-                self.config.steps = min(total_steps, (self.step // every + 1) * every)
+                self.config.steps = min(total_steps, (self.step // every + 1) * every) if every > 0 else total_steps
                 result = self.run()
                 if result.preempted:
                     break

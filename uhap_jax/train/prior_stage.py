@@ -150,6 +150,11 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
         loss = sum(weights.get(name, 0.0) * value for name, value in terms.items())  # older configs lack new terms
         aux = dict(terms)
         aux["psnr"] = jnp.mean(image_metrics.psnr(jnp.clip(rgb, 0.0, 1.0), target))
+        # The KL's two parts, and the posterior's extremes: which one a KL spike comes from.
+        aux["kl_mean"] = 0.5 * jnp.mean(jnp.sum(mean**2, axis=-1))
+        aux["code_abs_max"] = jnp.max(jnp.abs(mean))
+        aux["code_log_var_max"] = jnp.max(log_var)
+        aux["code_log_var_min"] = jnp.min(log_var)
         aux["raster_overflow"] = jnp.any(rendered.stats.overflow).astype(jnp.float32)
         aux["raster_pairs"] = jnp.max(rendered.stats.n_pairs).astype(jnp.float32)
         return loss, aux

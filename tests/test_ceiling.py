@@ -7,6 +7,9 @@ import pytest
 from data_pipelines import ceiling, synth
 from uhap_jax.geometry import template as template_lib
 
+# The C++ rasterizer, which `python -m data_pipelines.ceiling` uses on a CPU ("auto"); the jnp reference took 4x as long.
+BACKEND = "cpu"
+
 
 def test_texel_gaussians_copy_their_own_renders_but_not_the_generators(rng):
     """Free texel Gaussians at the model's resolution fit an image that such Gaussians drew almost exactly, but
@@ -25,14 +28,14 @@ def test_texel_gaussians_copy_their_own_renders_but_not_the_generators(rng):
 
     own = ceiling.init_params(len(model.face_ids))
     own["colour"] = jnp.asarray(rng.uniform(0.1, 0.9, (len(model.face_ids), 3)), jnp.float32)
-    own_images, _ = ceiling.render(own, model, jnp.asarray(vertices), views, ks, size, size, 60000, "reference")
-    renderer = synth.Renderer(dense, images_per_batch=2, backend="reference")
+    own_images, _ = ceiling.render(own, model, jnp.asarray(vertices), views, ks, size, size, 60000, BACKEND)
+    renderer = synth.Renderer(dense, images_per_batch=2, backend=BACKEND)
     generated, _ = renderer(vertices[None], np.eye(3, dtype=np.float32)[None], np.zeros(1, np.float32), cameras,
                             identity.look, np.ones((1, 2, 3), np.float32), (0,), (0.0, 0.0))  # fmt: skip
     scores = []
     for target in (np.asarray(own_images), generated[0].astype(np.float32) / 255.0):
-        params, capacity = ceiling.fit_frame(model, vertices, target, views, ks, steps=steps, backend="reference")
-        fitted, _ = ceiling.render(params, model, jnp.asarray(vertices), views, ks, size, size, capacity, "reference")
+        params, capacity = ceiling.fit_frame(model, vertices, target, views, ks, steps=steps, backend=BACKEND)
+        fitted, _ = ceiling.render(params, model, jnp.asarray(vertices), views, ks, size, size, capacity, BACKEND)
         scores.append(float(np.mean(ceiling.psnr(np.asarray(fitted), target))))
     print(f"fitted PSNR: own renders {scores[0]:.1f} dB, generator {scores[1]:.1f} dB")
     assert scores[0] > 35.0

@@ -7,7 +7,7 @@ import pytest
 from data_pipelines import ceiling, synth
 from uhap_jax.geometry import template as template_lib
 
-# The C++ rasterizer, which `python -m data_pipelines.ceiling` uses on a CPU ("auto"); the jnp reference is 4x slower.
+# The C++ rasterizer, which `python -m data_pipelines.ceiling` uses on a CPU ("auto"); the jnp reference is slower.
 BACKEND = "cpu"
 
 

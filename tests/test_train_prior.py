@@ -70,6 +70,10 @@ def test_train_prior_writes_metrics_with_eval_rows_and_resumes(tmp_path, rng, ca
         for name in ("l1", "ssim", "silhouette", "kl", "scan", "albedo", "offset", "scale", "psnr"):
             assert np.isfinite(row[name]), name
         assert row["raster_overflow"] == 0.0 and row["nonfinite_steps"] == 0
+        # The KL's mean part is at most the KL (the variance part, exp(v) - 1 - v, is never negative); the
+        # untrained posterior's log-variance starts near its initial value.
+        assert 0.0 < row["kl_mean"] <= row["kl"] and 0.0 < row["code_abs_max"]
+        assert row["code_log_var_min"] <= row["code_log_var_max"] < -7.0
         assert 0.5 < row["ema_fit_ratio"] < 1.25 and row["ema_restarts"] == 0  # early steps: close to the raw
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     population = AlbedoPopulation.load(workdir / POPULATION_FILE)  # the training identities', for personalisation

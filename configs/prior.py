@@ -111,6 +111,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.optimizer.learning_rate = 2e-3
     config.optimizer.warmup_steps = 50
     config.optimizer.grad_clip = 1.0
+    # Adam's second-moment decay. Lower adapts faster to a sudden gradient, the candidate cause of the raw
+    # parameters' excursions in issue 19's base runs (docs/benchmarks.md, session 13); not yet measured.
+    config.optimizer.b2 = 0.999
 
     config.render = ml_collections.ConfigDict()
     # Pair slots per camera: x the pairs of the first batch, bucketed; they grow (one recompile) when a step needs more.

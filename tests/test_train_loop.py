@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -26,6 +28,7 @@ from train_toy_main import ToyData, image_fn, loss_fn, make_model
 from uhap_jax.models.image_metrics import image_grid
 from uhap_jax.train.loop import Trainer
 from uhap_jax.train.mesh import make_mesh
+from uhap_jax.train.optimizer import make_optimizer
 
 TOY_MAIN = Path(__file__).resolve().parent / "train_toy_main.py"
 
@@ -132,6 +135,27 @@ def test_evaluations_come_at_the_start_every_n_steps_and_at_the_end(tmp_path, rn
     trainer.close()
     assert steps == evaluated and result.step == 5 and metrics == {"eval/count": float(len(evaluated))}
     assert [row["step"] for row in rows(tmp_path) if "eval/count" in row] == evaluated
+
+
+@pytest.mark.parametrize("b2", [0.9, None])
+def test_the_optimizer_is_clipped_adam_with_the_configs_second_moment_decay(rng, b2):
+    config = ml_collections.ConfigDict({"optimizer": {"learning_rate": 1e-2, "warmup_steps": 2, "grad_clip": 1.0},
+                                        "train": {"steps": 10}})  # fmt: skip
+    if b2 is not None:
+        config.optimizer.b2 = b2
+    decay = 0.999 if b2 is None else b2
+    optimizer = make_optimizer(config)
+    params = rng.normal(size=6)
+    state = optimizer.init(jnp.asarray(params, jnp.float32))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 10, end_value=1e-3)
+    m = v = np.zeros(6)
+    for t in range(1, 5):  # float64 Adam by hand, on gradients above and below the clip
+        grad = rng.normal(size=6) * (3.0 if t % 2 else 0.1)
+        updates, state = optimizer.update(jnp.asarray(grad, jnp.float32), state)
+        grad = grad * min(1.0, 1.0 / np.linalg.norm(grad))
+        m, v = 0.9 * m + 0.1 * grad, decay * v + (1.0 - decay) * grad**2
+        expected = -float(schedule(t - 1)) * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - decay**t)) + 1e-8)
+        np.testing.assert_allclose(updates, expected, rtol=2e-4, atol=1e-9)
 
 
 def scalar_steps(event_file: Path) -> dict[str, list[int]]:

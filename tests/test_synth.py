@@ -1,5 +1,6 @@
 """The synthetic generator writes a complete, valid capture layout whose images follow the speech."""
 
+import dataclasses
 import functools
 import json
 
@@ -401,6 +402,37 @@ def test_neutral_scan_is_a_noisy_holey_resampled_capture(rng):
     texels = TexelLayout.build(template, 32)
     maps = scan_uv_maps(texels, template, registered, colours, "registered scan")
     assert maps.shape == (32, 32, 6) and np.isfinite(maps).all()
+
+
+def test_registration_puts_the_lips_where_the_scans_lip_colour_is(rng):
+    """Nearest points fix the surface, not where the lips land on it: matching the template's lips to the scan's
+    lip-coloured points brings them nearer the identity's true lips than geometry alone, on every identity. The
+    points taken for lips are the true lips' (not skin), and a scan without lip colour falls back to geometry."""
+    config = synth.synth_config("tiny")
+    template = template_lib.procedural_head(config.template_resolution)
+    sampler = synth.SurfaceSampler.build(template, config.gaussian_uv_resolution)
+    lips = template.region_mask("lips")
+    kd_tree = __import__("scipy.spatial", fromlist=["cKDTree"]).cKDTree
+    guided, geometric = [], []
+    for index in range(4):
+        identity = synth.make_identity(template, index, np.random.default_rng(rng.integers(2**31)), sampler,
+                                       synth.counts(config), synth.voices.draw_voice(rng))  # fmt: skip
+        raw = synth.scan_identity(template, identity, sampler, config.scan_resolution, rng)
+        truth = identity.template.vertices
+        for errors, colour in ((guided, True), (geometric, False)):
+            registered = synth.scanner.register(template, raw, lip_colour=colour)[0]
+            errors.append(np.sqrt(np.mean(np.sum((registered - truth)[lips] ** 2, -1))))
+        chosen = synth.scanner.lip_coloured_points(raw, truth[lips].mean(0))
+        assert chosen.sum() >= synth.scanner.MIN_LIP_POINTS
+        to_lips, _ = kd_tree(truth[lips]).query(raw.vertices[chosen])
+        to_rest, _ = kd_tree(truth[~lips]).query(raw.vertices[chosen])
+        assert np.mean(to_lips < to_rest) > 0.9, "the lip-coloured points are the lips"
+        grey = dataclasses.replace(raw, colours=np.full_like(raw.colours, 0.5))
+        np.testing.assert_array_equal(synth.scanner.register(template, grey)[0],
+                                      synth.scanner.register(template, grey, lip_colour=False)[0])  # fmt: skip
+    guided, geometric = np.array(guided), np.array(geometric)
+    assert np.all(guided <= geometric + 2e-4), (guided, geometric)
+    assert guided.mean() < 0.95 * geometric.mean(), (guided, geometric)
 
 
 def test_phone_clip_lens_exposure_and_motion_blur(rng):

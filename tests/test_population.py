@@ -70,3 +70,22 @@ def test_save_load_and_bad_files(tmp_path, rng):
         AlbedoPopulation.fit(albedos[..., :2])
     with pytest.raises(ValueError, match="weights"):
         population.posterior(albedos[0], np.ones(3), noise=1e-2)
+
+
+def test_the_average_identitys_offset_is_kept_and_older_files_load_without_it(tmp_path, rng):
+    """`fit(..., offsets=)` keeps the identities' mean scan offset (the average identity's geometry); it survives
+    save/load; a file written before it loads with None (personalisation then starts at the bare template)."""
+    albedos, _ = _identities(rng, 5)
+    offsets = rng.normal(0.0, 0.003, albedos.shape)
+    population = AlbedoPopulation.fit(albedos, offsets=offsets)
+    np.testing.assert_allclose(population.mean_offset, offsets.mean(0), atol=1e-7)
+    population.save(tmp_path / "p.npz")
+    np.testing.assert_array_equal(AlbedoPopulation.load(tmp_path / "p.npz").mean_offset, population.mean_offset)
+    np.savez(tmp_path / "old.npz", mean=population.mean, components=population.components)
+    assert AlbedoPopulation.load(tmp_path / "old.npz").mean_offset is None
+    np.savez(tmp_path / "bad.npz", mean=population.mean, components=population.components,
+             mean_offset=population.mean_offset[:-1])  # fmt: skip
+    with pytest.raises(ValueError, match=r"bad\.npz.*mean_offset"):
+        AlbedoPopulation.load(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="offsets"):
+        AlbedoPopulation.fit(albedos, offsets=offsets[:, :-1])

@@ -18,10 +18,12 @@ from scipy.spatial.transform import Rotation
 from data_pipelines import dataset as dataset_lib
 from data_pipelines import layout, loaders
 from uhap_jax import cli
+from uhap_jax.artifacts.priors import load_prior
 from uhap_jax.config_utils import load_config
 from uhap_jax.eval import prior_eval
 from uhap_jax.geometry import template as template_lib
-from uhap_jax.geometry.texels import expression_gaussian_ids, lip_gaussian_ids, region_gaussian_ids
+from uhap_jax.geometry.texels import expression_gaussian_ids, lip_gaussian_ids, region_gaussian_ids, scan_uv_maps
+from uhap_jax.models.identity_start import identity_maps
 from uhap_jax.models.population import POPULATION_FILE, AlbedoPopulation
 from uhap_jax.models.prior import UHAP
 from uhap_jax.models.render import initial_capacity
@@ -78,6 +80,16 @@ def test_train_prior_writes_metrics_with_eval_rows_and_resumes(tmp_path, rng, ca
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     population = AlbedoPopulation.load(workdir / POPULATION_FILE)  # the training identities', for personalisation
     assert population.mean.ndim == 2 and population.mean.shape[1] == 3 and np.all(np.isfinite(population.components))
+    # Its average identity: the training identity's (id000's, the only one) registered scan, offset and albedo,
+    # at the texels; personalisation without a scan starts there.
+    prior, _, template, _ = load_prior(workdir)
+    vertices, _, colours = layout.read_neutral_scan(layout.subject_dir(root, "id000"))
+    scan = prior.layout.gather(scan_uv_maps(prior.layout, template, vertices, colours, "id000"))
+    np.testing.assert_allclose(population.mean_offset, scan[:, :3], atol=1e-6)
+    np.testing.assert_allclose(population.mean, scan[:, 3:], atol=1e-6)
+    assert np.abs(population.mean_offset).max() > 1e-3  # the scan is not the template
+    start = prior.layout.gather(identity_maps(prior, template, None, population))
+    np.testing.assert_array_equal(start, np.concatenate([population.mean_offset, population.mean], -1))
     (grid,) = (workdir / "images").glob("render_gt_error_*.png")
     assert np.asarray(Image.open(grid)).shape == (2 * SIZE, 3 * SIZE, 3)  # the first frame's two views
     held_out = sorted((workdir / "images").glob("heldout_render_gt_error_*.png"))  # at every eval: steps 0 and 2

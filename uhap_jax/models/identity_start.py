@@ -1,5 +1,6 @@
 """Where personalisation starts: the video's frames encoded (code and head pose per frame), and the identity before
-the fine-tune, from a neutral scan, or the template (the average identity) with the albedo read off the video.
+the fine-tune, from a neutral scan, or the average identity (`models.population`) with the albedo read off the
+video.
 """
 
 from __future__ import annotations
@@ -140,13 +141,17 @@ def video_albedo(prior: UHAP, template: template_lib.Template, video: monocular.
 
 def identity_maps(prior: UHAP, template: template_lib.Template, scan, population: AlbedoPopulation | None,
                   ) -> np.ndarray:  # fmt: skip
-    """The identity before the video is read: the scan's UV maps, else the template (the average identity) with
-    the population's mean albedo (a flat grey without one)."""
+    """The identity before the video is read: the scan's UV maps, else the population's average identity (its
+    mean scan offset and albedo; the bare template where the population has no offset, a flat grey albedo
+    without a population)."""
     if scan is not None:
         vertices, _, colours, source = scan
         logger.info("identity: starting from the neutral scan %s", source)
         return scan_uv_maps(prior.layout, template, vertices, colours, source)
     maps = template_maps(prior, template)
+    rows, cols = prior.layout.texel_yx[:, 0], prior.layout.texel_yx[:, 1]
     if population is not None:
-        maps[prior.layout.texel_yx[:, 0], prior.layout.texel_yx[:, 1], 3:] = population.mean
+        maps[rows, cols, 3:] = population.mean
+        if population.mean_offset is not None:
+            maps[rows, cols, :3] = population.mean_offset
     return maps

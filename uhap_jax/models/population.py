@@ -7,6 +7,11 @@ given the texels the video shows, each weighted by how often it was seen. Featur
 (teeth, eyeballs) come from the mean; those that vary together (brows with the hair, lips with the skin) come
 from the components that the seen texels pin down.
 
+It also holds the average identity's geometry: the training identities' mean registered-scan offset from the
+template. Personalisation without a scan starts there rather than at the bare template, which no training scan
+matched (registrations differ from it systematically, e.g. the lips), so the IdentityEncoder decodes it as it was
+trained to: the held-out identities' lips came 20% nearer the truth in LVE (docs/benchmarks.md, session 14).
+
 The prior stage writes one beside its checkpoints (`POPULATION_FILE`, from its training identities' neutral
 scans) and `export_bundle` copies it into the bundle.
 """
@@ -25,22 +30,30 @@ POPULATION_FILE = "albedo_population.npz"
 class AlbedoPopulation:
     mean: np.ndarray  # [N, 3] per-Gaussian albedo of the average identity
     components: np.ndarray  # [K, N, 3] principal directions, each scaled by its standard deviation
+    # [N, 3] metres: the average identity's scan offset from the template per Gaussian (None: files from before it)
+    mean_offset: np.ndarray | None = None
 
     @classmethod
-    def fit(cls, albedos: np.ndarray, max_components: int = 16) -> AlbedoPopulation:
-        """From the training identities' per-Gaussian albedo [S, N, 3]: the mean and up to S - 1 components."""
+    def fit(cls, albedos: np.ndarray, max_components: int = 16, offsets: np.ndarray | None = None
+            ) -> AlbedoPopulation:  # fmt: skip
+        """From the training identities' per-Gaussian albedo [S, N, 3]: the mean and up to S - 1 components; with
+        their scan offsets [S, N, 3] (metres), the mean offset too."""
         albedos = np.asarray(albedos, np.float64)
         if albedos.ndim != 3 or albedos.shape[-1] != 3 or len(albedos) < 1:
             raise ValueError(f"albedo population: expected [identities, gaussians, 3] albedos, got {albedos.shape}")
+        if offsets is not None and np.shape(offsets) != albedos.shape:
+            raise ValueError(f"albedo population: offsets {np.shape(offsets)} do not match albedos {albedos.shape}")
+        mean_offset = None if offsets is None else np.asarray(offsets, np.float64).mean(0).astype(np.float32)
         count = len(albedos)
         mean = albedos.mean(0)
         _, singular, directions = np.linalg.svd((albedos - mean).reshape(count, -1), full_matrices=False)
         keep = min(max_components, count - 1, int(np.sum(singular > 1e-6 * max(singular.max(initial=0.0), 1e-12))))
         components = directions[:keep] * (singular[:keep, None] / np.sqrt(max(count - 1, 1)))
-        return cls(mean.astype(np.float32), components.reshape(keep, *mean.shape).astype(np.float32))
+        return cls(mean.astype(np.float32), components.reshape(keep, *mean.shape).astype(np.float32), mean_offset)
 
     def save(self, path: str | Path) -> None:
-        np.savez(path, mean=self.mean, components=self.components)
+        extra = {} if self.mean_offset is None else {"mean_offset": self.mean_offset}
+        np.savez(path, mean=self.mean, components=self.components, **extra)
 
     @classmethod
     def load(cls, path: str | Path) -> AlbedoPopulation:
@@ -49,9 +62,12 @@ class AlbedoPopulation:
             if missing:
                 raise ValueError(f"{path}: not an albedo population (missing {sorted(missing)})")
             mean, components = data["mean"], data["components"]
+            mean_offset = data["mean_offset"] if "mean_offset" in data.files else None
         if mean.ndim != 2 or components.shape[1:] != mean.shape:
             raise ValueError(f"{path}: mean {mean.shape} and components {components.shape} do not match")
-        return cls(mean, components)
+        if mean_offset is not None and mean_offset.shape != mean.shape:
+            raise ValueError(f"{path}: mean_offset {mean_offset.shape} does not match mean {mean.shape}")
+        return cls(mean, components, mean_offset)
 
     def posterior(self, observed: np.ndarray, weights: np.ndarray, noise: float, regions: np.ndarray | None = None,
                   region_variance: float = 0.0) -> np.ndarray:  # fmt: skip

@@ -1,9 +1,10 @@
 """Personalisation: a new person's avatar from a monocular video, by fine-tuning only the identity conditioning.
 
 The frozen MonoEncoder gives every frame's expression code and head pose. The identity conditioning starts from
-the person's neutral scan when one is given, else from the template as the average identity with its albedo
-read off the video: the prior's albedo population (`models.population`, its training identities) fitted to the
-texels the video shows (without one: each texel's colour where the video shows it, its region's mean elsewhere).
+the person's neutral scan when one is given, else from the average identity (the prior's training scans' mean
+geometry, or the template for older priors) with its albedo read off the video: the prior's albedo population
+(`models.population`, its training identities) fitted to the texels the video shows (without one: each texel's
+colour where the video shows it, its region's mean elsewhere).
 Then only it is fitted, with the prior's photometric loss (masked L1 + SSIM, silhouette) on the video's frames:
 the decoder's bias maps (free, from where the IdentityEncoder puts them for the start's UV maps), and optionally
 the shape (a smooth deformation of the geometry across the camera's line of sight: per-axis scale and a coarse
@@ -156,7 +157,7 @@ def fit_identity(prior: UHAP, prior_cfg: ml_collections.ConfigDict, template: te
     codes, rotation, translation = encode_video(encoder, video, config.data.encode_batch_size)
     maps = identity_maps(prior, template, scan, population)
     if scan is None:
-        logger.info("identity: no scan; starting from the template (average identity) with the video's albedo")
+        logger.info("identity: no scan; starting from the average identity with the video's albedo")
         maps = video_albedo(prior, template, video, codes, rotation, translation, maps, config, population)
     base_params = jax.device_get(nnx.to_pure_dict(nnx.state(prior, nnx.Param)))
     probe = np.arange(min(len(video.images), config.data.batch_size))

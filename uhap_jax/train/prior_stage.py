@@ -194,14 +194,16 @@ def make_image_fn(capacity: kernels.AdaptiveCapacity):
 
 def write_population(workdir: Path, model: UHAP, records: loaders.FrameRecords, split: dataset_lib.Split,
                      tables: dataset_lib.SubjectTables) -> None:  # fmt: skip
-    """The training identities' albedo population (`population.POPULATION_FILE`), for personalisation."""
+    """The training identities' albedo population and mean scan offset (`population.POPULATION_FILE`), for
+    personalisation."""
     if jax.process_index() != 0:
         return
     ids = sorted({row["subject_id"] for row in records.sequences if row["subject"] in split.train_subjects})
     rows, cols = model.layout.texel_yx[:, 0], model.layout.texel_yx[:, 1]
     workdir.mkdir(parents=True, exist_ok=True)
     partial = workdir / f".{POPULATION_FILE}.partial.npz"
-    AlbedoPopulation.fit(tables.scan_maps[ids][:, rows, cols, 3:]).save(partial)
+    maps = tables.scan_maps[ids][:, rows, cols]
+    AlbedoPopulation.fit(maps[..., 3:], offsets=maps[..., :3]).save(partial)
     partial.rename(workdir / POPULATION_FILE)
 
 

@@ -9,8 +9,9 @@ from the components that the seen texels pin down.
 
 It also holds the average identity's geometry: the training identities' mean registered-scan offset from the
 template. Personalisation without a scan starts there rather than at the bare template, which no training scan
-matched (registrations differ from it systematically, e.g. the lips), so the IdentityEncoder decodes it as it was
-trained to: the held-out identities' lips came 20% nearer the truth in LVE (docs/benchmarks.md, session 14).
+resembles (registrations differ from it systematically: the scalp, unseen by scanners, follows the nearest fitted
+skin, 46 mm off the template on the demo's data), so the IdentityEncoder decodes it as it was trained to: the
+held-out identities' LVE fell 12% (docs/benchmarks.md, session 14).
 
 The prior stage writes one beside its checkpoints (`POPULATION_FILE`, from its training identities' neutral
 scans) and `export_bundle` copies it into the bundle.

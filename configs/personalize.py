@@ -5,9 +5,9 @@
 
 The MonoEncoder gives each frame's code and head pose; only the identity conditioning is then fine-tuned on
 the video: the decoder's bias maps (free, from the IdentityEncoder's on the scan, or on the average identity,
-the training scans' mean, with the albedo read off the video), optionally the identity's shape, albedo map and the last
-decoder layers; and, no part of the avatar, a correction of the encoder's head pose. Presets: tiny (CPU, a
-few minutes), base (one GPU).
+the training scans' mean, with the albedo read off the video), optionally the identity's shape, albedo map and
+the last decoder layers; and, no part of the avatar, a correction of the encoder's head pose. Presets: tiny (CPU,
+a few minutes), base (one GPU).
 """
 
 import ml_collections

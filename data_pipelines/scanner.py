@@ -9,9 +9,8 @@ detailed albedo with some noise.
 The model's scan inputs are in the template's topology, so `register` fits the template to the raw scan as a
 capture pipeline would: nearest-point correspondences with normal agreement (the lips matched to the scan's
 lip-coloured points), solved for smooth per-vertex offsets (a Laplacian prior), repeated; the parts the scan does
-not see follow the nearest fitted skin. The layout keeps
-both: `neutral_scan/mesh.ply` is the registration (what every consumer reads, as before), `neutral_scan/scan.ply`
-(`layout.RAW_SCAN_FILE`) the raw scan.
+not see follow the nearest fitted skin. The layout keeps both: `neutral_scan/mesh.ply` is the registration (what
+every consumer reads, as before), `neutral_scan/scan.ply` (`layout.RAW_SCAN_FILE`) the raw scan.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""The representation's ceiling: the avatar's texel Gaussians, fitted freely, against the generator's images."""
+"""The representation's ceiling: the avatar's texel Gaussians, fitted freely, against the generator's images; its
+head PSNR is the benchmark's."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from data_pipelines import ceiling, synth
+from uhap_jax.eval import face_metrics
 from uhap_jax.geometry import template as template_lib
 
 # The C++ rasterizer, which `python -m data_pipelines.ceiling` uses on a CPU ("auto"); the jnp reference is slower.
@@ -45,3 +47,14 @@ def test_texel_gaussians_copy_their_own_renders_but_not_the_generators(rng):
 def test_ceiling_command_names_a_missing_dataset(tmp_path):
     with pytest.raises(SystemExit, match="no dataset.json"):
         ceiling.main(["--data", str(tmp_path / "nowhere")])
+
+
+def test_head_psnr_is_the_benchmarks_masked_psnr(rng):
+    """The ceiling's head PSNR scores what the demo's prior bar scores: `face_metrics.masked_psnr` over the mask
+    above half, against the foreground on black."""
+    pred = rng.uniform(-0.1, 1.1, (3, 20, 24, 3)).astype(np.float32)
+    target = rng.uniform(0, 1, (3, 20, 24, 3)).astype(np.float32)
+    masks = rng.integers(0, 256, (3, 20, 24)).astype(np.uint8)
+    want = face_metrics.masked_psnr(np.clip(pred, 0, 1), target * masks[..., None] / 255.0, masks > 127)
+    np.testing.assert_allclose(ceiling.head_psnr(pred, target, masks), want, rtol=1e-5)
+    assert not np.allclose(ceiling.head_psnr(pred, target, masks), ceiling.psnr(pred, target), atol=0.1)

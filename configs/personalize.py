@@ -65,7 +65,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.tune.shape_grid = 4  # control points per axis of that grid (0: the scale only)
     config.tune.decoder_layers = 0  # 1: the output layer and the colour MLP; k: and the last k - 1 UpBlocks
     # Not identity (not stored): a correction of the encoder's head pose, "video" (one for all frames), "frame"
-    # (per frame) or "none". The encoder's pose is off by ~4 degrees rms on an unseen identity.
+    # (per frame) or "none". On the demo's 64² phone clips the encoder's pose is off by 12-13 degrees rms on the
+    # held-out identities (8-16 on training ones; docs/benchmarks.md, issue 17, session 15).
     config.tune.pose = "frame"
 
     config.data = ml_collections.ConfigDict()

@@ -7,8 +7,8 @@ benchmark's) is driven by the phone clip's own audio and rendered at the phone c
 pose (a diagnostic: a user's fit has only the encoder's pose). Printed: the lips' mean offset from the clip's
 tracked lips (head space, mm), and two losses against the clip's frames with the mouth's Gaussians (lips, teeth,
 tongue, mouth interior) moved in head space by multiples of the move onto the true lips (minus the offset):
-the personalisation's image loss (configs/personalize.py:tiny weights: masked L1 + SSIM) and its L1 inside a box
-around the unmoved lips as the camera sees them (grown by 0.6 x its size on each side). Where moving the mouth
+the personalisation's image loss (configs/personalize.py:tiny weights: masked L1 + SSIM) and its L1 inside the
+benchmark's mouth crop (`face_metrics.mouth_box`) around the unmoved lips over the clip. Where moving the mouth
 onto the true lips does not lower them, the clip does not show where the lips are.
 """
 
@@ -25,26 +25,13 @@ from data_pipelines import layout, monocular
 from uhap_jax.artifacts.priors import load_prior
 from uhap_jax.eval import benchmark, face_metrics
 from uhap_jax.geometry import rotations
+from uhap_jax.geometry.texels import region_gaussian_ids
 from uhap_jax.models import losses
-from uhap_jax.models.identity_start import texel_regions
 from uhap_jax.models.render import targets
 from uhap_jax.train import benchmark_avatars
 
 MOUTH = ("lips", "teeth", "tongue", "mouth_interior")
 STEPS = (1.5, 1.0, 0.5, 0.0, -0.5, -1.0)  # multiples of the move onto the true lips
-BOX_MARGIN = 0.6
-
-
-def mouth_box(points: np.ndarray, world_to_cam: np.ndarray, intrinsics: np.ndarray, height: int, width: int):
-    """[F, H, W] 1 inside each frame's box around points [F, L, 3] (world) as the camera sees them, else 0."""
-    cam = points @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
-    pixels = (cam / cam[..., 2:]) @ intrinsics.T
-    low, high = pixels[..., :2].min(1), pixels[..., :2].max(1)
-    low, high = low - BOX_MARGIN * (high - low), high + BOX_MARGIN * (high - low)
-    xs, ys = np.arange(width) + 0.5, np.arange(height) + 0.5
-    inside_x = (xs >= low[:, :1]) & (xs <= high[:, :1])
-    inside_y = (ys >= low[:, 1:]) & (ys <= high[:, 1:])
-    return (inside_y[:, :, None] & inside_x[:, None, :]).astype(np.float32)
 
 
 def main(workdir: str) -> None:
@@ -78,16 +65,20 @@ def main(workdir: str) -> None:
         true_lips = face_metrics.surface_at_texels(head, template, prior.layout)[:, lip_ids]
         offset = np.mean(np.asarray(gaussians.head_means)[:, lip_ids] - true_lips, axis=(0, 1))
 
-        mouth = np.isin(texel_regions(prior, template), [template.region_names.index(n) for n in MOUTH])
+        mouth = np.zeros(prior.layout.num_gaussians, bool)
+        mouth[np.concatenate([region_gaussian_ids(prior.layout, template, name) for name in MOUTH])] = True
         masks, target = targets(jnp.asarray(video.images[chosen]), jnp.asarray(video.masks[chosen]))
         views = jnp.broadcast_to(jnp.asarray(video.camera.world_to_cam, jnp.float32), (len(frames), 1, 4, 4))
         ks = jnp.broadcast_to(jnp.asarray(video.camera.intrinsics, jnp.float32), (len(frames), 1, 3, 3))
         height, width = video.images.shape[1:3]
         capacity = 64 * len(mouth) * len(frames)
-        box = mouth_box(np.asarray(gaussians.means)[:, lip_ids], video.camera.world_to_cam, video.camera.intrinsics,
-                        height, width)  # fmt: skip
+        lip_pixels = face_metrics.project(np.asarray(gaussians.means)[:, lip_ids], video.camera.world_to_cam,
+                                          video.camera.intrinsics)  # fmt: skip
+        box = face_metrics.mouth_box(lip_pixels, width, height)
+        in_box = np.zeros((height, width), np.float32)
+        in_box[box.top : box.top + box.size, box.left : box.left + box.size] = 1.0
         pixel_weight = masks + weights.background_weight * (1.0 - masks)
-        scores = {"image loss": [], "L1 in the mouth box": []}
+        scores = {"image loss": [], "L1 in the mouth crop": []}
         for step in STEPS:
             move = jnp.einsum("bij,j->bi", gaussians.head_rotation, jnp.asarray(-step * offset, jnp.float32))
             moved = gaussians._replace(means=gaussians.means + jnp.where(mouth[None, :, None], move[:, None], 0.0))
@@ -97,7 +88,7 @@ def main(workdir: str) -> None:
             rgb = out.rgb[:, 0]
             loss = weights.l1 * losses.masked_l1(rgb, target, pixel_weight)
             scores["image loss"].append(float(loss + weights.ssim * losses.ssim_loss(rgb, target)))
-            scores["L1 in the mouth box"].append(float(losses.masked_l1(rgb, target, pixel_weight * box)))
+            scores["L1 in the mouth crop"].append(float(losses.masked_l1(rgb, target, pixel_weight * in_box)))
         where = " / ".join(f"{1000 * v:+.1f}" for v in offset)
         for name, values in scores.items():
             print(f"| {subject} | {where} | {name} | " + " / ".join(f"{v:.5f}" for v in values) + " |")

@@ -52,23 +52,33 @@ def test_cpu_matches_float64_reference(rng, width, height, num_cams, per_camera)
     assert out.rgb.shape == (num_cams, height, width, 3) and out.rgb.dtype == jnp.float32
     # Hard enough to exercise every rule: saturated pixels (the T_EPSILON stop), touched ones, and empty ones.
     assert ref.alpha.max() > 0.999 and (ref.alpha > 0.05).mean() > 0.1 and (ref.alpha < 0.02).any()
-    for name in ("rgb", "alpha", "depth"):
-        _assert_close_up_to_threshold_flips(np.asarray(getattr(out, name)), getattr(ref, name), name)
+    flipped = np.concatenate([_assert_close_up_to_threshold_flips(np.asarray(getattr(out, n)), getattr(ref, n), n)
+                              for n in ("rgb", "alpha", "depth")])  # fmt: skip
+    # A flipped pair moves the gradients of the Gaussians composited at its pixel (see the vmap test below): within
+    # 1e-4 of the reference elsewhere; those rows within 1e-2 (CI seed 2202212708: one pixel, means at 1.8e-3).
+    covering = sorted(_gaussians_covering(args[0], args, flipped, width, height))
     for name, want, got in zip(ORDER, ref_grads, grads):
-        relative = float(np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want))
-        assert relative <= 1e-4, (name, relative)
+        error = np.asarray(got) - want
+        rows = np.moveaxis(error, -2, 0) if name == "colors" else error  # Gaussians first (colours may be per camera)
+        others = np.delete(rows, covering, axis=0)
+        relative = float(np.linalg.norm(others) / np.linalg.norm(want))
+        assert relative <= 1e-4, (name, relative, covering)
+        assert float(np.linalg.norm(error) / np.linalg.norm(want)) <= 1e-2, (name, covering)
 
 
-def _assert_close_up_to_threshold_flips(got: np.ndarray, want: np.ndarray, name: str) -> None:
+def _assert_close_up_to_threshold_flips(got: np.ndarray, want: np.ndarray, name: str) -> np.ndarray:
     """Within 2e-5 everywhere but at a few elements where one pair's alpha is within float32 rounding of ALPHA_MIN,
     so that float32 and float64 legitimately decide the pair differently (replayed in float64 once: alpha = 1/255 -
-    4e-11). Such a flip moves an output by at most ALPHA_MIN x its scale, and touches a handful of pixels; a real
-    error touches more of them, or by more."""
+    4e-11). Such a flip moves an output by at most ALPHA_MIN x its scale, and touches a handful of pixels (all three
+    channels of one rgb pixel: CI seed 2202212708, one pixel of a 37 x 21 image); a real error touches more of them,
+    or by more."""
     error = np.abs(got - want)
-    flips = error > 2e-5
-    assert flips.mean() <= 5e-4, (name, int(flips.sum()), float(error.max()))
+    flipped_pixels = error.max(-1) > 2e-5 if name == "rgb" else error > 2e-5
+    allowed = max(3, int(5e-4 * flipped_pixels.size))
+    assert flipped_pixels.sum() <= allowed, (name, int(flipped_pixels.sum()), allowed, float(error.max()))
     bound = ALPHA_MIN * max(1.0, float(np.abs(want).max()))
     assert error.max() <= bound, (name, float(error.max()), bound)
+    return np.argwhere(flipped_pixels)  # [F, 3] (camera, y, x)
 
 
 def _pairs(rng, width, height, num_cams):

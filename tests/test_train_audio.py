@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from helpers.layouts import (
@@ -18,10 +19,12 @@ from helpers.layouts import (
 )
 
 from data_pipelines import layout
+from data_pipelines.dataset import Sequence
 from uhap_jax import cli
 from uhap_jax.artifacts.expression_codes import CODES_FILE
 from uhap_jax.artifacts.priors import load_prior
 from uhap_jax.config_utils import load_config
+from uhap_jax.eval import audio_eval
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.geometry.texels import TexelLayout, lip_gaussian_ids, split_lips
 from uhap_jax.train import audio_stage
@@ -141,3 +144,40 @@ def test_speed_perturbation_keeps_audio_and_codes_on_one_clock(rng):
     t0 = start / fps  # the window's first sample, in the source's seconds
     expected = np.sin(2 * np.pi * tone * (t0 + rate * np.arange(num_samples) / 16_000))
     np.testing.assert_allclose(fast["audio"], expected, atol=5e-3)  # linear interpolation of a <=330 Hz tone
+
+
+def test_eval_runs_a_sequence_shorter_than_the_window_whole(rng):
+    """A held-out sentence shorter than the training window (a fast voice) is predicted at its own length, every
+    frame from its own audio; longer ones keep their windows. A sequence too short for the sync lags is refused."""
+    fps, window, z_dim = 25.0, 16, 3
+    samples_per_frame = layout.AUDIO_RATE / fps
+
+    def sequence(name: str, sentence: int, frames: int) -> Sequence:
+        waveform = rng.uniform(0.1, 1.0, round(frames * samples_per_frame)).astype(np.float32)
+        return Sequence("id000", name, 0, "held_out_sentence", sentence, 0, frames, waveform,
+                        np.full((frames, z_dim), np.nan, np.float32))  # fmt: skip
+
+    sequences = [sequence("short", 0, 11), sequence("long", 1, 41)]
+    config = ml_collections.ConfigDict({"data": {"window_frames": window}, "eval": {"batch_size": 2, "max_lag": 4}})
+    evaluator = audio_eval.Evaluator(sequences, {}, np.zeros((1, 4, 4, 6), np.float32), config, fps,
+                                     np.arange(4), (np.arange(2), np.arange(2, 4)))  # fmt: skip
+    calls = []
+
+    def frame_starts(graphdef, state, audio, num_frames):  # a "model" that reports each frame's first sample
+        calls.append((audio.shape, num_frames))
+        assert audio.shape[1] == round(num_frames * samples_per_frame)
+        first = np.round(np.arange(num_frames) * samples_per_frame).astype(int)
+        return np.repeat(audio[:, first, None], z_dim, axis=-1)
+
+    evaluator._predict = frame_starts
+    codes = evaluator.predict(None, None, [s.waveform for s in sequences])
+    for s, predicted in zip(sequences, codes):
+        first = np.round(np.arange(s.num_frames) * samples_per_frame).astype(int)
+        np.testing.assert_array_equal(predicted, np.repeat(s.waveform[first, None], z_dim, axis=-1))
+    assert ((2, round(window * samples_per_frame)), window) in calls
+    assert ((1, round(11 * samples_per_frame)), 11) in calls
+
+    sequences.append(sequence("too_short", 2, 8))
+    with pytest.raises(ValueError, match=r"id000/too_short.*eval.max_lag=4"):
+        audio_eval.Evaluator(sequences, {}, np.zeros((1, 4, 4, 6), np.float32), config, fps, np.arange(4),
+                             (np.arange(2), np.arange(2, 4)))  # fmt: skip

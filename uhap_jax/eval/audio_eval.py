@@ -43,7 +43,9 @@ class Evaluator:
     """LVE of the model, a zero-motion and a shuffled-audio baseline, and the audio-mouth sync offset.
 
     Sequences are cut into windows of the training length (the last one aligned to the sequence's end) and run
-    in batches of a fixed size, so each jitted function compiles once.
+    in batches of a fixed size, so each jitted function compiles once. A sequence shorter than the window runs
+    whole at its own length, as `uhap animate` runs a clip that fits one window (a short sentence of a fast voice
+    is no reason to stop a training run).
     """
 
     def __init__(
@@ -59,12 +61,10 @@ class Evaluator:
         self.max_lag = config.eval.max_lag
         self.lip_ids = lip_ids
         self.lip_halves = lip_halves
-        too_short = [s.key for s in sequences if s.num_frames < max(self.window_frames, 2 * self.max_lag + 3)]
+        too_short = [s.key for s in sequences if s.num_frames < 2 * self.max_lag + 3]
         if too_short:
-            raise ValueError(
-                f"eval sequences {too_short} are shorter than data.window_frames={self.window_frames} or the "
-                f"{2 * self.max_lag + 3} frames that eval.max_lag={self.max_lag} needs"
-            )
+            raise ValueError(f"eval sequences {too_short} are shorter than the {2 * self.max_lag + 3} frames that "
+                             f"eval.max_lag={self.max_lag} needs; lower eval.max_lag")  # fmt: skip
         self.shuffled_audio = [self._other_sentence_audio(i) for i in range(len(sequences))]
         self._predict = jax.jit(self._predict_codes, static_argnums=(0, 3))
         self._points = jax.jit(self._decode_points, static_argnums=0)
@@ -97,10 +97,11 @@ class Evaluator:
         starts = [
             (i, start)
             for i, s in enumerate(self.sequences)
+            if s.num_frames >= window
             for start in sorted({*range(0, s.num_frames - window + 1, window), s.num_frames - window})
         ]
         outputs = []
-        for batch in self._batches(starts, starts[-1]):
+        for batch in self._batches(starts, starts[-1]) if starts else []:
             audio = np.stack(
                 [dataset_lib.window_audio(waveforms[i], start, num_samples, self.fps) for i, start in batch]
             )
@@ -108,6 +109,12 @@ class Evaluator:
         codes = [np.zeros_like(s.codes) for s in self.sequences]
         for (i, start), predicted in zip(starts, outputs):
             codes[i][start : start + window] = predicted
+        for i, s in enumerate(self.sequences):
+            if s.num_frames < window:
+                whole = dataset_lib.window_audio(
+                    waveforms[i], 0, round(s.num_frames * SAMPLE_RATE / self.fps), self.fps
+                )
+                codes[i][:] = np.asarray(self._predict(graphdef, state, whole[None], s.num_frames))[0]
         return codes
 
     def points(self, graphdef, state, codes: list[np.ndarray]) -> list[np.ndarray]:

@@ -41,7 +41,8 @@ METRICS = ("benchmark/prior_train_ids_heldout_frames/psnr", "benchmark/prior_hel
            "benchmark/lve_mm2_oracle_codes", "benchmark/mouth_psnr", "benchmark/mouth_psnr_shuffled_audio",
            "benchmark/psnr", "benchmark/psnr_oracle_codes", "benchmark/sync_offset_frames", "benchmark/sync_confidence",
            "benchmark/sync_confidence_shuffled_audio", "benchmark/fdd_mm2", "oracle_inputs/prior_train_frames_psnr",
-           "oracle_inputs/audio_lve_vs_prior_codes", "oracle_inputs/personalize/heldout_view_psnr")  # fmt: skip
+           "oracle_inputs/audio_lve_vs_prior_codes", "oracle_inputs/personalize/heldout_view_psnr",
+           "encoder/phone_clip_rotation_error_deg", "encoder/phone_clip_rotation_error_deg_zero_motion")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from data_pipelines import layout, monocular, synth, video_file
 from uhap_jax import cli
 from uhap_jax.artifacts import avatars
 from uhap_jax.artifacts.bundles import load_bundle
-from uhap_jax.artifacts.priors import load_prior
+from uhap_jax.artifacts.priors import load_prior, restore_encoder_model
 from uhap_jax.config_utils import load_config
 from uhap_jax.geometry import rotations
 from uhap_jax.geometry import template as template_lib
@@ -31,6 +31,7 @@ from uhap_jax.inference import avatar as avatar_lib
 from uhap_jax.inference import camera_paths
 from uhap_jax.models import head_localiser
 from uhap_jax.models.frozen_prior import build_speech_model
+from uhap_jax.models.identity_start import encode_video
 from uhap_jax.models.personal import IdentityBias, bias_shapes
 from uhap_jax.models.prior import UHAP
 from uhap_jax.train import encoder_stage, personalize_stage
@@ -128,6 +129,44 @@ def test_encoder_beats_the_mean_code_baseline_on_held_out_sentences(pipeline):
         assert "eval/code_mse_held_out_identity" in row
     info = json.loads((pipeline["encoder"] / "encoder_info.json").read_text())
     assert info["prior_step"] == 0 and info["z_dim"] == 8
+
+
+def test_encoder_eval_scores_the_pose_on_every_phone_clip(pipeline):
+    """The phone-clip rows are the encoder's rotation error on the frames personalisation reads (8 per identity,
+    spread over its monocular sequence), against the true head pose in meta.json, recomputed here independently."""
+    rows = [r for r in _rows(pipeline["encoder"] / "metrics.jsonl") if "eval/code_mse" in r]
+    prior, _, _, _ = load_prior(pipeline["prior"])
+    encoder = restore_encoder_model(pipeline["encoder"], prior)[0].encoder
+    info = layout.read_dataset_info(pipeline["root"])["identities"]
+    for split, subjects in (("train", info["train"]), ("held_out_identity", info["held_out"])):
+        errors, baseline = [], []
+        for subject in subjects:
+            video = monocular.read_monocular(layout.subject_dir(pipeline["root"], subject), "", (), 8)
+            assert len(video.images) == 8
+            _, predicted, _ = encode_video(encoder, video, 8)
+            true = np.asarray([layout.read_sequence_meta(layout.sequence_dir(pipeline["root"], subject, name))
+                               ["head_pose"]["rotation_vector"][frame] for name, frame in video.frames])  # fmt: skip
+            relative = np.einsum("fji,fjk->fik", _matrices(predicted), _matrices(true))
+            errors.append(np.degrees(np.arccos(np.clip((np.trace(relative, axis1=1, axis2=2) - 1) / 2, -1, 1))))
+            baseline.append(np.degrees(np.linalg.norm(true, axis=-1)))
+        errors, baseline = np.concatenate(errors), np.concatenate(baseline)
+        assert baseline.max() > 10.0  # the clip's head turns
+        suffix = f"_phone_clip_{split}"
+        assert rows[-1][f"eval/rotation_error_deg{suffix}"] == pytest.approx(errors.mean(), abs=0.05)
+        assert rows[-1][f"eval/rotation_error_deg_zero_motion{suffix}"] == pytest.approx(baseline.mean(), rel=1e-5)
+        # Before training the encoder predicts a frontal view: another number than the trained one.
+        assert rows[0][f"eval/rotation_error_deg{suffix}"] != pytest.approx(errors.mean(), abs=0.05)
+
+
+def _matrices(rotation_vectors: np.ndarray) -> np.ndarray:
+    """Rodrigues' formula in float64: rotation vectors [F, 3] -> matrices [F, 3, 3]."""
+    vectors = np.asarray(rotation_vectors, np.float64)
+    angle = np.linalg.norm(vectors, axis=-1)[:, None, None]
+    axis = vectors / np.maximum(angle[:, :, 0], 1e-12)
+    cross = np.zeros((len(vectors), 3, 3))
+    cross[:, 0, 1], cross[:, 0, 2], cross[:, 1, 2] = -axis[:, 2], axis[:, 1], -axis[:, 0]
+    cross = cross - np.swapaxes(cross, 1, 2)
+    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
 
 
 def test_personalize_writes_an_avatar_that_loads_renders_and_resumes(pipeline, tmp_path, capsys):

@@ -246,6 +246,7 @@ class Demo:
         scans; training frames for the prior), kept under names that say so."""
         prior, audio = self.done("prior")["metrics"], self.done("audio")["metrics"]
         personal = self.done("personalize")["metrics"]
+        encoder, phone = self.done("encoder")["metrics"], "_phone_clip_held_out_identity"
         metrics = {
             **self.done("benchmark")["metrics"],
             "oracle_inputs/prior_train_frames_psnr": prior["eval/psnr"],
@@ -257,7 +258,13 @@ class Demo:
             "oracle_inputs/audio_sync_offset_frames_true_scan": audio["eval/sync_offset_frames"],
             "oracle_inputs/audio_sync_offset_frames_prior_codes": audio["eval/sync_offset_frames_target"],
             **{f"oracle_inputs/{k}": v for k, v in personal.items() if k.startswith("personalize/")},
-            "oracle_inputs/encoder_code_mse": self.done("encoder")["metrics"].get("eval/code_mse", math.nan),
+            "oracle_inputs/encoder_code_mse": encoder.get("eval/code_mse", math.nan),
+            # The encoder's head rotation on the held-out identities' phone clips (the pose personalisation starts
+            # from), and the zero-motion baseline (no rotation) on the same frames.
+            "encoder/phone_clip_rotation_error_deg": encoder.get(f"eval/rotation_error_deg{phone}", math.nan),
+            "encoder/phone_clip_rotation_error_deg_zero_motion": encoder.get(
+                f"eval/rotation_error_deg_zero_motion{phone}", math.nan
+            ),
             "animate/frames_per_second": self.done("animate")["metrics"]["frames_per_second"],
         }
         minutes = sum(self.done(s)["seconds"] for s, _ in self.stages if s != "report" and self.done(s)) / 60

@@ -6,11 +6,17 @@ Rows: `eval/code_mse` beside `eval/code_mse_mean_baseline` (always predicting th
 the view re-rendered from the prediction, beside `eval/photo_psnr_target`, the same from the prior's own code and
 the true pose (the best the encoder can reach through this prior). Held-out sentences of the training identities
 carry no suffix, the held-out identities' multi-view sequences `_held_out_identity`, training frames `_train`.
+
+The rig's heads barely turn, so those rows say little about the pose a user's video gets. Where the subjects have
+monocular sequences with a true head pose (the synthetic phone clips: another lens, a head turning +-30 degrees),
+`eval/rotation_error_deg_phone_clip_held_out_identity` (and `_phone_clip_train`) scores the encoder there, beside
+the zero-motion baseline (no rotation), as personalisation reads that clip.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import jax
@@ -21,12 +27,16 @@ from flax import nnx
 
 import kernels
 from data_pipelines import dataset as dataset_lib
-from data_pipelines import loaders
+from data_pipelines import layout, loaders, monocular
+from data_pipelines.errors import LayoutError
 from uhap_jax.geometry import rotations
 from uhap_jax.models import image_metrics
 from uhap_jax.models.frozen_prior import EncoderWithPrior
+from uhap_jax.models.identity_start import encode_video
 from uhap_jax.models.prior import UHAP
 from uhap_jax.models.render import render_fitting, render_views, sized_capacity, targets
+
+logger = logging.getLogger(__name__)
 
 _DEG = 180.0 / np.pi
 _MM = 1e3
@@ -77,6 +87,37 @@ def build_eval_frames(records: loaders.FrameRecords, sequences: list[dataset_lib
     )  # fmt: skip
 
 
+@dataclasses.dataclass(frozen=True)
+class PhoneClip:
+    """A subject's monocular sequences (frames spread over them) and the true head rotation of each frame."""
+
+    split: str  # "train" or "held_out_identity"
+    video: monocular.MonoVideo
+    rotation: np.ndarray  # [F, 3] rotation vectors (meta.json head_pose)
+
+
+def phone_clips(root: Path, count: int) -> list[PhoneClip]:
+    """`count` frames of each identity's monocular sequences that have a head pose; none where a subject has no
+    monocular sequence (a rig-only capture) or its meta.json no head_pose."""
+    identities = layout.read_dataset_info(root).get("identities", {})
+    clips = []
+    for split, key in (("train", "train"), ("held_out_identity", "held_out")):
+        for subject in identities.get(key, ()):
+            try:
+                video = monocular.read_monocular(layout.subject_dir(root, subject), "", (), count)
+            except LayoutError as error:
+                logger.info("encoder eval: no phone-clip pose row for %s (%s)", subject, error)
+                continue
+            poses = {name: layout.read_sequence_meta(layout.sequence_dir(root, subject, name)).get("head_pose")
+                     for name in {name for name, _ in video.frames}}  # fmt: skip
+            if any(pose is None for pose in poses.values()):
+                logger.info("encoder eval: no phone-clip pose row for %s (its meta.json has no head_pose)", subject)
+                continue
+            rotation = [poses[name]["rotation_vector"][frame] for name, frame in video.frames]
+            clips.append(PhoneClip(split, video, np.asarray(rotation, np.float32)))
+    return clips
+
+
 def rotation_error_deg(predicted: jax.Array, true: jax.Array) -> jax.Array:
     """Geodesic angle (degrees) between rotation vectors [..., 3]."""
     relative = jnp.swapaxes(rotations.axis_angle_to_matrix(predicted), -1, -2) @ rotations.axis_angle_to_matrix(true)
@@ -88,8 +129,9 @@ class Evaluator:
     """Code MSE, pose error and photometric PSNR of the encoder on fixed frames, with their baselines."""
 
     def __init__(self, frame_sets: list[EvalFrames], mean_code: np.ndarray, capacity: kernels.AdaptiveCapacity,
-                 batch_size: int):  # fmt: skip
+                 batch_size: int, clips: list[PhoneClip] = ()):  # fmt: skip
         self.frame_sets, self.mean_code, self.capacity, self.batch_size = frame_sets, mean_code, capacity, batch_size
+        self.clips = list(clips)
         self._score = jax.jit(self._score_batch, static_argnums=(0, 1))
 
     @staticmethod
@@ -144,14 +186,32 @@ class Evaluator:
                 f"eval/photo_psnr{suffix}": float(np.mean(scores["psnr"])),
                 f"eval/photo_psnr_target{suffix}": float(np.mean(scores["psnr_target"])),
             }  # fmt: skip
+        return metrics | self._phone_clip_pose(model)
+
+    def _phone_clip_pose(self, model: EncoderWithPrior) -> dict[str, float]:
+        """The rotation error on the phone clips of each split, pooled over their frames."""
+        errors = {}
+        for clip in self.clips:
+            _, rotation, _ = encode_video(model.encoder, clip.video, self.batch_size)
+            errors.setdefault(clip.split, []).append((np.asarray(rotation_error_deg(rotation, clip.rotation)),
+                                                      _DEG * np.linalg.norm(clip.rotation, axis=-1)))  # fmt: skip
+        metrics = {}
+        for split, pairs in errors.items():
+            suffix = f"_phone_clip_{split}"
+            metrics[f"eval/rotation_error_deg{suffix}"] = float(np.mean(np.concatenate([e for e, _ in pairs])))
+            metrics[f"eval/rotation_error_deg_zero_motion{suffix}"] = float(
+                np.mean(np.concatenate([b for _, b in pairs]))
+            )
         return metrics
 
 
 def make_evaluator(records: loaders.FrameRecords, sequences: list[dataset_lib.Sequence], held_in: list[str],
                    tables: Tables, prior: UHAP, mean_code: np.ndarray, config: ml_collections.ConfigDict,
-                   where: Path) -> Evaluator:  # fmt: skip
-    """Fixed frames of each split (held-out sentences, held-out identities, training) and the pair capacity that
-    the first split's frames need; `where` (dataset.json) is named when there is nothing to evaluate on."""
+                   root: Path) -> Evaluator:  # fmt: skip
+    """Fixed frames of each split (held-out sentences, held-out identities, training), the pair capacity that
+    the first split's frames need, and the phone clips of the capture at `root` (whose dataset.json is named when
+    there is nothing to evaluate on)."""
+    where = root / layout.DATASET_FILE
     frame_sets = [
         f for f in (build_eval_frames(records, sequences, s, held_in, tables, config.eval.num_frames, config.train.seed)
                     for s in (*dataset_lib.EVAL_SPLITS, "train")) if f is not None
@@ -163,4 +223,4 @@ def make_evaluator(records: loaders.FrameRecords, sequences: list[dataset_lib.Se
     capacity = sized_capacity(prior, posed, probe.world_to_cam[:, None], probe.intrinsics[:, None],
                               width=probe.images.shape[2], height=probe.images.shape[1],
                               headroom=config.render.capacity_headroom)  # fmt: skip
-    return Evaluator(frame_sets, mean_code, capacity, config.eval.batch_size)
+    return Evaluator(frame_sets, mean_code, capacity, config.eval.batch_size, phone_clips(root, config.eval.num_frames))

@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import kernels
 from data_pipelines import dataset as dataset_lib
-from data_pipelines import layout, loaders
+from data_pipelines import loaders
 from uhap_jax.artifacts.expression_codes import CODES_FILE, code_targets
 from uhap_jax.artifacts.priors import load_prior
 from uhap_jax.eval import encoder_eval
@@ -194,7 +194,7 @@ def train_encoder(config: ml_collections.ConfigDict, workdir: str | Path) -> tup
     train_codes = codes[split.train_records]
     mean_code, code_variance = train_codes.mean(0), float(train_codes.var(0).mean())
     evaluator = encoder_eval.make_evaluator(records, sequences, split.held_in_cameras, tables, prior, mean_code,
-                                            config, root / layout.DATASET_FILE)  # fmt: skip
+                                            config, root)  # fmt: skip
 
     encoder = build_encoder(config, prior)
     encoder.set_code_statistics(train_codes)  # it starts at the mean-code baseline

@@ -390,7 +390,10 @@ def test_fps_bench_times_every_frame_and_refuses_an_overflowing_capacity(rng):
     row = fps_bench.benchmark_animation(model, scan_maps, z, path, batch_size=2)
     assert (row["frames"], row["batch"], row["image_size"]) == (3, 2, "32x24")
     assert row["gaussians"] == model.layout.num_gaussians
-    assert row["decode_fps"] > row["decode_render_fps"] > 0
+    # Two passes timed apart on a shared CPU: each is a finite positive rate, neither is ordered against the
+    # other (CI once timed the decode alone slower than decode + render).
+    rates = [row[key] for key in ("decode_fps", "decode_render_fps", "decode_compile_s", "decode_render_compile_s")]
+    assert all(np.isfinite(value) and value > 0 for value in rates), row
     with pytest.raises(RuntimeError, match=r"fps bench: frames 0\.\.1 overflowed capacity"):
         fps_bench.benchmark_animation(model, scan_maps, z, path, batch_size=2, capacity_headroom=1e-3)
     with pytest.raises(ValueError, match="3 z frames but the camera path has 2 cameras"):

@@ -338,10 +338,14 @@ def _placed(rng, images, masks, heads, canvas: int):
     return np.stack(placed), np.asarray(truth)
 
 
-def test_head_localiser_finds_an_unseen_head_wherever_the_frame_puts_it(pipeline, rng):
+def test_head_localiser_finds_an_unseen_head_wherever_the_frame_puts_it(pipeline):
     """Trained on the training identities' rig views (its loss, as in the encoder stage), it finds the held-out
     identity in the phone camera's frames (another lens, exposure drift, motion blur) put on a random backdrop at
     a random place and size: within a few pixels; untrained, it is far off: the test can fail."""
+    # A fixed draw (initialisation, placements, batches), as for the pipeline: over 17 fresh draws the trained
+    # centre error was 0.073-0.115 (bar 0.12) and the untrained one 0.30-0.59 (bar 0.25), each ~2 sd from its bar.
+    # This draw's: 0.077 and 0.45 (size error 0.098, bar 0.25).
+    rng = np.random.default_rng(2344789721)
     root = pipeline["root"]
     info = layout.read_dataset_info(root)["identities"]
     images, masks, heads = _rig_frames(root, info["train"])

@@ -28,6 +28,11 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.data.batch_size = 16  # frames per global batch, one random held-in view each
     config.data.photo_frames = 4  # of them, rendered through the frozen prior for the photometric loss
     config.data.turned_frames = 4  # of them, rendered by the prior with the head turned (`turns`), as examples
+    # Frames per step from the training identities' monocular sequences that carry a true head pose (the synthetic
+    # phone clips; a rig-only capture has none): their pose is learned too (`loss.phone_pose`), so the encoder
+    # sees the phone's lens, blur and exposure, not only the rig's. Rounded up to a multiple of the devices.
+    # 0: rig views only.
+    config.data.phone_frames = 4
     config.data.code_batch_size = 16  # frames per call when the prior encodes the targets (once, cached)
     config.data.num_threads = 2
     config.data.prefetch = 4
@@ -53,6 +58,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.loss.translation = 0.01  # x mm^2
     config.loss.photometric = 1.0  # masked L1 of the view rendered from the predicted code and pose
     config.loss.turned = 1.0  # the code, rotation and translation terms on the turned renders
+    config.loss.phone_pose = 1.0  # the rotation and translation terms on the phone-clip frames (`data.phone_frames`)
     config.loss.photometric_fraction = 0.1  # of the steps, drawn at random, that render (1: every step)
     config.loss.background_weight = 0.5  # L1 weight of background pixels relative to foreground ones
 

@@ -25,6 +25,7 @@ from uhap_jax.artifacts import avatars
 from uhap_jax.artifacts.bundles import load_bundle
 from uhap_jax.artifacts.priors import load_prior, restore_encoder_model
 from uhap_jax.config_utils import load_config
+from uhap_jax.eval import encoder_eval
 from uhap_jax.geometry import rotations
 from uhap_jax.geometry import template as template_lib
 from uhap_jax.inference import avatar as avatar_lib
@@ -35,6 +36,7 @@ from uhap_jax.models.identity_start import encode_video
 from uhap_jax.models.personal import IdentityBias, bias_shapes
 from uhap_jax.models.prior import UHAP
 from uhap_jax.train import encoder_stage, personalize_stage
+from uhap_jax.train.mesh import make_mesh
 
 FPS, SIZE, HELD_OUT = 25.0, 32, "id002"
 ENCODER_STEPS = 100
@@ -156,6 +158,115 @@ def test_encoder_eval_scores_the_pose_on_every_phone_clip(pipeline):
         assert rows[-1][f"eval/rotation_error_deg_zero_motion{suffix}"] == pytest.approx(baseline.mean(), rel=1e-5)
         # Before training the encoder predicts a frontal view: another number than the trained one.
         assert rows[0][f"eval/rotation_error_deg{suffix}"] != pytest.approx(errors.mean(), abs=0.05)
+
+
+def test_phone_pool_holds_every_training_identity_phone_frame_and_its_true_pose(pipeline, tmp_path):
+    """The encoder's pose examples from phone clips: every frame of the training identities' monocular sequences
+    (read back from the layout here), with its camera and meta.json pose, and none of a held-out identity; none at
+    all in a capture without monocular sequences. The fixture's encoder learned them: its pose on the training
+    identities' clips beats no rotation, and the term was logged at every step."""
+    root = pipeline["root"]
+    pool = encoder_stage.phone_pool(root)
+    expected = []
+    for subject in layout.read_dataset_info(root)["identities"]["train"]:
+        subject_dir = layout.subject_dir(root, subject)
+        camera = layout.read_calibration(subject_dir)[synth.MONO_SERIAL]
+        for name in layout.list_sequences(subject_dir):
+            seq_dir = layout.sequence_dir(root, subject, name)
+            if (seq_dir / "images" / f"cam_{synth.MONO_SERIAL}").is_dir():
+                pose = layout.read_sequence_meta(seq_dir)["head_pose"]
+                expected += [(layout.read_image(path), camera, pose["rotation_vector"][i], pose["translation"][i])
+                             for i, path in enumerate(layout.frame_paths(seq_dir, synth.MONO_SERIAL))]  # fmt: skip
+    assert len(pool["images"]) == len(expected) > 8
+    for i, (image, camera, rotation, translation) in enumerate(expected):
+        np.testing.assert_array_equal(pool["images"][i], image)
+        np.testing.assert_allclose(pool["world_to_cam"][i], camera.world_to_cam, atol=1e-6)
+        np.testing.assert_allclose(pool["intrinsics"][i], camera.intrinsics, rtol=1e-6)
+        np.testing.assert_allclose(pool["rotation"][i], rotation, rtol=1e-6)
+        np.testing.assert_allclose(pool["translation"][i], translation, rtol=1e-6, atol=1e-9)
+    assert np.linalg.norm(pool["rotation"], axis=-1).max() > np.radians(10)  # the clips' heads turn
+
+    rig_only = tmp_path / "rig_only"
+    shutil.copytree(root, rig_only)
+    for phone in rig_only.glob(f"subjects/*/sequences/*/images/cam_{synth.MONO_SERIAL}"):
+        shutil.rmtree(phone.parent.parent)
+    assert encoder_stage.phone_pool(rig_only) is None
+
+    rows = _rows(pipeline["encoder"] / "metrics.jsonl")
+    assert all(np.isfinite(r["phone_pose"]) and r["phone_pose"] > 0 for r in rows if "loss" in r)
+    last = [r for r in rows if "eval/code_mse" in r][-1]
+    assert (
+        last["eval/rotation_error_deg_phone_clip_train"] < last["eval/rotation_error_deg_zero_motion_phone_clip_train"]
+    )
+
+
+class _Frames:
+    """A stand-in for the multi-view loader: batch i's images are all i; its position a JSON dict."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.i = batch_size, 0
+
+    def __next__(self) -> dict:
+        self.i += 1
+        b = self.batch_size
+        return {"images": np.full((b, 1, 4, 4, 3), self.i, np.uint8), "masks": np.zeros((b, 1, 4, 4), np.uint8),
+                "world_to_cam": np.tile(np.eye(4, dtype=np.float32), (b, 1, 1, 1)),
+                "intrinsics": np.tile(np.eye(3, dtype=np.float32), (b, 1, 1, 1)),
+                "sequence_id": np.zeros(b, np.int32), "frame_index": np.arange(b, dtype=np.int32),
+                "subject_id": np.zeros(b, np.int32)}  # fmt: skip
+
+    def get_state(self) -> dict:
+        return {"i": self.i}
+
+    def set_state(self, state: dict) -> None:
+        self.i = state["i"]
+
+
+def test_encoder_batches_draw_phone_frames_that_a_resumed_run_draws_again():
+    """Each step gets `phone_frames` whole rows of the pool (every field from the same frame), different rows
+    at different steps; the draw count rides in the loader's state, so a run resumed from a checkpoint (the state
+    through JSON, as the checkpoint keeps it) gets the same frames as one that was not interrupted. Without a
+    pool the batches and the state are the loader's own."""
+    rng = np.random.default_rng()
+    count = 12
+    pool = {"images": rng.integers(0, 256, (count, 4, 4, 3), dtype=np.uint8),
+            "world_to_cam": rng.normal(size=(count, 4, 4)).astype(np.float32),
+            "intrinsics": rng.normal(size=(count, 3, 3)).astype(np.float32),
+            "rotation": rng.normal(size=(count, 3)).astype(np.float32),
+            "translation": rng.normal(size=(count, 3)).astype(np.float32)}  # fmt: skip
+    tables = encoder_eval.Tables(rng.normal(size=(8, 2)).astype(np.float32), rng.normal(size=(8, 6)).astype(np.float32),
+                                 np.zeros(1, np.int32), rng.normal(size=(1, 2, 2, 6)).astype(np.float32))  # fmt: skip
+    mesh = make_mesh()
+    seed = int(rng.integers(1000))
+
+    def batches():
+        return encoder_stage.EncoderBatches(_Frames(8), tables, mesh, pool, 3, seed=seed)
+
+    whole = batches()
+    drawn = [jax.device_get(next(whole)) for _ in range(6)]
+    rows = []
+    for batch in drawn:
+        index = [int(np.flatnonzero((pool["rotation"] == r).all(-1))[0]) for r in batch["phone_rotation"]]
+        for name, value in pool.items():
+            np.testing.assert_array_equal(batch[f"phone_{name}"], value[index])
+        rows.append(tuple(index))
+    assert len(set(rows)) > 1
+
+    interrupted = batches()
+    next(interrupted), next(interrupted)
+    state = json.loads(json.dumps(interrupted.get_state()))
+    assert state == {"i": 2, "phone_draws": 2}
+    resumed = batches()
+    resumed.set_state(state)
+    for expected in drawn[2:]:
+        got = jax.device_get(next(resumed))
+        np.testing.assert_array_equal(got["images"], expected["images"])
+        for name in pool:
+            np.testing.assert_array_equal(got[f"phone_{name}"], expected[f"phone_{name}"])
+
+    plain = encoder_stage.EncoderBatches(_Frames(8), tables, mesh)
+    assert not any(name.startswith("phone_") for name in next(plain))
+    assert plain.get_state() == {"i": 1}
 
 
 def _matrices(rotation_vectors: np.ndarray) -> np.ndarray:

@@ -10,7 +10,9 @@ carry no suffix, the held-out identities' multi-view sequences `_held_out_identi
 The rig's heads barely turn, so those rows say little about the pose a user's video gets. Where the subjects have
 monocular sequences with a true head pose (the synthetic phone clips: another lens, a head turning +-30 degrees),
 `eval/rotation_error_deg_phone_clip_held_out_identity` (and `_phone_clip_train`) scores the encoder there, beside
-the zero-motion baseline (no rotation), as personalisation reads that clip.
+the zero-motion baseline (no rotation), as personalisation reads that clip. The encoder stage trains on the
+training identities' clips (`data.phone_frames`), so `_phone_clip_train` is then a training row; the held-out
+identities' clips are never trained on.
 """
 
 from __future__ import annotations
@@ -89,11 +91,12 @@ def build_eval_frames(records: loaders.FrameRecords, sequences: list[dataset_lib
 
 @dataclasses.dataclass(frozen=True)
 class PhoneClip:
-    """A subject's monocular sequences (frames spread over them) and the true head rotation of each frame."""
+    """A subject's monocular sequences (frames spread over them) and the true head pose of each frame."""
 
     split: str  # "train" or "held_out_identity"
     video: monocular.MonoVideo
     rotation: np.ndarray  # [F, 3] rotation vectors (meta.json head_pose)
+    translation: np.ndarray  # [F, 3] metres
 
 
 def phone_clips(root: Path, count: int) -> list[PhoneClip]:
@@ -114,7 +117,8 @@ def phone_clips(root: Path, count: int) -> list[PhoneClip]:
                 logger.info("encoder eval: no phone-clip pose row for %s (its meta.json has no head_pose)", subject)
                 continue
             rotation = [poses[name]["rotation_vector"][frame] for name, frame in video.frames]
-            clips.append(PhoneClip(split, video, np.asarray(rotation, np.float32)))
+            translation = [poses[name]["translation"][frame] for name, frame in video.frames]
+            clips.append(PhoneClip(split, video, np.asarray(rotation, np.float32), np.asarray(translation, np.float32)))
     return clips
 
 

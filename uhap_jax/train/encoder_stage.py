@@ -10,7 +10,11 @@ image (masked L1) for the first `data.photo_frames` frames of a random `loss.pho
 (rendering and its gradient are most of a step's cost on a CPU; the codes learn mostly from the code loss).
 Besides, the first `data.turned_frames` frames of every step are rendered by the frozen prior with their head
 turned further (`turns`), and the encoder learns their code and pose too: the rig's cameras are tens of
-degrees apart, and a phone video's head turns fall between them. Beside the encoder, in the same steps, the head
+degrees apart, and a phone video's head turns fall between them. Where the capture has monocular sequences of the
+training identities with a true head pose (the synthetic phone clips), `data.phone_frames` of their frames join
+every step for the pose terms alone (no multi-view frame gives them a code target): rig views alone left the
+pose 9.6 degrees off on held-out identities' phone clips, with them 5.2 (docs/benchmarks.md, issue 17, session
+19). Held-out identities' clips are never used. Beside the encoder, in the same steps, the head
 localiser (`uhap_jax.models.head_localiser`, where `localiser.enabled`) learns where the head centre projects in
 augmented whole views and how big the encoder's crop is there: what places the encoder in a video file's frames.
 
@@ -43,7 +47,7 @@ from uhap_jax.models.frozen_prior import EncoderWithPrior, build_encoder, build_
 from uhap_jax.models.head_localiser import head_in_view, localiser_loss
 from uhap_jax.models.render import render_views, targets
 from uhap_jax.train.loop import Trainer, TrainResult
-from uhap_jax.train.mesh import batch_sharding, make_mesh
+from uhap_jax.train.mesh import batch_sharding, make_mesh, put_batch
 from uhap_jax.train.optimizer import make_optimizer
 
 logger = logging.getLogger(__name__)
@@ -56,12 +60,61 @@ _MM = 1e3
 # ------------------------------------------------------------------------------------- data
 
 
-class EncoderBatches(dataset_lib.GatheredBatches):
-    """The multi-view loader's one-view batches, squeezed to [B, ...], with each frame's targets and scan."""
+def phone_pool(root: Path) -> dict[str, np.ndarray] | None:
+    """Every frame of the training identities' monocular sequences that carry a true head pose (the synthetic
+    phone clips), with its camera: images [N, H, W, 3] uint8, world_to_cam [N, 4, 4], intrinsics [N, 3, 3],
+    rotation and translation [N, 3]. None where the capture has none (a rig-only capture such as NeRSemble)."""
+    clips = [c for c in encoder_eval.phone_clips(root, 0) if c.split == "train"]
+    if not clips:
+        return None
+    pool = {"images": [], "world_to_cam": [], "intrinsics": [], "rotation": [], "translation": []}
+    for clip in clips:
+        video, count = clip.video, len(clip.video.images)
+        views = video.frame_world_to_cam
+        pool["images"].append(video.images)
+        pool["world_to_cam"].append(np.broadcast_to(video.camera.world_to_cam, (count, 4, 4)) if views is None
+                                    else views)  # fmt: skip
+        pool["intrinsics"].append(np.broadcast_to(video.camera.intrinsics, (count, 3, 3)))
+        pool["rotation"].append(clip.rotation)
+        pool["translation"].append(clip.translation)
+    return {name: np.concatenate(parts).astype(np.uint8 if name == "images" else np.float32)
+            for name, parts in pool.items()}  # fmt: skip
 
-    def __init__(self, inner: loaders.GlobalBatchIterator, tables: encoder_eval.Tables, mesh: jax.sharding.Mesh):
+
+class EncoderBatches(dataset_lib.GatheredBatches):
+    """The multi-view loader's one-view batches, squeezed to [B, ...], with each frame's targets and scan; and,
+    with a phone pool, at least `phone_frames` frames drawn from it (`phone_<name>`; rounded up so that every
+    device gets as many, sharded over the batch axis like the rest)."""
+
+    def __init__(self, inner: loaders.GlobalBatchIterator, tables: encoder_eval.Tables, mesh: jax.sharding.Mesh,
+                 phone: dict[str, np.ndarray] | None = None, phone_frames: int = 0, seed: int = 0):  # fmt: skip
         replicated = NamedSharding(mesh, PartitionSpec())
         super().__init__(inner, jax.tree.map(lambda x: jax.device_put(x, replicated), tables), batch_sharding(mesh))
+        self._phone = phone if phone_frames > 0 else None
+        local_devices = mesh.devices.size // jax.process_count()
+        self._local_frames = -(-phone_frames // (local_devices * jax.process_count())) * local_devices
+        self._mesh, self._seed, self._draws = mesh, seed, 0
+
+    def __next__(self) -> dict:
+        batch = super().__next__()
+        if self._phone is None:
+            return batch
+        # Drawn from (seed, process, step): a resumed run draws what an uninterrupted one would (the step count is
+        # in the state); each process draws its own slice of the global batch.
+        rng = np.random.default_rng([self._seed, jax.process_index(), self._draws])
+        index = rng.integers(0, len(self._phone["images"]), self._local_frames)
+        self._draws += 1
+        return batch | put_batch({f"phone_{name}": value[index] for name, value in self._phone.items()}, self._mesh)
+
+    def get_state(self):
+        state = super().get_state()
+        return {**state, "phone_draws": self._draws} if isinstance(state, dict) and self._phone is not None else state
+
+    def set_state(self, state) -> None:
+        if isinstance(state, dict) and "phone_draws" in state:
+            state = dict(state)
+            self._draws = int(state.pop("phone_draws"))
+        super().set_state(state)
 
     @staticmethod
     def _attach(tables: encoder_eval.Tables, batch: dict) -> dict:
@@ -116,6 +169,14 @@ def make_loss_fn(config: ml_collections.ConfigDict, code_variance: float, capaci
         )
         photo_rng, turn_rng, localiser_rng = jax.random.split(rng, 3)
         aux = {}
+        if "phone_images" in batch:  # pose only: a phone clip has no multi-view frame to give a code target
+            _, phone_rotation, phone_translation = model.encoder(batch["phone_images"].astype(jnp.float32) / 255.0,
+                                                                 batch["phone_world_to_cam"],
+                                                                 batch["phone_intrinsics"])  # fmt: skip
+            error = jnp.sum((_DEG * (phone_rotation - batch["phone_rotation"])) ** 2, -1)
+            shift = jnp.sum((_MM * (phone_translation - batch["phone_translation"])) ** 2, -1)
+            terms["phone_pose"] = (weights.rotation * jnp.mean(_pseudo_huber(error, weights.rotation_linear_deg))
+                                   + weights.translation * jnp.mean(shift))  # fmt: skip
         if weights.turned > 0 and turned_frames > 0:
             head = {key: value[:turned_frames] for key, value in batch.items()}
             turned_rotation = turn_heads(turn_rng, head["head_rotation"], config.turns.max_yaw_deg,
@@ -202,7 +263,11 @@ def train_encoder(config: ml_collections.ConfigDict, workdir: str | Path) -> tup
     frames = loaders.multiview_loader(dataset_lib.train_frames(records, split), batch_sharding(mesh),
                                       dataset_lib.loader_options(config), num_views=1,
                                       serials=split.held_in_cameras)  # fmt: skip
-    data = EncoderBatches(frames, tables, mesh)
+    phone = phone_pool(root) if config.data.phone_frames > 0 else None
+    if config.data.phone_frames > 0:
+        logger.info("phone clips: %s", f"{len(phone['images'])} frames of the training identities' monocular "
+                    "sequences teach the pose" if phone is not None else "none in this capture")  # fmt: skip
+    data = EncoderBatches(frames, tables, mesh, phone, config.data.phone_frames, config.train.seed)
     loss_fn = make_loss_fn(config, code_variance, evaluator.capacity)
     renders = config.loss.photometric > 0 and config.data.photo_frames > 0  # the Trainer grows the capacity then
     trainer = Trainer(config.train, model, make_optimizer(config), loss_fn, data, workdir, mesh=mesh,

@@ -12,11 +12,12 @@ Besides, the first `data.turned_frames` frames of every step are rendered by the
 turned further (`turns`), and the encoder learns their code and pose too: the rig's cameras are tens of
 degrees apart, and a phone video's head turns fall between them. Where the capture has monocular sequences of the
 training identities with a true head pose (the synthetic phone clips), `data.phone_frames` of their frames join
-every step for the pose terms alone (no multi-view frame gives them a code target): rig views alone left the
-pose 9.6 degrees off on held-out identities' phone clips, with them 5.2 (docs/benchmarks.md, issue 17, session
-19). Held-out identities' clips are never used. Beside the encoder, in the same steps, the head
-localiser (`uhap_jax.models.head_localiser`, where `localiser.enabled`) learns where the head centre projects in
-augmented whole views and how big the encoder's crop is there: what places the encoder in a video file's frames.
+every step for the pose terms alone (no multi-view frame gives them a code target; off by default, see
+configs/encoder.py: rig views alone left the pose 9.6 degrees off on held-out identities' phone clips, with them
+5.2, but a plain video file's avatar got worse). Held-out identities' clips are never used. Beside the encoder,
+in the same steps, the head localiser (`uhap_jax.models.head_localiser`, where `localiser.enabled`) learns where
+the head centre projects in augmented whole views and how big the encoder's crop is there: what places the encoder
+in a video file's frames.
 
 Every `eval.every` steps, and at the end, `uhap_jax.eval.encoder_eval` scores code, pose and re-rendered view on
 fixed frames of each split, beside their baselines, into `<workdir>/metrics.jsonl`.

@@ -29,12 +29,19 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.data.photo_frames = 4  # of them, rendered through the frozen prior for the photometric loss
     config.data.turned_frames = 4  # of them, rendered by the prior with the head turned (`turns`), as examples
     # Frames per step from the training identities' monocular sequences that carry a true head pose (the synthetic
-    # phone clips; a rig-only capture has none): their pose is learned too (`loss.phone_pose`), so the encoder
-    # sees the phone's lens, blur and exposure, not only the rig's. Rounded up to a multiple of the devices.
-    # Off by default: with 4, the demo's held-out phone clips' pose error fell from 9.6 to 5.2 degrees and the
-    # calibrated clip's avatar gained 1.6 dB in the tests' capture, but a plain video file's (the localiser's
-    # virtual cameras) lost 2.5 dB there (docs/benchmarks.md, issue 17, session 19). 0: rig views only.
-    config.data.phone_frames = 0
+    # phone clips; a rig-only capture has none): their pose is learned too (`loss.phone_pose`), and the head
+    # localiser learns from them too, so both see the phone's lens, blur and exposure, not only the rig's. Rounded
+    # up to a multiple of the devices. On the demo's held-out identities' phone clips (docs/benchmarks.md, issue 17,
+    # session 20) the rotation error falls from 9.9 to 7.7 degrees through the calibrated clip and from 28.0 to
+    # 7.3 as a plain video file; 0: rig views only.
+    config.data.phone_frames = 8
+    # Of those, the share seen as a plain video file gives them (`uhap personalize --video`): through a virtual
+    # camera placed where the head was found, with a head localiser's errors (up to centre_jitter of the crop's side,
+    # exp(+-size_jitter) in size); the rest through the clip's calibrated camera (a capture-layout folder).
+    config.data.phone_video = ml_collections.ConfigDict()
+    config.data.phone_video.share = 0.5
+    config.data.phone_video.centre_jitter = 0.1
+    config.data.phone_video.size_jitter = 0.35
     config.data.code_batch_size = 16  # frames per call when the prior encodes the targets (once, cached)
     config.data.num_threads = 2
     config.data.prefetch = 4

@@ -33,6 +33,7 @@ from uhap_jax.inference import camera_paths
 from uhap_jax.models import head_localiser
 from uhap_jax.models.frozen_prior import build_speech_model
 from uhap_jax.models.identity_start import encode_video
+from uhap_jax.models.mono_encoder import FRONT
 from uhap_jax.models.personal import IdentityBias, bias_shapes
 from uhap_jax.models.prior import UHAP
 from uhap_jax.train import encoder_stage, personalize_stage
@@ -162,9 +163,9 @@ def test_encoder_eval_scores_the_pose_on_every_phone_clip(pipeline):
 
 def test_phone_pool_holds_every_training_identity_phone_frame_and_its_true_pose(pipeline, tmp_path):
     """The encoder's pose examples from phone clips: every frame of the training identities' monocular sequences
-    (read back from the layout here), with its camera and meta.json pose, and none of a held-out identity; none at
-    all in a capture without monocular sequences. An encoder trained with `data.phone_frames` logs their pose term
-    at every step; the default (0) has none."""
+    (read back from the layout here), with its mask, camera and meta.json pose, and none of a held-out identity;
+    none at all in a capture without monocular sequences. The default encoder logs their pose term at every step;
+    one trained with `data.phone_frames=0` has none."""
     root = pipeline["root"]
     pool = encoder_stage.phone_pool(root)
     expected = []
@@ -175,11 +176,15 @@ def test_phone_pool_holds_every_training_identity_phone_frame_and_its_true_pose(
             seq_dir = layout.sequence_dir(root, subject, name)
             if (seq_dir / "images" / f"cam_{synth.MONO_SERIAL}").is_dir():
                 pose = layout.read_sequence_meta(seq_dir)["head_pose"]
-                expected += [(layout.read_image(path), camera, pose["rotation_vector"][i], pose["translation"][i])
-                             for i, path in enumerate(layout.frame_paths(seq_dir, synth.MONO_SERIAL))]  # fmt: skip
+                masks = layout.frame_paths(seq_dir, synth.MONO_SERIAL, kind="masks")
+                expected += [(layout.read_image(path), layout.read_image(mask), camera, pose["rotation_vector"][i],
+                              pose["translation"][i])
+                             for i, (path, mask) in enumerate(zip(layout.frame_paths(seq_dir, synth.MONO_SERIAL),
+                                                                  masks, strict=True))]  # fmt: skip
     assert len(pool["images"]) == len(expected) > 8
-    for i, (image, camera, rotation, translation) in enumerate(expected):
+    for i, (image, mask, camera, rotation, translation) in enumerate(expected):
         np.testing.assert_array_equal(pool["images"][i], image)
+        np.testing.assert_array_equal(pool["masks"][i], mask)
         np.testing.assert_allclose(pool["world_to_cam"][i], camera.world_to_cam, atol=1e-6)
         np.testing.assert_allclose(pool["intrinsics"][i], camera.intrinsics, rtol=1e-6)
         np.testing.assert_allclose(pool["rotation"][i], rotation, rtol=1e-6)
@@ -192,15 +197,16 @@ def test_phone_pool_holds_every_training_identity_phone_frame_and_its_true_pose(
         shutil.rmtree(phone.parent.parent)
     assert encoder_stage.phone_pool(rig_only) is None
 
+    rows = [r for r in _rows(pipeline["encoder"] / "metrics.jsonl") if "loss" in r]  # on by default
+    assert len(rows) == 10 and all(np.isfinite(r["phone_pose"]) and r["phone_pose"] > 0 for r in rows)
     encoder = tmp_path / "encoder"
     steps = ["--config.train.steps=4", "--config.eval.every=4", "--config.train.checkpoint_every=4",
              "--config.train.log_every=1"]  # fmt: skip
     assert cli.main(["train", "encoder", "--config", "configs/encoder.py:tiny", "--workdir", str(encoder),
                      f"--config.prior_workdir={pipeline['prior']}", *ENCODER_OVERRIDES, *steps,
-                     "--config.data.phone_frames=4"]) == 0  # fmt: skip
+                     "--config.data.phone_frames=0"]) == 0  # fmt: skip
     rows = [r for r in _rows(encoder / "metrics.jsonl") if "loss" in r]
-    assert len(rows) == 4 and all(np.isfinite(r["phone_pose"]) and r["phone_pose"] > 0 for r in rows)
-    assert not any("phone_pose" in r for r in _rows(pipeline["encoder"] / "metrics.jsonl"))  # off by default
+    assert len(rows) == 4 and not any("phone_pose" in r for r in rows)
 
 
 class _Frames:
@@ -242,18 +248,30 @@ def test_encoder_batches_draw_phone_frames_that_a_resumed_run_draws_again():
     mesh = make_mesh()
     seed = int(rng.integers(1000))
 
+    def seen_as_video(rows, rng):  # marks the rows it was given, and draws from the loader's generator
+        return rows | {"translation": rows["translation"] + 100.0 + rng.uniform(size=(len(rows["translation"]), 1))}
+
     def batches():
-        return encoder_stage.EncoderBatches(_Frames(8), tables, mesh, pool, 3, seed=seed)
+        return encoder_stage.EncoderBatches(_Frames(8), tables, mesh, pool, 3, seed=seed, video_share=0.5,
+                                            video_views=seen_as_video)  # fmt: skip
 
     whole = batches()
-    drawn = [jax.device_get(next(whole)) for _ in range(6)]
-    rows = []
+    drawn = [jax.device_get(next(whole)) for _ in range(12)]
+    rows, as_video = [], []
     for batch in drawn:
-        index = [int(np.flatnonzero((pool["rotation"] == r).all(-1))[0]) for r in batch["phone_rotation"]]
+        index = [int(np.flatnonzero((pool["images"] == image).all((1, 2, 3)))[0]) for image in batch["phone_images"]]
+        video = batch["phone_translation"][:, 0] > 50.0
         for name, value in pool.items():
-            np.testing.assert_array_equal(batch[f"phone_{name}"], value[index])
+            if name == "translation":
+                np.testing.assert_array_equal(batch["phone_translation"][~video], value[index][~video])
+                shift = batch["phone_translation"][video] - value[index][video]
+                assert np.all((shift >= 100.0) & (shift <= 101.0)) and np.ptp(shift, -1).max() < 1e-4
+            else:
+                np.testing.assert_array_equal(batch[f"phone_{name}"], value[index])
         rows.append(tuple(index))
+        as_video += list(video)
     assert len(set(rows)) > 1
+    assert 0.2 < np.mean(as_video) < 0.8  # about half of the 36 through the video file's cameras
 
     interrupted = batches()
     next(interrupted), next(interrupted)
@@ -270,6 +288,51 @@ def test_encoder_batches_draw_phone_frames_that_a_resumed_run_draws_again():
     plain = encoder_stage.EncoderBatches(_Frames(8), tables, mesh)
     assert not any(name.startswith("phone_") for name in next(plain))
     assert plain.get_state() == {"i": 1}
+
+
+def test_a_phone_frame_seen_as_a_video_file_keeps_every_point_on_its_pixel():
+    """`as_video_file_views`: the virtual camera and the re-expressed head pose put every head point at the same
+    camera-space position as the clip's camera and true pose (float64 reference on random cameras and poses), the
+    camera faces the template and the head centre lands within the stated jitter of the found pixel; without
+    jitter exactly on it, at the depth of the true centre."""
+    rng = np.random.default_rng()
+    count = 16
+    cameras = np.tile(np.eye(4), (count, 1, 1))
+    cameras[:, :3, :3] = _matrices(rng.normal(scale=0.3, size=(count, 3)))
+    cameras[:, :3, 3] = rng.normal(scale=0.05, size=(count, 3)) + [0.0, 0.0, 0.5]
+    focal = rng.uniform(30.0, 60.0, count)
+    intrinsics = np.zeros((count, 3, 3))
+    intrinsics[:, 0, 0], intrinsics[:, 1, 1], intrinsics[:, 2, 2] = focal, focal * rng.uniform(0.95, 1.05, count), 1
+    intrinsics[:, :2, 2] = rng.uniform(20.0, 44.0, (count, 2))
+    rows = {"images": rng.integers(0, 256, (count, 4, 4, 3), dtype=np.uint8), "world_to_cam": cameras,
+            "intrinsics": intrinsics, "rotation": rng.normal(scale=0.3, size=(count, 3)),
+            "translation": rng.normal(scale=0.02, size=(count, 3))}  # fmt: skip
+    extent, centre = 0.36, (0.0, 0.0, 0.0)
+    points = rng.normal(scale=0.1, size=(50, 3))
+
+    def camera_space(world_to_cam, rotation, translation):
+        world = np.einsum("bij,nj->bni", _matrices(rotation), points) + translation[:, None]
+        return np.einsum("bij,bnj->bni", world_to_cam[:, :3, :3], world) + world_to_cam[:, None, :3, 3]
+
+    truth = camera_space(cameras, rows["rotation"], rows["translation"])
+    for jitter in (0.0, 0.1):
+        draw = np.random.default_rng(rng.integers(1 << 30))
+        seen = encoder_stage.as_video_file_views(rows, draw, extent=extent, centre=centre, centre_jitter=jitter,
+                                                 size_jitter=3 * jitter)  # fmt: skip
+        np.testing.assert_array_equal(seen["images"], rows["images"])
+        np.testing.assert_array_equal(seen["intrinsics"], rows["intrinsics"])
+        views = seen["world_to_cam"].astype(np.float64)
+        np.testing.assert_allclose(views[:, :3, :3], np.broadcast_to(FRONT, (count, 3, 3)), atol=1e-6)
+        got = camera_space(views, seen["rotation"].astype(np.float64), seen["translation"].astype(np.float64))
+        np.testing.assert_allclose(got, truth, atol=2e-6)
+        head = np.einsum("bij,bj->bi", cameras[:, :3, :3], rows["translation"]) + cameras[:, :3, 3]
+        found = views[:, :3, 3]  # where the virtual camera believes the head centre (the world origin) is
+        side = intrinsics[:, 1, 1] * extent / head[:, 2]
+        focals = np.stack([intrinsics[:, 0, 0], intrinsics[:, 1, 1]], -1)
+        offset = np.abs(focals * (found[:, :2] / found[:, 2:] - head[:, :2] / head[:, 2:])) / side[:, None]
+        assert offset.max() <= jitter + 1e-6 and (jitter == 0 or offset.max() > jitter / 4)
+        ratio = np.log(head[:, 2] / found[:, 2])  # the found size over the true one
+        assert np.abs(ratio).max() <= 3 * jitter + 1e-6 and (jitter == 0 or np.abs(ratio).max() > jitter / 4)
 
 
 def _matrices(rotation_vectors: np.ndarray) -> np.ndarray:
@@ -494,11 +557,52 @@ def test_head_localiser_finds_an_unseen_head_wherever_the_frame_puts_it(pipeline
     assert untrained[0] > 0.25, untrained
 
 
+def test_a_video_file_is_recentred_where_the_encoder_puts_the_head(pipeline):
+    """`recentred`: each frame's new virtual camera faces the template and puts the head centre exactly where the
+    encoder, through the old cameras (placed badly on purpose: shifted and 1.3x too far), put the head; a second
+    pass starts from the new cameras and the image, frames and intrinsics never change."""
+    prior, _, _, _ = load_prior(pipeline["prior"])
+    encoder = restore_encoder_model(pipeline["encoder"], prior)[0].encoder
+    video = monocular.read_monocular(layout.subject_dir(pipeline["root"], HELD_OUT), "", (), 8)
+    rng = np.random.default_rng()
+    k = video.camera.intrinsics
+
+    def true_translation(name: str, index: int) -> list[float]:
+        meta = layout.read_sequence_meta(layout.sequence_dir(pipeline["root"], HELD_OUT, name))
+        return meta["head_pose"]["translation"][index]
+
+    truth = np.asarray([true_translation(name, index) for name, index in video.frames])
+    head = truth @ video.camera.world_to_cam[:3, :3].T + video.camera.world_to_cam[:3, 3]
+    track = np.stack([k[0, 0] * head[:, 0] / head[:, 2] + k[0, 2], k[1, 1] * head[:, 1] / head[:, 2] + k[1, 2],
+                      k[1, 1] * encoder.crop_extent / head[:, 2] / 1.3], -1)  # fmt: skip
+    track[:, :2] += rng.uniform(-2.0, 2.0, (len(track), 2))
+    views = head_localiser.head_cameras(k, track, encoder.crop_extent, encoder.crop_centre)
+    reference = views[0].copy()
+    reference[:3, 3] = np.median(views[:, :3, 3], 0)
+    placed = dataclasses.replace(video, camera=dataclasses.replace(video.camera, world_to_cam=reference),
+                                 frame_world_to_cam=views)  # fmt: skip
+    _, _, translation = encode_video(encoder, placed, 8)
+    expected = translation.astype(np.float64) @ reference[:3, :3].T + reference[:3, 3]
+    moved = personalize_stage.recentred(placed, encoder, 1, 8)
+    np.testing.assert_array_equal(moved.images, video.images)
+    assert moved.frames == video.frames and moved.camera.intrinsics is video.camera.intrinsics
+    np.testing.assert_allclose(moved.frame_world_to_cam[:, :3, :3], np.broadcast_to(FRONT, (8, 3, 3)), atol=1e-6)
+    np.testing.assert_allclose(moved.frame_world_to_cam[:, :3, 3], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(moved.camera.world_to_cam[:3, 3], np.median(expected, 0), rtol=1e-5, atol=1e-6)
+    assert np.abs(moved.frame_world_to_cam - views).max() > 1e-3  # they moved
+    again = personalize_stage.recentred(moved, encoder, 1, 8)
+    _, _, translation = encode_video(encoder, moved, 8)
+    expected = translation.astype(np.float64) @ moved.camera.world_to_cam[:3, :3].T + moved.camera.world_to_cam[:3, 3]
+    np.testing.assert_allclose(again.frame_world_to_cam[:, :3, 3], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_phone_clip_as_a_plain_mp4_personalises_without_its_calibration(pipeline, tmp_path, capsys):
     """mono_00 written as a phone would hand it over (an mp4 with its 35 mm-equivalent focal length, no
     calibration) goes through `uhap personalize --video clip.mp4`, and the held-out quality through the file path
-    is near the calibrated folder's (same identity, frames, steps and held-out cameras): within 1.5 dB either way
-    (measured: the file's 0.8-1.1 dB above, its localiser's virtual cameras start the fit nearer)."""
+    loses at most 1.5 dB against the calibrated folder's (same identity, frames, steps and held-out cameras).
+    Measured: rig-only encoder, the file 1.1 dB above; phone-clip frames through the calibrated camera only, 2.9 dB
+    below (the failure this test caught); through both cameras, 0.3 dB below, and recentred by the encoder 1.5 dB
+    above (docs/benchmarks.md, issue 17, session 20)."""
     seq_dir = layout.sequence_dir(pipeline["root"], HELD_OUT, "mono_00")
     video = monocular.read_monocular(seq_dir)
     focal = video_file.focal_35mm_of(video.camera.intrinsics, video.camera.width, video.camera.height)
@@ -523,4 +627,4 @@ def test_phone_clip_as_a_plain_mp4_personalises_without_its_calibration(pipeline
     print({"folder": folder, "file": plain})
     assert plain["personalize/frames"] == folder["personalize/frames"]
     gap = folder["personalize/heldout_view_psnr"] - plain["personalize/heldout_view_psnr"]
-    assert -1.5 < gap < 1.5, (folder, plain)
+    assert gap < 1.5, (folder, plain)

@@ -10,7 +10,7 @@ carry no suffix, the held-out identities' multi-view sequences `_held_out_identi
 The rig's heads barely turn, so those rows say little about the pose a user's video gets. Where the subjects have
 monocular sequences with a true head pose (the synthetic phone clips: another lens, a head turning +-30 degrees),
 `eval/rotation_error_deg_phone_clip_held_out_identity` (and `_phone_clip_train`) scores the encoder there, beside
-the zero-motion baseline (no rotation), as personalisation reads that clip. With `data.phone_frames` > 0 (off by
+the zero-motion baseline (no rotation), as personalisation reads that clip. With `data.phone_frames` > 0 (the
 default) the encoder stage trains on the training identities' clips, so `_phone_clip_train` is then a training
 row; the held-out identities' clips are never trained on.
 """

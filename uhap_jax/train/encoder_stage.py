@@ -12,11 +12,12 @@ Besides, the first `data.turned_frames` frames of every step are rendered by the
 turned further (`turns`), and the encoder learns their code and pose too: the rig's cameras are tens of
 degrees apart, and a phone video's head turns fall between them. Where the capture has monocular sequences of the
 training identities with a true head pose (the synthetic phone clips), `data.phone_frames` of their frames join
-every step for the pose terms alone (no multi-view frame gives them a code target; off by default, see
-configs/encoder.py: rig views alone left the pose 9.6 degrees off on held-out identities' phone clips, with them
-5.2, but a plain video file's avatar got worse). Held-out identities' clips are never used. Beside the encoder,
-in the same steps, the head localiser (`uhap_jax.models.head_localiser`, where `localiser.enabled`) learns where
-the head centre projects in augmented whole views and how big the encoder's crop is there: what places the encoder
+every step for the pose terms alone (no multi-view frame gives them a code target), a share `data.phone_video.share`
+of them seen as a plain video file of that clip would be: through a virtual camera placed where the head is
+(`as_video_file_views`), so the encoder learns the pose in the cameras of both ways a user's clip comes in.
+Held-out identities' clips are never used. Beside the encoder, in the same steps, the head localiser
+(`uhap_jax.models.head_localiser`, where `localiser.enabled`) learns where the head centre projects in augmented
+whole views (the rig's and the phone clips') and how big the encoder's crop is there: what places the encoder
 in a video file's frames.
 
 Every `eval.every` steps, and at the end, `uhap_jax.eval.encoder_eval` scores code, pose and re-rendered view on
@@ -35,6 +36,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
+from scipy.spatial.transform import Rotation
 
 import kernels
 from data_pipelines import dataset as dataset_lib
@@ -45,7 +47,8 @@ from uhap_jax.eval import encoder_eval
 from uhap_jax.geometry import rotations
 from uhap_jax.models import image_metrics, losses
 from uhap_jax.models.frozen_prior import EncoderWithPrior, build_encoder, build_localiser
-from uhap_jax.models.head_localiser import head_in_view, localiser_loss
+from uhap_jax.models.head_localiser import head_cameras, head_in_view, localiser_loss
+from uhap_jax.models.mono_encoder import FRONT
 from uhap_jax.models.render import render_views, targets
 from uhap_jax.train.loop import Trainer, TrainResult
 from uhap_jax.train.mesh import batch_sharding, make_mesh, put_batch
@@ -63,38 +66,73 @@ _MM = 1e3
 
 def phone_pool(root: Path) -> dict[str, np.ndarray] | None:
     """Every frame of the training identities' monocular sequences that carry a true head pose (the synthetic
-    phone clips), with its camera: images [N, H, W, 3] uint8, world_to_cam [N, 4, 4], intrinsics [N, 3, 3],
-    rotation and translation [N, 3]. None where the capture has none (a rig-only capture such as NeRSemble)."""
+    phone clips), with its camera: images [N, H, W, 3] and masks [N, H, W] uint8, world_to_cam [N, 4, 4],
+    intrinsics [N, 3, 3], rotation and translation [N, 3]. None where the capture has none (a rig-only capture
+    such as NeRSemble)."""
     clips = [c for c in encoder_eval.phone_clips(root, 0) if c.split == "train"]
     if not clips:
         return None
-    pool = {"images": [], "world_to_cam": [], "intrinsics": [], "rotation": [], "translation": []}
+    pool = {"images": [], "masks": [], "world_to_cam": [], "intrinsics": [], "rotation": [], "translation": []}
     for clip in clips:
         video, count = clip.video, len(clip.video.images)
         views = video.frame_world_to_cam
         pool["images"].append(video.images)
+        pool["masks"].append(video.masks)
         pool["world_to_cam"].append(np.broadcast_to(video.camera.world_to_cam, (count, 4, 4)) if views is None
                                     else views)  # fmt: skip
         pool["intrinsics"].append(np.broadcast_to(video.camera.intrinsics, (count, 3, 3)))
         pool["rotation"].append(clip.rotation)
         pool["translation"].append(clip.translation)
-    return {name: np.concatenate(parts).astype(np.uint8 if name == "images" else np.float32)
+    return {name: np.concatenate(parts).astype(np.uint8 if name in ("images", "masks") else np.float32)
             for name, parts in pool.items()}  # fmt: skip
+
+
+def as_video_file_views(rows: dict[str, np.ndarray], rng: np.random.Generator, *, extent: float,
+                        centre: tuple[float, float, float], centre_jitter: float,
+                        size_jitter: float) -> dict[str, np.ndarray]:  # fmt: skip
+    """Phone-pool rows seen as a plain video file of the clip gives them (`personalize_stage.read_video`): the same
+    image through a frontal virtual camera that puts the head centre where it was found, at the depth its size
+    implies (`head_cameras`), with the head pose re-expressed so that every point lands on the same pixel. The
+    head is "found" at its true projection moved by up to `centre_jitter` of the crop's side and sized by up to
+    exp(+-size_jitter): a localiser's errors (0.05 of the window and 0.14 in log size on its training views, 0.30
+    too big on the tests' clip; docs/benchmarks.md, "Plain video files")."""
+    world_to_cam = rows["world_to_cam"].astype(np.float64)
+    intrinsics = rows["intrinsics"].astype(np.float64)
+    rotation, translation = rows["rotation"].astype(np.float64), rows["translation"].astype(np.float64)
+    cam_rotation, cam_translation = world_to_cam[:, :3, :3], world_to_cam[:, :3, 3]
+    head = np.einsum("bij,bj->bi", cam_rotation, np.asarray(centre) + translation) + cam_translation
+    side = intrinsics[:, 1, 1] * extent / head[:, 2]
+    pixel = np.stack([intrinsics[:, 0, 0] * head[:, 0], intrinsics[:, 1, 1] * head[:, 1]], -1) / head[:, 2:]
+    pixel = pixel + intrinsics[:, :2, 2] + centre_jitter * side[:, None] * rng.uniform(-1.0, 1.0, pixel.shape)
+    side = side * np.exp(size_jitter * rng.uniform(-1.0, 1.0, side.shape))
+    views = np.stack([head_cameras(k, np.concatenate([p, [s]])[None], extent, centre)[0]
+                      for k, p, s in zip(intrinsics, pixel, side)])  # fmt: skip
+    # The same camera-space head: FRONT (R' x + t') + t_v = R_cam (R x + t) + t_cam for every template point x.
+    front = FRONT.astype(np.float64)
+    rotated = front.T @ cam_rotation @ Rotation.from_rotvec(rotation).as_matrix()
+    origin = np.einsum("bij,bj->bi", cam_rotation, translation) + cam_translation  # the head's, camera space
+    moved = (origin - views[:, :3, 3]) @ front
+    return rows | {"world_to_cam": views.astype(np.float32),
+                   "rotation": Rotation.from_matrix(rotated).as_rotvec().astype(np.float32),
+                   "translation": moved.astype(np.float32)}  # fmt: skip
 
 
 class EncoderBatches(dataset_lib.GatheredBatches):
     """The multi-view loader's one-view batches, squeezed to [B, ...], with each frame's targets and scan; and,
     with a phone pool, at least `phone_frames` frames drawn from it (`phone_<name>`; rounded up so that every
-    device gets as many, sharded over the batch axis like the rest)."""
+    device gets as many, sharded over the batch axis like the rest), a random `video_share` of them through a
+    video file's virtual camera (`video_views(rows, rng)`, e.g. `as_video_file_views` with its settings)."""
 
     def __init__(self, inner: loaders.GlobalBatchIterator, tables: encoder_eval.Tables, mesh: jax.sharding.Mesh,
-                 phone: dict[str, np.ndarray] | None = None, phone_frames: int = 0, seed: int = 0):  # fmt: skip
+                 phone: dict[str, np.ndarray] | None = None, phone_frames: int = 0, seed: int = 0,
+                 video_share: float = 0.0, video_views=None):  # fmt: skip
         replicated = NamedSharding(mesh, PartitionSpec())
         super().__init__(inner, jax.tree.map(lambda x: jax.device_put(x, replicated), tables), batch_sharding(mesh))
         self._phone = phone if phone_frames > 0 else None
         local_devices = mesh.devices.size // jax.process_count()
         self._local_frames = -(-phone_frames // (local_devices * jax.process_count())) * local_devices
         self._mesh, self._seed, self._draws = mesh, seed, 0
+        self._video_share, self._video_views = (video_share, video_views) if video_views is not None else (0.0, None)
 
     def __next__(self) -> dict:
         batch = super().__next__()
@@ -105,7 +143,13 @@ class EncoderBatches(dataset_lib.GatheredBatches):
         rng = np.random.default_rng([self._seed, jax.process_index(), self._draws])
         index = rng.integers(0, len(self._phone["images"]), self._local_frames)
         self._draws += 1
-        return batch | put_batch({f"phone_{name}": value[index] for name, value in self._phone.items()}, self._mesh)
+        rows = {name: value[index] for name, value in self._phone.items()}
+        as_video = rng.uniform(size=len(index)) < self._video_share
+        if as_video.any():
+            seen = self._video_views({name: value[as_video] for name, value in rows.items()}, rng)
+            for name, value in seen.items():
+                rows[name][as_video] = value  # `rows` are copies (fancy indexing)
+        return batch | put_batch({f"phone_{name}": value for name, value in rows.items()}, self._mesh)
 
     def get_state(self):
         state = super().get_state()
@@ -214,13 +258,26 @@ def make_loss_fn(config: ml_collections.ConfigDict, code_variance: float, capaci
                    "raster_overflow": jnp.maximum(photo[2], aux.get("raster_overflow", 0.0)),
                    "raster_pairs": jnp.maximum(photo[3], aux.get("raster_pairs", 0.0))}  # fmt: skip
         if model.localiser is not None:
-            centre = jnp.asarray(model.encoder.crop_centre, jnp.float32) + batch["head_translation"]
-            where = head_in_view(batch["world_to_cam"], batch["intrinsics"], centre, model.encoder.crop_extent)
-            repeats = config.localiser.repeats  # each frame in as many windows, augmented differently
-            images_seen = jnp.tile(images, (repeats, 1, 1, 1))
-            masks = jnp.tile(batch["masks"].astype(jnp.float32) / 255.0, (repeats, 1, 1))
-            localiser, found = localiser_loss(model.localiser, localiser_rng, images_seen, masks,
-                                              jnp.tile(where, (repeats, 1)), config.localiser)  # fmt: skip
+            # Rig views, and the phone clips' frames where the step has them (a phone's lens and framing, as a
+            # video file's are): each frame in `repeats` windows, augmented differently.
+            fields = ("masks", "world_to_cam", "intrinsics")
+            sources = [(images, *(batch[name] for name in fields), batch["head_translation"])]
+            if "phone_images" in batch:
+                sources.append((batch["phone_images"].astype(jnp.float32) / 255.0,
+                                *(batch[f"phone_{name}"] for name in fields), batch["phone_translation"]))  # fmt: skip
+            repeats, terms_of, weights_of = config.localiser.repeats, [], []
+            for (seen, masks, world_to_cam, intrinsics, translation), rng_of in zip(
+                sources, jax.random.split(localiser_rng, len(sources))
+            ):  # fmt: skip
+                centre = jnp.asarray(model.encoder.crop_centre, jnp.float32) + translation
+                where = head_in_view(world_to_cam, intrinsics, centre, model.encoder.crop_extent)
+                masks = jnp.tile(masks.astype(jnp.float32) / 255.0, (repeats, 1, 1))
+                terms_of.append(localiser_loss(model.localiser, rng_of, jnp.tile(seen, (repeats, 1, 1, 1)), masks,
+                                               jnp.tile(where, (repeats, 1)), config.localiser))  # fmt: skip
+                weights_of.append(seen.shape[0])
+            share = [w / sum(weights_of) for w in weights_of]  # every frame counts the same
+            localiser = sum(s * value for s, (value, _) in zip(share, terms_of))
+            found = {name: sum(s * f[name] for s, (_, f) in zip(share, terms_of)) for name in terms_of[0][1]}
             aux = aux | found | {"localiser": localiser}
             loss = config.localiser.weight * localiser
         else:
@@ -268,7 +325,14 @@ def train_encoder(config: ml_collections.ConfigDict, workdir: str | Path) -> tup
     if config.data.phone_frames > 0:
         logger.info("phone clips: %s", f"{len(phone['images'])} frames of the training identities' monocular "
                     "sequences teach the pose" if phone is not None else "none in this capture")  # fmt: skip
-    data = EncoderBatches(frames, tables, mesh, phone, config.data.phone_frames, config.train.seed)
+    video = config.data.phone_video
+
+    def video_views(rows: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return as_video_file_views(rows, rng, extent=encoder.crop_extent, centre=encoder.crop_centre,
+                                   centre_jitter=video.centre_jitter, size_jitter=video.size_jitter)  # fmt: skip
+
+    data = EncoderBatches(frames, tables, mesh, phone, config.data.phone_frames, config.train.seed, video.share,
+                          video_views)  # fmt: skip
     loss_fn = make_loss_fn(config, code_variance, evaluator.capacity)
     renders = config.loss.photometric > 0 and config.data.photo_frames > 0  # the Trainer grows the capacity then
     trainer = Trainer(config.train, model, make_optimizer(config), loss_fn, data, workdir, mesh=mesh,

@@ -17,7 +17,8 @@ folder (`make_avatar`'s format plus the fitted bias maps) is written by `uhap_ja
 
 The video is a capture-layout folder (calibrated) or a plain video file: then `read_video` finds the head in each
 frame with the encoder's head localiser and sets up per-frame virtual cameras from the file's intrinsics (a user
-calibration, its metadata or a stated field of view), so the encoder's crop and pose apply as on the rig.
+calibration, its metadata or a stated field of view), then moves them to where the encoder itself puts the head
+(`recentred`), so the encoder's crop and pose apply as on the rig.
 
 `heldout_quality` measures it: a held-out identity personalised from its monocular sequence alone, scored by
 `uhap_jax.eval.personalize_eval` at the held-out cameras of its multi-view sequences.
@@ -196,8 +197,9 @@ def fit_identity(prior: UHAP, prior_cfg: ml_collections.ConfigDict, template: te
 def read_video(path: str | Path, localiser: head_localiser.HeadLocaliser | None, encoder: MonoEncoder,
                config: ml_collections.ConfigDict) -> tuple[monocular.MonoVideo, str]:  # fmt: skip
     """A video file as a MonoVideo (no masks) with per-frame virtual cameras where the localiser found the head,
-    and where its intrinsics came from (`data_pipelines.video_file`). `localiser` None (an encoder trained
-    without one) and a video where no frame shows a head are UsageErrors that say what to do."""
+    recentred `config.video.recentre` times by the encoder, and where its intrinsics came from
+    (`data_pipelines.video_file`). `localiser` None (an encoder trained without one) and a video where no frame
+    shows a head are UsageErrors that say what to do."""
     path = Path(path)
     if localiser is None:
         raise UsageError(f"--video {path}: a video file needs the encoder's head localiser, and this encoder was "
@@ -213,8 +215,7 @@ def read_video(path: str | Path, localiser: head_localiser.HeadLocaliser | None,
                          f"{presence.max():.2f}); give a clip where the face is visible and lit")  # fmt: skip
     track = head_localiser.smooth_track(found, presence, options.smooth_frames, options.min_presence)
     views = head_localiser.head_cameras(clip.intrinsics, track, encoder.crop_extent, encoder.crop_centre)
-    reference = views[0].copy()
-    reference[:3, 3] = np.median(views[:, :3, 3], 0)
+    reference = _reference_of(views)
     height, width = clip.images.shape[1:3]
     logger.info("%s: %d frames %dx%d at %.3g fps (file: %.3g fps, rotation %g); intrinsics from %s; head found in "
                 "%d of them, %.0f px across", path, len(clip.images), width, height, clip.fps, clip.source_fps,
@@ -226,7 +227,34 @@ def read_video(path: str | Path, localiser: head_localiser.HeadLocaliser | None,
                                 tuple((path.name, int(i)) for i in clip.frame_index), clip.images,
                                 np.full((count, height, width), 255, np.uint8), np.zeros(count, np.float32),
                                 views)  # fmt: skip
+    for _ in range(options.recentre):
+        video = recentred(video, encoder, options.smooth_frames, config.data.encode_batch_size)
     return video, clip.intrinsics_source
+
+
+def recentred(video: monocular.MonoVideo, encoder: MonoEncoder, smooth_frames: int,
+              batch_size: int) -> monocular.MonoVideo:  # fmt: skip
+    """A video file's virtual cameras moved to where the encoder, looking through them, puts the head (its
+    translation, smoothed over `smooth_frames`): the localiser's box is coarse (its size 15-40% off on the demo's
+    held-out phone clips), and the encoder reads the pose best in crops framed as in its training, where the head
+    sits at the crop's centre and size."""
+    _, _, translation = encode_video(encoder, video, batch_size)
+    reference = video.camera.world_to_cam
+    head = translation.astype(np.float64) @ reference[:3, :3].T + reference[:3, 3]  # the head origin, camera space
+    k = video.camera.intrinsics
+    track = np.stack([k[0, 0] * head[:, 0] / head[:, 2] + k[0, 2], k[1, 1] * head[:, 1] / head[:, 2] + k[1, 2],
+                      k[1, 1] * encoder.crop_extent / head[:, 2]], -1)  # fmt: skip
+    track = head_localiser.smooth_track(track, np.ones(len(track)), smooth_frames, 0.5)
+    views = head_localiser.head_cameras(k, track, encoder.crop_extent, encoder.crop_centre)
+    camera = dataclasses.replace(video.camera, world_to_cam=_reference_of(views))
+    return dataclasses.replace(video, camera=camera, frame_world_to_cam=views)
+
+
+def _reference_of(views: np.ndarray) -> np.ndarray:
+    """The video's camera: the virtual cameras' shared orientation at their median position."""
+    reference = views[0].copy()
+    reference[:3, 3] = np.median(views[:, :3, 3], 0)
+    return reference
 
 
 # ------------------------------------------------------------------------------------- the avatar and its quality

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -125,7 +126,7 @@ class EncoderBatches(dataset_lib.GatheredBatches):
 
     def __init__(self, inner: loaders.GlobalBatchIterator, tables: encoder_eval.Tables, mesh: jax.sharding.Mesh,
                  phone: dict[str, np.ndarray] | None = None, phone_frames: int = 0, seed: int = 0,
-                 video_share: float = 0.0, video_views=None):  # fmt: skip
+                 video_share: float = 0.0, video_views: Callable[..., dict] | None = None):  # fmt: skip
         replicated = NamedSharding(mesh, PartitionSpec())
         super().__init__(inner, jax.tree.map(lambda x: jax.device_put(x, replicated), tables), batch_sharding(mesh))
         self._phone = phone if phone_frames > 0 else None

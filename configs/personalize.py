@@ -37,7 +37,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.video.smooth_frames = 7  # running median of the head's detections over this many frames
     config.video.min_presence = 0.5  # frames where the localiser scores a head below this are not used
     # Passes that move the virtual cameras to where the encoder puts the head (its crops framed as in training):
-    # the localiser's size was 15-40% off on the demo's held-out phone clips (docs/benchmarks.md, session 20).
+    # the localiser's size was 8-42% off on the demo's held-out phone clips (docs/benchmarks.md, session 20).
     config.video.recentre = 2
     config.use_scan = True  # start from <subject>/neutral_scan when there is one
     config.scan = ""  # or a neutral-scan folder (mesh.ply / mesh.obj) elsewhere

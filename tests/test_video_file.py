@@ -126,8 +126,9 @@ def test_a_video_file_needs_the_encoders_localiser_and_a_face(rng, tmp_path):
 
 
 def test_virtual_cameras_put_the_head_where_it_was_found(rng):
-    """The per-frame cameras project the head centre to the tracked pixel with the tracked crop side, face the
-    template as the encoder's frontal view, and a frame scored without a head takes its neighbour's place."""
+    """The per-frame cameras project the head centre to the tracked pixel with the tracked crop side (and
+    `head_track` reads that track back), face the template as the encoder's frontal view, and a frame scored
+    without a head takes its neighbour's place."""
     k = video_file.intrinsics_for(int(rng.integers(100, 400)), int(rng.integers(100, 400)),
                                   fov_deg=float(rng.uniform(40, 90)))[0]  # fmt: skip
     found = np.stack([rng.uniform(20, 90, 9), rng.uniform(20, 90, 9), rng.uniform(30, 80, 9)], -1)
@@ -143,6 +144,8 @@ def test_virtual_cameras_put_the_head_where_it_was_found(rng):
     seen = head_localiser.head_in_view(jnp.asarray(cameras, jnp.float32), ks, centres, 0.36)
     np.testing.assert_allclose(np.asarray(seen), track, rtol=1e-4)
     np.testing.assert_allclose(cameras[:, :3, :3], np.broadcast_to(FRONT, (9, 3, 3)), atol=1e-6)
+    in_camera = np.einsum("bij,j->bi", cameras[:, :3, :3], np.asarray(centre)) + cameras[:, :3, 3]
+    np.testing.assert_allclose(head_localiser.head_track(k, in_camera, 0.36), track, rtol=1e-9)  # its inverse
     smoothed = head_localiser.smooth_track(found, np.ones(9), 3, 0.5)
     np.testing.assert_allclose(smoothed[1, :2], np.median(found[:3, :2], 0))
     with pytest.raises(ValueError, match="no frame scored a head"):

@@ -219,6 +219,14 @@ def smooth_track(found: np.ndarray, presence: np.ndarray, window: int, min_prese
     return smoothed
 
 
+def head_track(intrinsics: np.ndarray, head: np.ndarray, extent: float) -> np.ndarray:
+    """Head centres in camera space [F, 3] -> the track `head_cameras` takes [F, 3]: the pixel column and row they
+    project to and the crop's side there (focal * extent / depth). intrinsics [3, 3] or [F, 3, 3]."""
+    k = np.broadcast_to(intrinsics, (len(head), 3, 3))
+    pixel = np.stack([k[:, 0, 0], k[:, 1, 1]], -1) * head[:, :2] / head[:, 2:] + k[:, :2, 2]
+    return np.concatenate([pixel, (k[:, 1, 1] * extent / head[:, 2])[:, None]], -1)
+
+
 def head_cameras(intrinsics: np.ndarray, track: np.ndarray, extent: float,
                  centre: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> np.ndarray:  # fmt: skip
     """Per-frame virtual cameras world_to_cam [F, 4, 4]: facing the template (the encoder's frontal view) with the

@@ -48,7 +48,7 @@ from uhap_jax.eval import encoder_eval
 from uhap_jax.geometry import rotations
 from uhap_jax.models import image_metrics, losses
 from uhap_jax.models.frozen_prior import EncoderWithPrior, build_encoder, build_localiser
-from uhap_jax.models.head_localiser import head_cameras, head_in_view, localiser_loss
+from uhap_jax.models.head_localiser import head_cameras, head_in_view, head_track, localiser_loss
 from uhap_jax.models.mono_encoder import FRONT
 from uhap_jax.models.render import render_views, targets
 from uhap_jax.train.loop import Trainer, TrainResult
@@ -102,12 +102,10 @@ def as_video_file_views(rows: dict[str, np.ndarray], rng: np.random.Generator, *
     rotation, translation = rows["rotation"].astype(np.float64), rows["translation"].astype(np.float64)
     cam_rotation, cam_translation = world_to_cam[:, :3, :3], world_to_cam[:, :3, 3]
     head = np.einsum("bij,bj->bi", cam_rotation, np.asarray(centre) + translation) + cam_translation
-    side = intrinsics[:, 1, 1] * extent / head[:, 2]
-    pixel = np.stack([intrinsics[:, 0, 0] * head[:, 0], intrinsics[:, 1, 1] * head[:, 1]], -1) / head[:, 2:]
-    pixel = pixel + intrinsics[:, :2, 2] + centre_jitter * side[:, None] * rng.uniform(-1.0, 1.0, pixel.shape)
-    side = side * np.exp(size_jitter * rng.uniform(-1.0, 1.0, side.shape))
-    views = np.stack([head_cameras(k, np.concatenate([p, [s]])[None], extent, centre)[0]
-                      for k, p, s in zip(intrinsics, pixel, side)])  # fmt: skip
+    track = head_track(intrinsics, head, extent)
+    track[:, :2] += centre_jitter * track[:, 2:] * rng.uniform(-1.0, 1.0, (len(track), 2))
+    track[:, 2] *= np.exp(size_jitter * rng.uniform(-1.0, 1.0, len(track)))
+    views = np.concatenate([head_cameras(k, found[None], extent, centre) for k, found in zip(intrinsics, track)])
     # The same camera-space head: FRONT (R' x + t') + t_v = R_cam (R x + t) + t_cam for every template point x.
     front = FRONT.astype(np.float64)
     rotated = front.T @ cam_rotation @ Rotation.from_rotvec(rotation).as_matrix()

@@ -235,15 +235,14 @@ def read_video(path: str | Path, localiser: head_localiser.HeadLocaliser | None,
 def recentred(video: monocular.MonoVideo, encoder: MonoEncoder, smooth_frames: int,
               batch_size: int) -> monocular.MonoVideo:  # fmt: skip
     """A video file's virtual cameras moved to where the encoder, looking through them, puts the head (its
-    translation, smoothed over `smooth_frames`): the localiser's box is coarse (its size 15-40% off on the demo's
+    translation, smoothed over `smooth_frames`): the localiser's box is coarse (its size 8-42% off on the demo's
     held-out phone clips), and the encoder reads the pose best in crops framed as in its training, where the head
     sits at the crop's centre and size."""
     _, _, translation = encode_video(encoder, video, batch_size)
     reference = video.camera.world_to_cam
     head = translation.astype(np.float64) @ reference[:3, :3].T + reference[:3, 3]  # the head origin, camera space
     k = video.camera.intrinsics
-    track = np.stack([k[0, 0] * head[:, 0] / head[:, 2] + k[0, 2], k[1, 1] * head[:, 1] / head[:, 2] + k[1, 2],
-                      k[1, 1] * encoder.crop_extent / head[:, 2]], -1)  # fmt: skip
+    track = head_localiser.head_track(k, head, encoder.crop_extent)
     track = head_localiser.smooth_track(track, np.ones(len(track)), smooth_frames, 0.5)
     views = head_localiser.head_cameras(k, track, encoder.crop_extent, encoder.crop_centre)
     camera = dataclasses.replace(video.camera, world_to_cam=_reference_of(views))

@@ -264,8 +264,8 @@ def test_encoder_batches_draw_phone_frames_that_a_resumed_run_draws_again():
         for name, value in pool.items():
             if name == "translation":
                 np.testing.assert_array_equal(batch["phone_translation"][~video], value[index][~video])
-                shift = batch["phone_translation"][video] - value[index][video]
-                assert np.all((shift >= 100.0) & (shift <= 101.0)) and np.ptp(shift, -1).max() < 1e-4
+                shift = batch["phone_translation"][video] - value[index][video]  # may be empty for one step
+                assert np.all((shift >= 100.0) & (shift <= 101.0)) and np.all(np.ptp(shift, -1) < 1e-4)
             else:
                 np.testing.assert_array_equal(batch[f"phone_{name}"], value[index])
         rows.append(tuple(index))

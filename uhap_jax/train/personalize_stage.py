@@ -240,7 +240,10 @@ def recentred(video: monocular.MonoVideo, encoder: MonoEncoder, smooth_frames: i
     sits at the crop's centre and size."""
     _, _, translation = encode_video(encoder, video, batch_size)
     reference = video.camera.world_to_cam
-    head = translation.astype(np.float64) @ reference[:3, :3].T + reference[:3, 3]  # the head origin, camera space
+    # The head centre (the world point the crop frames, moved with the head) in camera space, as the track the
+    # localiser gives and `head_cameras` takes.
+    centre = np.asarray(encoder.crop_centre, np.float64) + translation
+    head = centre @ reference[:3, :3].T + reference[:3, 3]
     k = video.camera.intrinsics
     track = head_localiser.head_track(k, head, encoder.crop_extent)
     track = head_localiser.smooth_track(track, np.ones(len(track)), smooth_frames, 0.5)

@@ -202,3 +202,90 @@ def test_codes_read_once_serve_another_stage_of_the_process(tmp_path, rng):
     other = [dataclasses.replace(sequences[0], name="sen_99")]  # never coded: computed, not made up
     assert expression_codes._in_process_codes(tmp_path / "x.npz", key, other) is None
     assert expression_codes._in_process_codes(tmp_path / "x.npz", f"{tmp_path}/prior@6", sequences) is None
+
+
+def _run(folder: Path, stage: str, preset: str = "tiny") -> Path:
+    """A training workdir as `uhap train <stage>` leaves it: the stage's config.json and a finished checkpoint."""
+    from uhap_jax.config_utils import load_config, save_config
+
+    (folder / "checkpoints" / "5").mkdir(parents=True)
+    (folder / "checkpoints" / "5" / "state").write_bytes(np.random.default_rng().bytes(64))
+    save_config(load_config(f"{stage}:{preset}", []), folder / "config.json")
+    return folder
+
+
+@pytest.mark.parametrize("preset", ["tiny", "base"])
+def test_workdir_stage_tells_each_training_stage_by_its_saved_config(tmp_path, preset):
+    for stage in ("prior", "audio", "encoder"):
+        assert output_dirs.workdir_stage(_run(tmp_path / stage, stage, preset)) == stage
+    for name, text in (("empty", "{}"), ("list", "[1, 2]"), ("torn", '{"model": {"uv_res'), ("not_ours", '{"a": 1}'),
+                       ("two_stages", '{"model": {"uv_resolution": 32}, "localiser": {}}')):  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text)
+        assert output_dirs.workdir_stage(tmp_path / name) is None, name
+    assert output_dirs.workdir_stage(tmp_path / "missing") is None
+
+
+def test_check_workdir_starts_or_resumes_only_where_no_data_is_lost(tmp_path):
+    (tmp_path / "empty").mkdir()
+    run = _run(tmp_path / "prior_run", "prior")
+    for folder in (tmp_path / "new", tmp_path / "empty", run):
+        assert output_dirs.check_workdir(folder, "prior") == folder
+    for stage, words in (("audio", "holds a `uhap train prior` run"), ("encoder", "`uhap train encoder` a folder")):
+        with pytest.raises(UsageError, match=words):
+            output_dirs.check_workdir(run, stage)
+    with pytest.raises(ValueError, match="unknown training stage"):
+        output_dirs.check_workdir(tmp_path / "new", "decoder")
+
+
+def test_train_refuses_a_workdir_that_would_cost_data_and_changes_nothing(tmp_path, capsys, rng):
+    """`uhap train --workdir`: a folder of the user's own files (its config.json would be overwritten), another
+    stage's run, an input or a folder inside one, a file: one line naming --workdir, status 2, every byte kept."""
+    mine = tmp_path / "my_project"
+    mine.mkdir()
+    (mine / "config.json").write_bytes(rng.bytes(256))
+    (mine / "notes.txt").write_text("user data")
+    prior = _run(tmp_path / "prior_run", "prior")
+    data = tmp_path / "capture"
+    data.mkdir()
+    (data / "dataset.json").write_text("{}")
+    (tmp_path / "a_file").write_bytes(rng.bytes(32))
+    cases = [
+        (["train", "prior", "--workdir", str(mine)], ["--workdir", "no `uhap train` run", "remove"]),
+        (["train", "encoder", "--workdir", str(prior), f"--config.prior_workdir={prior}"], ["is the input"]),
+        (
+            [
+                "train",
+                "audio",
+                "--workdir",
+                str(_run(tmp_path / "encoder_run", "encoder")),
+                f"--config.prior_workdir={prior}",
+            ],
+            ["holds a `uhap train encoder` run"],
+        ),  # fmt: skip
+        (["train", "prior", "--workdir", str(data / "runs"), f"--config.data.root={data}"], ["lies inside the input"]),
+        (["train", "prior", "--workdir", str(tmp_path), f"--config.data.root={data}"], ["contains the input"]),
+        (["train", "prior", "--workdir", str(tmp_path / "a_file")], ["is a file"]),
+    ]
+    before, tree = _files(tmp_path), sorted(tmp_path.rglob("*"))
+    for argv, words in cases:
+        assert cli.main(argv) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: --workdir"), lines
+        assert all(word in lines[0] for word in words), (words, lines[0])
+    assert _files(tmp_path) == before and sorted(tmp_path.rglob("*")) == tree
+
+
+def test_demo_refuses_a_folder_of_other_files_and_eval_an_encoder_run(tmp_path, capsys, rng):
+    mine = tmp_path / "my_project"
+    mine.mkdir()
+    (mine / "photo.jpg").write_bytes(rng.bytes(64))
+    encoder = _run(tmp_path / "encoder_run", "encoder")
+    before = _files(tmp_path)
+    assert cli.main(["demo", "--workdir", str(mine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--workdir" in err[0] and "no `uhap demo` run" in err[0], err
+    assert cli.main(["eval", "--workdir", str(encoder)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "an encoder workdir" in err[0] and "benchmark.encoder" in err[0], err
+    assert _files(tmp_path) == before

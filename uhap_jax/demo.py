@@ -44,6 +44,7 @@ STAGE_MINUTES = {
 }  # fmt: skip
 
 
+DEMO_CONFIG = "demo_config.json"  # what marks a folder as a demo workdir that `uhap demo` may resume
 XLA_CACHE = "xla_cache"  # W/xla_cache: the demo's compiled programs (`compilation_cache`)
 
 
@@ -95,7 +96,7 @@ class Demo:
 
     def run(self) -> dict[str, float]:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.workdir / "demo_config.json")
+        save_config(self.config, self.workdir / DEMO_CONFIG)
         cache = self.workdir / XLA_CACHE if self.config.get("xla_cache", False) else None
         with compilation_cache(cache):
             return self._run_stages()

@@ -2,7 +2,9 @@
 
 A command writes its result (a bundle, an avatar, a dataset) into a folder it may replace only when that folder
 is missing, empty, or carries our own manifest of the same kind; never when it is, contains or lies inside one of
-the command's inputs. Replacing writes into a unique staging folder beside the target, moves the old folder
+the command's inputs. A training workdir is never replaced but written into and resumed, so it may be missing,
+empty or one of the same stage's runs (`check_workdir`): never a folder of the user's own files, another stage's
+run, or an input. Replacing writes into a unique staging folder beside the target, moves the old folder
 aside, moves the new one in, and only then deletes the old one: an interruption at any point leaves either the
 old or the new folder in place (at worst the old one under `.<name>.old-*`), and two runs never share a staging
 folder. A failed write removes its staging folder and leaves the target as it was.
@@ -24,7 +26,16 @@ import numpy as np
 from data_pipelines.layout import replace_dir
 from uhap_jax.config_utils import UsageError, write_atomic
 
-__all__ = ["KINDS", "check_replaceable", "overlapping_input", "replace_dir", "replacing", "save_npz_atomic"]
+__all__ = [
+    "KINDS",
+    "check_replaceable",
+    "check_workdir",
+    "overlapping_input",
+    "replace_dir",
+    "replacing",
+    "save_npz_atomic",
+    "workdir_stage",
+]
 
 
 def _kind_is(value: str, field: str = "kind") -> Callable[[dict], bool]:
@@ -61,17 +72,21 @@ def overlapping_input(out: Path, inputs: Sequence[Path | str | None]) -> Path | 
     return None
 
 
-def check_replaceable(out: Path, kind: str, *, inputs: Sequence[Path | str | None] = (), flag: str = "--out") -> Path:
-    """Refuses (UsageError, one line naming `flag`) an output folder that the command may not replace."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown output kind {kind!r}; known: {', '.join(KINDS)}")
-    out = Path(out)
+def _refuse_overlap(out: Path, inputs: Sequence[Path | str | None], flag: str) -> None:
     clash = overlapping_input(out, inputs)
     if clash is not None:
         relation = ("is" if out.resolve() == clash.resolve() else
                     "lies inside" if clash.resolve() in out.resolve().parents else "contains")  # fmt: skip
         raise UsageError(f"{flag} {out}: {relation} the input {clash}; writing there would destroy it, so give "
                          "another folder")  # fmt: skip
+
+
+def check_replaceable(out: Path, kind: str, *, inputs: Sequence[Path | str | None] = (), flag: str = "--out") -> Path:
+    """Refuses (UsageError, one line naming `flag`) an output folder that the command may not replace."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown output kind {kind!r}; known: {', '.join(KINDS)}")
+    out = Path(out)
+    _refuse_overlap(out, inputs, flag)
     if out.is_symlink():
         raise UsageError(f"{flag} {out}: is a symbolic link; give the folder itself or a new path")
     if not out.exists():
@@ -83,6 +98,55 @@ def check_replaceable(out: Path, kind: str, *, inputs: Sequence[Path | str | Non
         raise UsageError(f"{flag} {out}: holds files but is not a {kind} written by uhap (no {manifest} of one); "
                          f"give a new or empty folder, or remove {out} yourself")  # fmt: skip
     return out
+
+
+# A key that only one `uhap train` stage's config has: what tells the stage of a saved `<workdir>/config.json`.
+STAGE_KEYS = {"prior": "model.uv_resolution", "audio": "encoder_path", "encoder": "localiser"}
+
+
+def workdir_stage(workdir: Path) -> str | None:
+    """The `uhap train` stage ('prior', 'audio' or 'encoder') whose run `workdir` holds, by its config.json; None
+    when it has no config.json that one of them wrote."""
+    try:
+        config = json.loads((Path(workdir) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(config, dict):
+        return None
+
+    def has(key: str) -> bool:
+        node = config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    found = [stage for stage, key in STAGE_KEYS.items() if has(key)]
+    return found[0] if len(found) == 1 else None
+
+
+def check_workdir(workdir: Path, stage: str, *, inputs: Sequence[Path | str | None] = (),
+                  flag: str = "--workdir") -> Path:  # fmt: skip
+    """Refuses (UsageError, one line naming `flag`) a training workdir that writing into would cost data: one that
+    is, holds or lies inside an input, a file, another stage's run, or a folder of files no `uhap train` wrote (its
+    config.json would be overwritten). A missing or empty folder starts a run; one of `stage`'s resumes it."""
+    if stage not in STAGE_KEYS:
+        raise ValueError(f"unknown training stage {stage!r}; known: {', '.join(STAGE_KEYS)}")
+    workdir = Path(workdir)
+    _refuse_overlap(workdir, inputs, flag)
+    if not workdir.exists() or (workdir.is_dir() and not any(workdir.iterdir())):
+        return workdir
+    if not workdir.is_dir():
+        raise UsageError(f"{flag} {workdir}: is a file; give a new or empty folder")
+    found = workdir_stage(workdir)
+    if found is None:
+        raise UsageError(f"{flag} {workdir}: holds files but no `uhap train` run (no config.json of one); give a new "
+                         f"or empty folder, or remove {workdir} yourself")  # fmt: skip
+    if found != stage:
+        raise UsageError(f"{flag} {workdir}: holds a `uhap train {found}` run; give `uhap train {stage}` a folder "
+                         "of its own")  # fmt: skip
+    return workdir
 
 
 @contextlib.contextmanager

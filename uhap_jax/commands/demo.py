@@ -24,11 +24,15 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from uhap_jax.config_utils import load_config
-    from uhap_jax.demo import default_workdir, run_demo
+    from uhap_jax.demo import DEMO_CONFIG, default_workdir, run_demo
 
     common.log_to_stdout()
     config = load_config(args.config, args.config_overrides)
     workdir = args.workdir or default_workdir()
+    foreign = workdir.is_dir() and any(workdir.iterdir()) and not (workdir / DEMO_CONFIG).is_file()
+    if foreign or (workdir.exists() and not workdir.is_dir()):
+        raise common.UsageError(f"--workdir {workdir}: holds files but no `uhap demo` run (no {DEMO_CONFIG}); give a "
+                                f"new or empty folder, or remove {workdir} yourself")  # fmt: skip
     print(f"uhap demo: workdir {workdir}", flush=True)
     metrics = run_demo(config, workdir)
     print(json.dumps(metrics, indent=1))

@@ -19,6 +19,7 @@ from typing import Any
 
 import ml_collections
 
+from uhap_jax.artifacts import output_dirs
 from uhap_jax.commands import common
 from uhap_jax.config_utils import load_config, save_config
 from uhap_jax.train.distributed import add_distributed_args, initialize_from_args
@@ -59,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
     """Checks the flags and inputs, starts the processes, trains the stage (`train_saving_config`)."""
     common.log_to_stdout()
     config = load_config(args.config or f"{args.stage}:tiny", args.config_overrides)  # bad flags: before start-up
-    if args.workdir.exists() and not args.workdir.is_dir():
-        raise common.UsageError(f"--workdir {args.workdir}: is a file; give a folder")
     check_inputs(args.stage, config)
+    inputs = [config.get("data", {}).get("root", ""), config.get("prior_workdir", "")]
+    output_dirs.check_workdir(args.workdir, args.stage, inputs=inputs)
     initialize_from_args(args)
     import jax
 

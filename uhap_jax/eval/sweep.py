@@ -37,6 +37,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from data_pipelines import dataset as dataset_lib
+from uhap_jax.artifacts import output_dirs
 from uhap_jax.artifacts.bundles import BUNDLE_FILE
 from uhap_jax.artifacts.checkpoints import single_device_mesh
 from uhap_jax.artifacts.priors import load_prior
@@ -83,6 +84,11 @@ def checkpoint_kind(path: Path) -> str:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: neither an inference bundle ({BUNDLE_FILE}) nor a training workdir "
                                 "(config.json)")  # fmt: skip
+    if output_dirs.workdir_stage(path) == "encoder":
+        raise ValueError(
+            f"{path}: an encoder workdir (`uhap train encoder`); only priors (workdirs, bundles) and "
+            "speech models are evaluated, and an encoder goes to configs/sweep.py's benchmark.encoder"
+        )
     config = read_config(path / "config.json")
     if "prior_workdir" not in config:
         return "workdir"

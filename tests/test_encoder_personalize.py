@@ -389,6 +389,33 @@ def test_personalize_writes_an_avatar_that_loads_renders_and_resumes(pipeline, t
     assert not np.allclose(ours, theirs, atol=1e-4)  # the fitted bias maps are what the avatar renders with
 
 
+def test_personalize_workdir_takes_only_its_own_run_and_keeps_other_files(pipeline, tmp_path, capsys):
+    """A fine-tune workdir of the user's own files, or of another video's fine-tune: one error line, nothing
+    written (a new run would write metrics.jsonl and checkpoints/ over theirs)."""
+    videos = [
+        layout.sequence_dir(pipeline["root"], HELD_OUT, "mono_00"),
+        layout.subject_dir(pipeline["root"], HELD_OUT),
+    ]
+    mine, other = tmp_path / "mine", tmp_path / "other_video"
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_bytes(np.random.default_rng().bytes(128))
+
+    def args(video, workdir):
+        return ["personalize", "--prior", str(pipeline["prior"]), "--encoder", str(pipeline["encoder"]),
+                "--audio-model", str(pipeline["audio"]), "--video", str(video), "--out", str(tmp_path / "avatar"),
+                "--workdir", str(workdir), "--config", "configs/personalize.py:tiny", *PERSONALIZE_OVERRIDES,
+                "--config.train.steps=1"]  # fmt: skip
+
+    assert cli.main(args(videos[0], other)) == 0  # a fine-tune of one video, then asked for another
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for workdir, video, words in ((mine, videos[0], "no personalisation"), (other, videos[1], "other inputs")):
+        assert cli.main(args(video, workdir)) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and str(workdir) in lines[0] and words in lines[0], lines
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_bias_maps_that_do_not_fit_the_prior_name_the_file(pipeline, tmp_path):
     prior, _, _, _ = load_prior(pipeline["prior"])
     shapes = bias_shapes(prior)

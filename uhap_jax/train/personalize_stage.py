@@ -263,7 +263,8 @@ def _reference_of(views: np.ndarray) -> np.ndarray:
 
 
 def _claim_workdir(workdir: Path, inputs: dict) -> None:
-    """A workdir resumes only the run it was started for: the same video, camera, prior, encoder and scan."""
+    """A workdir resumes only the run it was started for (the same video, camera, prior, encoder and scan), and a
+    new run starts only in a missing or empty folder."""
     run_file = workdir / RUN_FILE
     if run_file.is_file():
         before = json.loads(run_file.read_text())
@@ -272,6 +273,8 @@ def _claim_workdir(workdir: Path, inputs: dict) -> None:
             raise ValueError(f"{run_file}: this workdir holds a personalisation with other inputs ({changed}); "
                              "delete it or pass another workdir")  # fmt: skip
         return
+    if workdir.is_dir() and any(workdir.iterdir()):  # a user's files, which metrics.jsonl etc. would overwrite
+        raise ValueError(f"{workdir}: holds files but no personalisation ({RUN_FILE}); pass a new or empty --workdir")
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(inputs, indent=1))

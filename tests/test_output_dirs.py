@@ -236,6 +236,14 @@ def test_check_workdir_starts_or_resumes_only_where_no_data_is_lost(tmp_path):
             output_dirs.check_workdir(run, stage)
     with pytest.raises(ValueError, match="unknown training stage"):
         output_dirs.check_workdir(tmp_path / "new", "decoder")
+    (tmp_path / "sweep" / "parts").mkdir(parents=True)
+    (tmp_path / "sweep" / "results.csv").write_text("job\n0\n")
+    for folder in (tmp_path / "new", tmp_path / "empty", tmp_path / "sweep"):
+        assert output_dirs.check_resumable(folder, "parts", "uhap sweep") == folder
+    with pytest.raises(UsageError, match="no parts"):
+        output_dirs.check_resumable(run, "parts", "uhap sweep")
+    with pytest.raises(UsageError, match="is a file"):
+        output_dirs.check_resumable(run / "config.json", "parts", "uhap sweep")
 
 
 def test_train_refuses_a_workdir_that_would_cost_data_and_changes_nothing(tmp_path, capsys, rng):
@@ -276,15 +284,16 @@ def test_train_refuses_a_workdir_that_would_cost_data_and_changes_nothing(tmp_pa
     assert _files(tmp_path) == before and sorted(tmp_path.rglob("*")) == tree
 
 
-def test_demo_refuses_a_folder_of_other_files_and_eval_an_encoder_run(tmp_path, capsys, rng):
+def test_demo_and_sweep_refuse_a_folder_of_other_files_and_eval_an_encoder_run(tmp_path, capsys, rng):
     mine = tmp_path / "my_project"
     mine.mkdir()
-    (mine / "photo.jpg").write_bytes(rng.bytes(64))
+    (mine / "results.csv").write_bytes(rng.bytes(64))
     encoder = _run(tmp_path / "encoder_run", "encoder")
     before = _files(tmp_path)
-    assert cli.main(["demo", "--workdir", str(mine)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--workdir" in err[0] and "no `uhap demo` run" in err[0], err
+    for command in ("demo", "sweep"):
+        assert cli.main([command, "--workdir", str(mine)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--workdir {mine}" in err[0] and f"no `uhap {command}` run" in err[0], err
     assert cli.main(["eval", "--workdir", str(encoder)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "an encoder workdir" in err[0] and "benchmark.encoder" in err[0], err

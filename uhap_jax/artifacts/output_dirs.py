@@ -29,6 +29,7 @@ from uhap_jax.config_utils import UsageError, write_atomic
 __all__ = [
     "KINDS",
     "check_replaceable",
+    "check_resumable",
     "check_workdir",
     "overlapping_input",
     "replace_dir",
@@ -98,6 +99,18 @@ def check_replaceable(out: Path, kind: str, *, inputs: Sequence[Path | str | Non
         raise UsageError(f"{flag} {out}: holds files but is not a {kind} written by uhap (no {manifest} of one); "
                          f"give a new or empty folder, or remove {out} yourself")  # fmt: skip
     return out
+
+
+def check_resumable(folder: Path, marker: str, command: str, *, flag: str = "--workdir") -> Path:
+    """Refuses (UsageError, one line naming `flag`) a workdir that `command` would write over a user's files in: it
+    may be missing, empty, or hold `marker`, what `command` leaves in its own workdirs (which it then resumes)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder}: is a file; give a new or empty folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).exists():
+        raise UsageError(f"{flag} {folder}: holds files but no `{command}` run (no {marker}); give a new or empty "
+                         f"folder, or remove {folder} yourself")  # fmt: skip
+    return folder
 
 
 # A key that only one `uhap train` stage's config has: what tells the stage of a saved `<workdir>/config.json`.

@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from uhap_jax.artifacts import output_dirs
 from uhap_jax.commands import common
 
 
@@ -29,10 +30,7 @@ def run(args: argparse.Namespace) -> int:
     common.log_to_stdout()
     config = load_config(args.config, args.config_overrides)
     workdir = args.workdir or default_workdir()
-    foreign = workdir.is_dir() and any(workdir.iterdir()) and not (workdir / DEMO_CONFIG).is_file()
-    if foreign or (workdir.exists() and not workdir.is_dir()):
-        raise common.UsageError(f"--workdir {workdir}: holds files but no `uhap demo` run (no {DEMO_CONFIG}); give a "
-                                f"new or empty folder, or remove {workdir} yourself")  # fmt: skip
+    output_dirs.check_resumable(workdir, DEMO_CONFIG, "uhap demo")
     print(f"uhap demo: workdir {workdir}", flush=True)
     metrics = run_demo(config, workdir)
     print(json.dumps(metrics, indent=1))

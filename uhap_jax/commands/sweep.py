@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from uhap_jax.artifacts import output_dirs
 from uhap_jax.commands import common
 from uhap_jax.config_utils import load_config
 from uhap_jax.train.distributed import add_distributed_args, initialize_from_args
@@ -35,6 +36,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     common.log_to_stdout()
     config = load_config(args.config, args.config_overrides)  # a bad override fails before any start-up
+    output_dirs.check_resumable(args.workdir, "parts", "uhap sweep")  # results.csv and the rest are written over
     initialize_from_args(args)
     from uhap_jax.eval.sweep import run_sweep  # after distributed start-up: it imports the models
 

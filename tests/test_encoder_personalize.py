@@ -409,8 +409,9 @@ def test_personalize_workdir_takes_only_its_own_run_and_keeps_other_files(pipeli
     assert cli.main(args(videos[0], other)) == 0  # a fine-tune of one video, then asked for another
     capsys.readouterr()
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    for workdir, video, words in ((mine, videos[0], "no personalisation"), (other, videos[1], "other inputs")):
-        assert cli.main(args(video, workdir)) == 1
+    for workdir, video, status, words in ((mine, videos[0], 2, "no `uhap personalize` run"),
+                                          (other, videos[1], 1, "other inputs")):  # fmt: skip
+        assert cli.main(args(video, workdir)) == status
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and str(workdir) in lines[0] and words in lines[0], lines
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -214,16 +214,40 @@ def _run(folder: Path, stage: str, preset: str = "tiny") -> Path:
     return folder
 
 
-@pytest.mark.parametrize("preset", ["tiny", "base"])
-def test_workdir_stage_tells_each_training_stage_by_its_saved_config(tmp_path, preset):
-    for stage in ("prior", "audio", "encoder"):
-        assert output_dirs.workdir_stage(_run(tmp_path / stage, stage, preset)) == stage
+@pytest.mark.parametrize(("stage", "preset"), [("prior", "tiny"), ("prior", "base"), ("prior", "large"),
+                                               ("audio", "tiny"), ("audio", "base"), ("audio", "large"),
+                                               ("encoder", "tiny"), ("encoder", "base")])  # fmt: skip
+def test_workdir_stage_tells_each_training_stage_by_its_saved_config(tmp_path, stage, preset):
+    assert output_dirs.workdir_stage(_run(tmp_path / stage, stage, preset)) == stage
+
+
+def test_workdir_stage_knows_older_configs_and_no_others(tmp_path):
+    encoder = _run(tmp_path / "encoder", "encoder")
+    config = json.loads((encoder / "config.json").read_text())
+    del config["localiser"]  # an encoder run from before the head localiser
+    (encoder / "config.json").write_text(json.dumps(config))
+    assert output_dirs.workdir_stage(encoder) == "encoder"
     for name, text in (("empty", "{}"), ("list", "[1, 2]"), ("torn", '{"model": {"uv_res'), ("not_ours", '{"a": 1}'),
-                       ("two_stages", '{"model": {"uv_resolution": 32}, "localiser": {}}')):  # fmt: skip
+                       ("demo", json.dumps({"prior_config": "configs/prior.py:tiny", "model": 3}))):  # fmt: skip
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(text)
         assert output_dirs.workdir_stage(tmp_path / name) is None, name
     assert output_dirs.workdir_stage(tmp_path / "missing") is None
+
+
+def test_an_interrupted_sweep_leaves_its_marker_first_so_a_rerun_resumes(tmp_path, monkeypatch):
+    from uhap_jax.config_utils import load_config
+    from uhap_jax.eval import sweep
+
+    def preempted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "plan_jobs", lambda config: [])
+    monkeypatch.setattr(sweep, "single_device_mesh", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(load_config("sweep:tiny", []), tmp_path / "sweep")
+    (tmp_path / "sweep" / "expression_codes").mkdir()  # what its jobs write before the end
+    assert output_dirs.check_resumable(tmp_path / "sweep", "parts", "uhap sweep") == tmp_path / "sweep"
 
 
 def test_check_workdir_starts_or_resumes_only_where_no_data_is_lost(tmp_path):

@@ -113,30 +113,25 @@ def check_resumable(folder: Path, marker: str, command: str, *, flag: str = "--w
     return folder
 
 
-# A key that only one `uhap train` stage's config has: what tells the stage of a saved `<workdir>/config.json`.
-STAGE_KEYS = {"prior": "model.uv_resolution", "audio": "encoder_path", "encoder": "localiser"}
+STAGES = ("prior", "audio", "encoder")
 
 
 def workdir_stage(workdir: Path) -> str | None:
-    """The `uhap train` stage ('prior', 'audio' or 'encoder') whose run `workdir` holds, by its config.json; None
-    when it has no config.json that one of them wrote."""
+    """The `uhap train` stage ('prior', 'audio' or 'encoder') whose run `workdir` holds, by keys its config.json has
+    had since each stage's first version (a speech model's names its audio encoder, an encoder's only its prior, a
+    prior's neither but its UV resolution); None when there is no such config.json."""
     try:
         config = json.loads((Path(workdir) / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     if not isinstance(config, dict):
         return None
-
-    def has(key: str) -> bool:
-        node = config
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return False
-            node = node[part]
-        return True
-
-    found = [stage for stage, key in STAGE_KEYS.items() if has(key)]
-    return found[0] if len(found) == 1 else None
+    if "encoder_path" in config:
+        return "audio"
+    if "prior_workdir" in config:
+        return "encoder"
+    model = config.get("model")
+    return "prior" if isinstance(model, dict) and "uv_resolution" in model else None
 
 
 def check_workdir(workdir: Path, stage: str, *, inputs: Sequence[Path | str | None] = (),
@@ -144,8 +139,8 @@ def check_workdir(workdir: Path, stage: str, *, inputs: Sequence[Path | str | No
     """Refuses (UsageError, one line naming `flag`) a training workdir that writing into would cost data: one that
     is, holds or lies inside an input, a file, another stage's run, or a folder of files no `uhap train` wrote (its
     config.json would be overwritten). A missing or empty folder starts a run; one of `stage`'s resumes it."""
-    if stage not in STAGE_KEYS:
-        raise ValueError(f"unknown training stage {stage!r}; known: {', '.join(STAGE_KEYS)}")
+    if stage not in STAGES:
+        raise ValueError(f"unknown training stage {stage!r}; known: {', '.join(STAGES)}")
     workdir = Path(workdir)
     _refuse_overlap(workdir, inputs, flag)
     if not workdir.exists() or (workdir.is_dir() and not any(workdir.iterdir())):

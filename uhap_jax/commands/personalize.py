@@ -74,7 +74,7 @@ def _video_options(args: argparse.Namespace, config) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from uhap_jax.config_utils import load_config
-    from uhap_jax.train.personalize_stage import personalize
+    from uhap_jax.train.personalize_stage import RUN_FILE, personalize
 
     common.log_to_stdout()
     config = load_config(args.config, getattr(args, "config_overrides", []))
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         clash = output_dirs.overlapping_input(workdir, [*inputs, args.out])
         if clash is not None:
             raise common.UsageError(f"--workdir {workdir}: overlaps {clash}; give the fine-tune a folder of its own")
+    output_dirs.check_resumable(workdir or Path(f"{args.out}.work"), RUN_FILE, "uhap personalize")
     result = personalize(args.prior, args.encoder, args.video, args.out, config, audio_workdir=args.audio_model,
                          workdir=args.workdir)  # fmt: skip
     print(json.dumps({"avatar": str(result.avatar) if result.avatar else None, "step": result.step,

@@ -227,6 +227,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path, benchmark_
     of audio-stage checkpoints (it builds avatars, which is training: the command passes it in)."""
     workdir = Path(workdir)
     jobs = plan_jobs(config)
+    parts = workdir / "parts"  # first: what marks the folder as a sweep's, which a rerun resumes (`check_resumable`)
+    parts.mkdir(parents=True, exist_ok=True)
     index, count = jax.process_index(), jax.process_count()
     mine = [job for job in jobs if job.index % count == index]
     logger.info("sweep: %d jobs, %d on process %d of %d", len(jobs), len(mine), index, count)
@@ -260,8 +262,6 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path, benchmark_
             root, records = datasets[job.dataset]
             metrics = evaluate_job(job, model, train_config, template, root, records, config, mesh)
             rows.append(_row(job, config, kind, step, metrics, start))
-    parts = workdir / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
     (parts / f"{index}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     multihost_utils.sync_global_devices("uhap sweep parts")
     if index != 0:

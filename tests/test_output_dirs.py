@@ -277,13 +277,17 @@ def test_train_refuses_a_workdir_that_would_cost_data_and_changes_nothing(tmp_pa
     mine.mkdir()
     (mine / "config.json").write_bytes(rng.bytes(256))
     (mine / "notes.txt").write_text("user data")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("user data")
     prior = _run(tmp_path / "prior_run", "prior")
     data = tmp_path / "capture"
     data.mkdir()
     (data / "dataset.json").write_text("{}")
     (tmp_path / "a_file").write_bytes(rng.bytes(32))
     cases = [
-        (["train", "prior", "--workdir", str(mine)], ["--workdir", "no `uhap train` run", "remove"]),
+        (["train", "prior", "--workdir", str(mine)], ["--workdir", "config.json is not one `uhap train` wrote"]),
+        (["train", "prior", "--workdir", str(notes)], ["--workdir", "no `uhap train` run", "remove"]),
         (["train", "encoder", "--workdir", str(prior), f"--config.prior_workdir={prior}"], ["is the input"]),
         (
             [

@@ -143,14 +143,13 @@ def check_workdir(workdir: Path, stage: str, *, inputs: Sequence[Path | str | No
         raise ValueError(f"unknown training stage {stage!r}; known: {', '.join(STAGES)}")
     workdir = Path(workdir)
     _refuse_overlap(workdir, inputs, flag)
-    if not workdir.exists() or (workdir.is_dir() and not any(workdir.iterdir())):
+    check_resumable(workdir, "config.json", "uhap train", flag=flag)
+    if not (workdir / "config.json").exists():
         return workdir
-    if not workdir.is_dir():
-        raise UsageError(f"{flag} {workdir}: is a file; give a new or empty folder")
     found = workdir_stage(workdir)
     if found is None:
-        raise UsageError(f"{flag} {workdir}: holds files but no `uhap train` run (no config.json of one); give a new "
-                         f"or empty folder, or remove {workdir} yourself")  # fmt: skip
+        raise UsageError(f"{flag} {workdir}: its config.json is not one `uhap train` wrote; give a new or empty "
+                         f"folder, or remove {workdir} yourself")  # fmt: skip
     if found != stage:
         raise UsageError(f"{flag} {workdir}: holds a `uhap train {found}` run; give `uhap train {stage}` a folder "
                          "of its own")  # fmt: skip

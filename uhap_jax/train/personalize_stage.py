@@ -41,6 +41,7 @@ from flax import nnx
 import kernels
 from data_pipelines import dataset as dataset_lib
 from data_pipelines import layout, loaders, monocular, synth, video_file
+from uhap_jax.artifacts import output_dirs
 from uhap_jax.artifacts.avatars import write_avatar
 from uhap_jax.artifacts.bundles import save_bundle
 from uhap_jax.artifacts.priors import load_population, load_prior, restore_encoder_model, restore_speech
@@ -273,8 +274,7 @@ def _claim_workdir(workdir: Path, inputs: dict) -> None:
             raise ValueError(f"{run_file}: this workdir holds a personalisation with other inputs ({changed}); "
                              "delete it or pass another workdir")  # fmt: skip
         return
-    if workdir.is_dir() and any(workdir.iterdir()):  # a user's files, which metrics.jsonl etc. would overwrite
-        raise ValueError(f"{workdir}: holds files but no personalisation ({RUN_FILE}); pass a new or empty --workdir")
+    output_dirs.check_resumable(workdir, RUN_FILE, "uhap personalize")  # a user's files: metrics.jsonl would overwrite
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(inputs, indent=1))

@@ -25,8 +25,11 @@ from uhap_jax.train.optimizer import make_optimizer  # noqa: E402
 
 @pytest.fixture
 def rng(request) -> np.random.Generator:
-    """A fresh, logged seed per test: inputs are random, never zeros, yet reproducible from the log."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """A fresh, logged seed per test: inputs are random, never zeros, yet reproducible from the log.
+
+    `UHAP_TEST_SEED=<seed from the log>` replays a failure.
+    """
+    seed = int(os.environ.get("UHAP_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"[{request.node.name}] seed={seed}")
     return np.random.default_rng(seed)
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.raster_oracle import oracle_render, random_scene
+from helpers.raster_oracle import hard_scene, oracle_render, random_scene
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -25,7 +25,9 @@ def _args(scene, dtype):
     [(37, 29, 2, False, "classic"), (48, 32, 3, True, "classic"), (33, 50, 2, False, "antialiased")],
 )
 def test_matches_float64_oracle(rng, width, height, num_cams, per_camera, mode):
-    scene = random_scene(rng, 90, num_cams, width, height, per_camera_colors=per_camera)
+    scene = hard_scene(
+        rng, 90, num_cams, width, height, per_camera_colors=per_camera, antialiased=mode == "antialiased"
+    )
     background = rng.uniform(0, 1, 3)
     with jax.enable_x64(True):
         out = kernels.rasterize(
@@ -42,7 +44,8 @@ def test_matches_float64_oracle(rng, width, height, num_cams, per_camera, mode):
     )
     assert rgb.shape == (num_cams, height, width, 3) and rgb.dtype == np.float64
     assert np.all(np.isfinite(rgb))
-    # The scene is hard enough to exercise every rule: some pixels saturate, many are touched, some are empty.
+    # The scene is hard enough to exercise every rule (hard_scene redrew until it was): some pixels saturate, many
+    # are touched, some are empty.
     assert ref_alpha.max() > 0.999 and (ref_alpha > 0.05).mean() > 0.1 and (ref_alpha < 0.02).any()
     np.testing.assert_allclose(rgb, ref_rgb, atol=1e-5, rtol=0)
     np.testing.assert_allclose(alpha, ref_alpha, atol=1e-5, rtol=0)

@@ -43,18 +43,29 @@ def test_posterior_fills_unseen_texels_from_the_seen_ones(rng):
 
 
 def test_region_offsets_take_a_colour_the_population_lacks(rng):
-    albedos, regions = _identities(rng, 6)
-    population = AlbedoPopulation.fit(albedos)
-    person = albedos[0].copy()
-    person[regions == 2] = [0.9, 0.1, 0.1]  # red hair: no training identity had it
-    seen = np.where((regions == 2) & (np.arange(len(person)) % 3 == 0), 1.0, 0.0)
-    seen[regions == 1] = 1.0
-    plain = population.posterior(person, seen, noise=1e-3)
+    # The premise: the population lacks the person's red hair, so the plain posterior misses it. Six random hair
+    # colours can span it closely enough that the plain posterior's error is small (seed 5565: 0.008), leaving the
+    # offsets nothing to improve; about 1 draw in 10 is such a population, and is redrawn.
+    for _ in range(50):
+        albedos, regions = _identities(rng, 6)
+        population = AlbedoPopulation.fit(albedos)
+        person = albedos[0].copy()
+        person[regions == 2] = [0.9, 0.1, 0.1]  # red hair: no training identity had it
+        seen = np.where((regions == 2) & (np.arange(len(person)) % 3 == 0), 1.0, 0.0)
+        seen[regions == 1] = 1.0
+        plain = population.posterior(person, seen, noise=1e-3)
+        hair_unseen = (regions == 2) & (seen == 0)
+        plain_error = np.abs(plain[hair_unseen] - person[hair_unseen]).mean()
+        if plain_error > 0.05:
+            break
+    else:
+        raise AssertionError("every population drawn spans the red hair")
     offsets = population.posterior(person, seen, noise=1e-3, regions=regions, region_variance=1.0)
-    hair_unseen = (regions == 2) & (seen == 0)
-    assert np.abs(offsets[hair_unseen] - person[hair_unseen]).mean() < 0.5 * np.abs(
-        plain[hair_unseen] - person[hair_unseen]).mean()  # fmt: skip
-    assert np.abs(offsets[regions == 0] - 0.9).mean() < 0.01  # shared by all: no room for an offset
+    assert np.abs(offsets[hair_unseen] - person[hair_unseen]).mean() < 0.5 * plain_error
+    # Shared by all: no room for an offset. The teeth stay at 0.9 up to the identities' 0.005 noise, whose mean
+    # absolute value is 0.004 and reached 0.0100 (seed 12303; at most 0.0104 in 20,000 draws). The hair's offset
+    # leaking into the teeth (the teeth given the hair's region id) moves them by 0.12 to 0.17.
+    assert np.abs(offsets[regions == 0] - 0.9).mean() < 0.015
 
 
 def test_save_load_and_bad_files(tmp_path, rng):

@@ -50,7 +50,7 @@ def test_voices_differ(rng):
 
 def test_rig_opens_jaw_on_vowels_and_closes_lips_on_bilabials(head, rng):
     utterance = speech.synthesize(SENTENCE, _random_voice(rng))
-    fps = 100.0  # fine time steps, to sample each phoneme's centre
+    fps = 100.0  # fine time steps, several frames in each phoneme
     style = rig.Style(anticipation=float(rng.uniform(0.7, 1.5)))
     track = rig.expression_track(utterance.phonemes, utterance.duration, fps, rng, style)
     vertices = np.asarray(rig.deform(head, track))
@@ -59,12 +59,19 @@ def test_rig_opens_jaw_on_vowels_and_closes_lips_on_bilabials(head, rng):
     phonemes = utterance.phonemes
     ends = [p.start for p in phonemes[1:]] + [utterance.duration]
     centres = {"bilabial": [], "open_vowel": []}
+    closest = []  # each bilabial's smallest |gap| over its frames
     for phoneme, end in zip(phonemes, ends):
         kind = rig.viseme_class(phoneme.symbol)
         if kind in centres:
-            centres[kind].append(min(int(round(0.5 * (phoneme.start + end) * fps)), len(gap) - 1))
+            centre = min(int(round(0.5 * (phoneme.start + end) * fps)), len(gap) - 1)
+            centres[kind].append(centre)
+        if kind == "bilabial":
+            frames = np.arange(int(np.ceil(phoneme.start * fps)), min(int(np.floor(end * fps)), len(gap) - 1) + 1)
+            closest.append(np.abs(gap[frames if frames.size else [centre]]).min())
     assert len(centres["bilabial"]) >= 5 and len(centres["open_vowel"]) >= 2
-    assert np.all(np.abs(gap[centres["bilabial"]]) < 1e-3), "lips must meet on p, b, m"
+    # The lips meet during each p, b, m, not necessarily at its centre: with strong anticipation the closure leads
+    # a short bilabial's centre (seed 15157: a 30 ms p, 1.04e-3 apart at its centre, 0.73e-3 a frame earlier).
+    assert np.all(np.array(closest) < 1e-3), ("lips must meet on p, b, m", closest)
     assert np.all(gap[centres["open_vowel"]] > 6e-3), "the mouth opens on open vowels"
     assert np.all(chin_drop[centres["open_vowel"]] > 6e-3), "the jaw rotates the lower lip down"
     # Over the clip, the opening follows the jaw control.

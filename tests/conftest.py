@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 from helpers.layouts import PRIOR_OVERRIDES, write_speech_layout  # noqa: E402
 from helpers.models import randomise  # noqa: E402
+from helpers.seeds import drawn, fresh_seed  # noqa: E402
 
 from uhap_jax.config_utils import load_config  # noqa: E402
 from uhap_jax.geometry import template as template_lib  # noqa: E402
@@ -27,11 +28,20 @@ from uhap_jax.train.optimizer import make_optimizer  # noqa: E402
 def rng(request) -> np.random.Generator:
     """A fresh, logged seed per test: inputs are random, never zeros, yet reproducible from the log.
 
-    `UHAP_TEST_SEED=<seed from the log>` replays a failure.
+    `UHAP_TEST_SEED=<seed from the log>` replays a failure (helpers/seeds.py, which module fixtures use too).
     """
-    seed = int(os.environ.get("UHAP_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
-    print(f"[{request.node.name}] seed={seed}")
-    return np.random.default_rng(seed)
+    return np.random.default_rng(fresh_seed(request.node.name))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report names the seeds of the shared (module) fixtures it used, whose own print went to
+    the first test that set them up."""
+    outcome = yield
+    report = outcome.get_result()
+    lines = drawn(item.fixturenames) if report.failed else []
+    if lines:
+        report.sections.append(("seeds of shared fixtures", "\n".join(lines)))
 
 
 def pytest_report_header(config):
@@ -47,8 +57,7 @@ def prior_checkpoint(tmp_path_factory) -> tuple[Path, Path, Path]:
     """
     base = tmp_path_factory.mktemp("audio_stage")
     root, cache, workdir = base / "layout", base / "cache", base / "prior"
-    seed = int.from_bytes(np.random.default_rng().bytes(4), "little")
-    print(f"[prior_checkpoint] seed={seed}")
+    seed = fresh_seed("prior_checkpoint")
     rng = np.random.default_rng(seed)
     write_speech_layout(root, rng)
     config = load_config("configs/prior.py:tiny", PRIOR_OVERRIDES)

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 from helpers.layouts import PRIOR_OVERRIDES, SMALL_SPEECH_MODEL, speech_like, write_stereo_wav
 from helpers.models import random_cameras, randomise, save_step_zero
+from helpers.seeds import fresh_seed
 
 from data_pipelines import layout
 from uhap_jax import cli
@@ -35,8 +36,7 @@ def avatar_dir(tmp_path_factory) -> Path:
     """An avatar of a one-subject layout, from a random prior and a random speech model (untrained: training
     either compiles the rasterizer's or the speech model's step, minutes on these CPUs)."""
     base = tmp_path_factory.mktemp("animate")
-    seed = int.from_bytes(np.random.default_rng().bytes(4), "little")
-    print(f"[avatar_dir] seed={seed}")
+    seed = fresh_seed("avatar_dir")
     rng = np.random.default_rng(seed)
     head = template_lib.procedural_head(24)
     subject_dir = layout.subject_dir(base / "layout", SUBJECT)

@@ -265,12 +265,12 @@ def test_the_nersemble_command_names_missing_benchmark_sequences(tmp_path, capsy
     assert not (tmp_path / "nvs.zip").exists()
 
 
-def test_syncnet_weights_turn_lse_from_na_into_numbers(setup):
+def test_syncnet_weights_turn_lse_from_na_into_numbers(setup, rng):
     """Given a SyncNet (random weights here: `load_syncnet` of syncnet_v2 is tested against PyTorch in
     test_lip_metrics), every condition's LSE-D / LSE-C are finite numbers in the rows, the means and the table."""
     from uhap_jax.eval import syncnet
 
-    model = syncnet.SyncNet(64, rngs=nnx.Rngs(int(np.random.default_rng().integers(1 << 30))))
+    model = syncnet.SyncNet(64, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     model.eval()
     result = benchmark.run(setup["root"], setup["avatars"], setup["template"], None, syncnet_model=model, max_lag=3,
                            clips=setup["clips"], images=True)  # fmt: skip

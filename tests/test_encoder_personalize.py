@@ -231,12 +231,11 @@ class _Frames:
         self.i = state["i"]
 
 
-def test_encoder_batches_draw_phone_frames_that_a_resumed_run_draws_again():
+def test_encoder_batches_draw_phone_frames_that_a_resumed_run_draws_again(rng):
     """Each step gets `phone_frames` whole rows of the pool (every field from the same frame), different rows
     at different steps; the draw count rides in the loader's state, so a run resumed from a checkpoint (the state
     through JSON, as the checkpoint keeps it) gets the same frames as one that was not interrupted. Without a
     pool the batches and the state are the loader's own."""
-    rng = np.random.default_rng()
     count = 12
     pool = {"images": rng.integers(0, 256, (count, 4, 4, 3), dtype=np.uint8),
             "world_to_cam": rng.normal(size=(count, 4, 4)).astype(np.float32),
@@ -291,12 +290,11 @@ def test_encoder_batches_draw_phone_frames_that_a_resumed_run_draws_again():
     assert plain.get_state() == {"i": 1}
 
 
-def test_a_phone_frame_seen_as_a_video_file_keeps_every_point_on_its_pixel():
+def test_a_phone_frame_seen_as_a_video_file_keeps_every_point_on_its_pixel(rng):
     """`as_video_file_views`: the virtual camera and the re-expressed head pose put every head point at the same
     camera-space position as the clip's camera and true pose (float64 reference on random cameras and poses), the
     camera faces the template and the head centre lands within the stated jitter of the found pixel; without
     jitter exactly on it, at the depth of the true centre."""
-    rng = np.random.default_rng()
     count = 16
     cameras = np.tile(np.eye(4), (count, 1, 1))
     cameras[:, :3, :3] = _matrices(rng.normal(scale=0.3, size=(count, 3)))
@@ -586,14 +584,13 @@ def test_head_localiser_finds_an_unseen_head_wherever_the_frame_puts_it(pipeline
     assert untrained[0] > 0.25, untrained
 
 
-def test_a_video_file_is_recentred_where_the_encoder_puts_the_head(pipeline):
+def test_a_video_file_is_recentred_where_the_encoder_puts_the_head(pipeline, rng):
     """`recentred`: each frame's new virtual camera faces the template and puts the head centre exactly where the
     encoder, through the old cameras (placed badly on purpose: shifted and 1.3x too far), put the head; a second
     pass starts from the new cameras and the image, frames and intrinsics never change."""
     prior, _, _, _ = load_prior(pipeline["prior"])
     encoder = restore_encoder_model(pipeline["encoder"], prior)[0].encoder
     video = monocular.read_monocular(layout.subject_dir(pipeline["root"], HELD_OUT), "", (), 8)
-    rng = np.random.default_rng()
     encoder.crop_centre = tuple(rng.uniform(-0.03, 0.03, 3))  # the crop's head centre off the head's origin
     k = video.camera.intrinsics
 

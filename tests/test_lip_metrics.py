@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from helpers.seeds import fresh_seed
 from torch import nn
 
 from uhap_jax.eval import lip_metrics, syncnet
@@ -184,7 +185,7 @@ class TorchSyncNet(nn.Module):
 @pytest.fixture(scope="module")
 def torch_syncnet():
     """A random syncnet_v2 in eval mode, batch-norm statistics randomised so that they matter."""
-    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    torch.manual_seed(fresh_seed("torch_syncnet"))
     model = TorchSyncNet().eval()
     for module in model.modules():
         if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
@@ -294,7 +295,15 @@ def test_lip_sync_error_matches_reference_pipeline(torch_syncnet, syncnet_file, 
     with torch.no_grad():
         video = torch.cat([torch_syncnet.forward_lip(imtv[:, :, i : i + 5]) for i in range(lastframe)])
         audio = torch.cat([torch_syncnet.forward_aud(cct[:, :, :, 4 * i : 4 * i + 20]) for i in range(lastframe)])
-    offset, lse_d, lse_c, _ = _reference_scores(video.double().numpy(), audio.double().numpy(), 3)
+    offset, lse_d, lse_c, distances = _reference_scores(video.double().numpy(), audio.double().numpy(), 3)
     assert scores.distances.shape == (lastframe, 7)
-    assert scores.offset == offset
+    # Every window's distance at every lag matches (float32 embeddings: about 1e-7 relative), which pins the whole
+    # curve. The offset is its argmin: random weights give lags within ~1e-3 of each other (about 1e-4 of LSE-D),
+    # where float32 rounding may pick the other of two near-equal lags, so offsets must agree only where the
+    # reference's best two lags are further apart than 1e-4 of LSE-D.
+    np.testing.assert_allclose(scores.distances, distances, rtol=1e-4)
+    assert scores.offset == 3 - int(np.argmin(np.mean(scores.distances, 0)))
+    best, second = np.sort(distances.mean(0))[:2]
+    if second - best > 1e-4 * lse_d:
+        assert scores.offset == offset, (best, second)
     np.testing.assert_allclose([scores.lse_d, scores.lse_c], [lse_d, lse_c], rtol=1e-4, atol=1e-4 * lse_d)

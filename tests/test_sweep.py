@@ -6,7 +6,6 @@ direction."""
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from flax import nnx
 from helpers.layouts import FPS, PRIOR_OVERRIDES, SMALL_SPEECH_MODEL, SPEECH_OVERRIDES, TINY_MODEL, write_prior_layout
 from helpers.models import randomise, save_step_zero
 from helpers.processes import cpu_env, free_port
+from helpers.seeds import fresh_seed
 
 from data_pipelines import synth
 from uhap_jax import cli
@@ -35,8 +35,7 @@ SCALES = (1.0, 0.5)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """A tiny prior trained for 2 steps through the CLI on a written layout, and its float32 bundle."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"[trained prior] seed={seed}")
+    seed = fresh_seed("trained")
     tmp = tmp_path_factory.mktemp("sweep")
     root, workdir = tmp / "layout", tmp / "prior"
     write_prior_layout(root, np.random.default_rng(seed))
@@ -151,8 +150,7 @@ def speech_workdir(prior_checkpoint, tmp_path_factory) -> tuple[Path, Path, Path
     the Trainer with its config.json (training it compiles the speech model's step, minutes on these CPUs), then
     scored by `train_audio` with train.steps=0, which resumes it, evaluates at step 0 and trains nothing."""
     root, cache, prior_workdir = prior_checkpoint
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"[speech_workdir] seed={seed}")
+    seed = fresh_seed("speech_workdir")
     workdir = tmp_path_factory.mktemp("sweep_audio") / "audio"
     config = load_config("configs/audio.py:tiny", [
         *(o.removeprefix("--config.") for o in SMALL_SPEECH_MODEL), f"prior_workdir={prior_workdir}",

@@ -2,11 +2,13 @@
 
 `synthesize` returns 16 kHz mono audio and the phoneme events eSpeak reports while it speaks (phoneme names
 in eSpeak's ASCII mnemonics, start times in seconds), so that the rig can move the mouth in sync with the sound.
-eSpeak keeps global state, so one lock serialises every call in the process.
+eSpeak keeps global state, so one lock serialises every call in the process, and each call loads the library
+afresh (`_Engine`): its static state would otherwise carry from one utterance into the next.
 """
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import dataclasses
 import threading
@@ -74,7 +76,15 @@ class Utterance:
 
 
 class _Engine:
-    """The loaded library, initialised once, with a callback that collects samples and events."""
+    """A fresh load of the library, initialised, with a callback that collects samples and events; `close`
+    unloads it.
+
+    eSpeak NG keeps state in static variables from one utterance to the next, and `espeak_Terminate` does not reset
+    it: in one process the same text and voice came out a few samples longer or shorter, with phoneme times 1 ms
+    apart, depending on what was spoken before (so a seeded dataset depended on what the process had said
+    earlier). Unloading the library after each utterance (~6 ms to load again) makes the audio depend only on the
+    text and the voice.
+    """
 
     def __init__(self):
         self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
@@ -83,6 +93,7 @@ class _Engine:
         self.lib.espeak_SetSynthCallback.argtypes = [_SynthCallback]
         self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         self.lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self.lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
         self.lib.espeak_Synth.argtypes = [
             ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
             ctypes.c_void_p, ctypes.c_void_p,
@@ -97,6 +108,11 @@ class _Engine:
         self.events: list[tuple[int, int, str]] = []
         self._callback = _SynthCallback(self._on_synth)  # kept alive as long as the engine
         self.lib.espeak_SetSynthCallback(self._callback)
+
+    def close(self) -> None:
+        """Frees eSpeak's memory and unloads the library, so that the next `_Engine` starts from a clean state."""
+        self.lib.espeak_Terminate()
+        _ctypes.dlclose(self.lib._handle)
 
     def _on_synth(self, wav, num_samples, events) -> int:
         if num_samples > 0:
@@ -113,41 +129,46 @@ class _Engine:
         return 0
 
 
-_ENGINE: _Engine | None = None
 _LOCK = threading.Lock()
 
 
 def synthesize(text: str, voice: Voice = Voice()) -> Utterance:
     """Speaks `text` with `voice`; returns 16 kHz float32 audio and timed phonemes, sorted by start time."""
-    global _ENGINE
     if not text.strip():
         raise ValueError("synthesize: text is empty")
     with _LOCK:
-        if _ENGINE is None:
-            _ENGINE = _Engine()
-        engine = _ENGINE
-        if engine.lib.espeak_SetVoiceByName(voice.name.encode()) != 0:
-            raise ValueError(f"synthesize: eSpeak NG has no voice {voice.name!r}")
-        for parameter, value in (
-            (_PARAM_RATE, voice.rate_wpm),
-            (_PARAM_PITCH, voice.pitch),
-            (_PARAM_RANGE, voice.pitch_range),
-            (_PARAM_VOLUME, 100),
-        ):
-            engine.lib.espeak_SetParameter(parameter, int(value), 0)
-        engine.chunks, engine.events = [], []
-        encoded = text.encode("utf-8") + b"\0"
-        buffer = ctypes.create_string_buffer(encoded)
-        status = engine.lib.espeak_Synth(buffer, len(encoded), 0, 0, 0, _CHARS_UTF8, None, None)
-        if status != 0:
-            raise RuntimeError(f"synthesize: espeak_Synth failed with status {status} for {text!r}")
-        engine.lib.espeak_Synchronize()
-        samples = np.concatenate(engine.chunks) if engine.chunks else np.zeros(0, np.int16)
-        events = list(engine.events)
+        engine = _Engine()
+        try:
+            samples, events = _speak(engine, text, voice)
+        finally:
+            engine.close()
     audio = samples.astype(np.float32) / 32768.0
     ratio = Fraction(AUDIO_RATE, engine.sample_rate)
     audio = signal.resample_poly(audio, ratio.numerator, ratio.denominator).astype(np.float32)
     return Utterance(text=text, audio=audio, phonemes=_phonemes(events, len(audio) / AUDIO_RATE))
+
+
+def _speak(engine: _Engine, text: str, voice: Voice) -> tuple[np.ndarray, list[tuple[int, int, str]]]:
+    """eSpeak's int16 samples and phoneme/word events for `text` in `voice`, on a fresh engine."""
+    if engine.lib.espeak_SetVoiceByName(voice.name.encode()) != 0:
+        raise ValueError(f"synthesize: eSpeak NG has no voice {voice.name!r}")
+    for parameter, value in (
+        (_PARAM_RATE, voice.rate_wpm),
+        (_PARAM_PITCH, voice.pitch),
+        (_PARAM_RANGE, voice.pitch_range),
+        (_PARAM_VOLUME, 100),
+    ):
+        engine.lib.espeak_SetParameter(parameter, int(value), 0)
+    # eSpeak seeds its noise generator (the breathy variants' noise) from the clock unless told a seed.
+    engine.lib.espeak_ng_SetRandSeed(0)
+    encoded = text.encode("utf-8") + b"\0"
+    buffer = ctypes.create_string_buffer(encoded)
+    status = engine.lib.espeak_Synth(buffer, len(encoded), 0, 0, 0, _CHARS_UTF8, None, None)
+    if status != 0:
+        raise RuntimeError(f"synthesize: espeak_Synth failed with status {status} for {text!r}")
+    engine.lib.espeak_Synchronize()
+    samples = np.concatenate(engine.chunks) if engine.chunks else np.zeros(0, np.int16)
+    return samples, list(engine.events)
 
 
 def _phonemes(events: list[tuple[int, int, str]], duration: float) -> tuple[Phoneme, ...]:

@@ -1,5 +1,9 @@
 """eSpeak NG speech with timed phonemes, and the viseme rig that moves the mouth in sync with it."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -10,6 +14,7 @@ from uhap_jax.geometry import cameras as camera_lib
 from uhap_jax.geometry import template as template_lib
 
 SENTENCE = "Bob met a happy puppy on the farm."
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +45,23 @@ def test_espeak_gives_speech_and_monotone_phonemes(rng):
     spectrum = np.abs(np.fft.rfft(audio)) ** 2
     freqs = np.fft.rfftfreq(len(audio), 1 / speech.AUDIO_RATE)
     assert spectrum[freqs < 4000].sum() > 10 * spectrum[freqs > 6000].sum()
+
+
+def test_speech_depends_only_on_text_and_voice(rng, tmp_path):
+    """eSpeak NG's static state and its clock-seeded breath noise once made the same text and voice come out
+    different after other utterances, and in another process."""
+    voice = speech.Voice(name="en-us+f3", rate_wpm=int(rng.integers(140, 190)), pitch=int(rng.integers(25, 80)))
+    first = speech.synthesize(SENTENCE, voice)
+    speech.synthesize("Peter picked a peck of pickled peppers.", _random_voice(rng))
+    again = speech.synthesize(SENTENCE, voice)
+    np.testing.assert_array_equal(again.audio, first.audio)
+    assert again.phonemes == first.phonemes
+    script = (
+        "import sys, numpy as np; from data_pipelines import speech; "
+        f"np.save(sys.argv[1], speech.synthesize({SENTENCE!r}, speech.{voice!r}).audio)"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "audio.npy")], check=True, cwd=REPO)
+    np.testing.assert_array_equal(np.load(tmp_path / "audio.npy"), first.audio)
 
 
 def test_voices_differ(rng):

@@ -74,7 +74,7 @@ def _video_options(args: argparse.Namespace, config) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from uhap_jax.config_utils import load_config
-    from uhap_jax.train.personalize_stage import RUN_FILE, personalize
+    from uhap_jax.train.personalize_stage import RUN_FILE, fine_tune_workdir, personalize
 
     common.log_to_stdout()
     config = load_config(args.config, getattr(args, "config_overrides", []))
@@ -89,12 +89,11 @@ def run(args: argparse.Namespace) -> int:
     _video_options(args, config)
     inputs = [args.prior, args.encoder, args.audio_model, args.video, *([args.calibration] if args.calibration else [])]
     output_dirs.check_replaceable(args.out, "avatar", inputs=inputs)
-    workdir = args.workdir or (Path(config.workdir) if config.workdir else None)
-    if workdir is not None:
-        clash = output_dirs.overlapping_input(workdir, [*inputs, args.out])
-        if clash is not None:
-            raise common.UsageError(f"--workdir {workdir}: overlaps {clash}; give the fine-tune a folder of its own")
-    output_dirs.check_resumable(workdir or Path(f"{args.out}.work"), RUN_FILE, "uhap personalize")
+    workdir = fine_tune_workdir(args.out, config, args.workdir)
+    clash = output_dirs.overlapping_input(workdir, [*inputs, args.out])
+    if clash is not None:
+        raise common.UsageError(f"--workdir {workdir}: overlaps {clash}; give the fine-tune a folder of its own")
+    output_dirs.check_resumable(workdir, RUN_FILE, "uhap personalize")
     result = personalize(args.prior, args.encoder, args.video, args.out, config, audio_workdir=args.audio_model,
                          workdir=args.workdir)  # fmt: skip
     print(json.dumps({"avatar": str(result.avatar) if result.avatar else None, "step": result.step,

@@ -291,17 +291,24 @@ class PersonalizeResult:
     metrics: dict[str, float]
 
 
+def fine_tune_workdir(
+    out_avatar: str | Path, config: ml_collections.ConfigDict, workdir: str | Path | None = None
+) -> Path:
+    """Where the fine-tune runs: `workdir`, else `config.workdir`, else `<out_avatar>.work`."""
+    return Path(workdir or config.workdir or f"{out_avatar}.work")
+
+
 def personalize(prior: str | Path, encoder_workdir: str | Path, video_dir: str | Path, out_avatar: str | Path,
                 config: ml_collections.ConfigDict, *, audio_workdir: str | Path,
                 workdir: str | Path | None = None) -> PersonalizeResult:  # fmt: skip
     """A personalised avatar folder from a monocular video: encoder codes, identity fine-tune, speech model.
 
     `prior` is a prior workdir or bundle, `encoder_workdir` a `uhap train encoder` workdir, `audio_workdir` a
-    `uhap train audio` workdir. The fine-tune runs in `workdir` (default `config.workdir`, else
-    `<out_avatar>.work`) and resumes from it.
+    `uhap train audio` workdir. The fine-tune runs in `fine_tune_workdir(out_avatar, config, workdir)` and resumes
+    from it.
     """
     out = Path(out_avatar)
-    workdir = Path(workdir or config.workdir or f"{out}.work")
+    workdir = fine_tune_workdir(out, config, workdir)
     base, prior_cfg, template, prior_step = load_prior(prior)
     restored, encoder_step = restore_encoder_model(encoder_workdir, base)
     encoder = restored.encoder

@@ -81,7 +81,7 @@ def test_the_test_clips_are_held_out_identities_sentences_and_cameras(setup):
 
 def test_constant_neutral_codes_score_exactly_the_zero_motion_baseline(setup):
     def neutral(avatar, waveform, frames):
-        return np.broadcast_to(benchmark.rest_code(avatar), (frames, avatar.prior.z_dim))
+        return np.broadcast_to(benchmark.rest_code(avatar, waveform, frames), (frames, avatar.prior.z_dim))
 
     result = benchmark.run(setup["root"], setup["avatars"], setup["template"], None, drive=neutral, max_lag=3,
                            clips=setup["clips"])  # fmt: skip
@@ -93,6 +93,21 @@ def test_constant_neutral_codes_score_exactly_the_zero_motion_baseline(setup):
     # ...and so fail the relative bars: a method that does not move is not better than not moving.
     checks = {c.name: c.passed for c in benchmark.check_bars(result["means"])}
     assert not checks["LVE <= 70% of zero_motion"] and not checks["mouth PSNR > zero_motion"]
+
+
+def test_the_rest_face_is_the_speech_models_face_in_the_clips_pauses(setup, rng):
+    """`rest_code` averages the speech model's codes over the quietest fifth of the clip's frames, wherever they
+    are, and never over a loud one (digital silence is not its input: its face for that was unstable)."""
+    avatar = setup["avatars"]["id001"]
+    frames, hop = 20, int(RATE / FPS)
+    quiet = np.sort(rng.choice(frames, 4, replace=False))
+    level = np.where(np.isin(np.arange(frames), quiet), rng.uniform(0.001, 0.01, frames), rng.uniform(0.2, 0.5, frames))
+    waveform = (np.repeat(level, hop) * rng.normal(size=frames * hop)).astype(np.float32)
+    codes = benchmark.speech_codes(avatar.speech, waveform, frames)
+    rest = benchmark.rest_code(avatar, waveform, frames)
+    np.testing.assert_allclose(rest, codes[quiet].mean(0), rtol=1e-5, atol=1e-6)
+    loud = np.setdiff1d(np.arange(frames), quiet)
+    assert not np.allclose(rest, codes[loud[:4]].mean(0), atol=1e-4)
 
 
 def test_a_random_speech_model_does_not_beat_shuffled_audio(setup):

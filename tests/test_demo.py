@@ -48,7 +48,9 @@ METRICS = ("benchmark/prior_train_ids_heldout_frames/psnr", "benchmark/prior_hel
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("demo") / "w"
-    assert cli.main(["demo", "--workdir", str(workdir), *OVERRIDES]) == 0
+    with pytest.MonkeyPatch.context() as patch:  # a relative --workdir, as a user types it
+        patch.chdir(workdir.parent)
+        assert cli.main(["demo", "--workdir", "w", *OVERRIDES]) == 0
     return workdir
 
 
@@ -90,6 +92,16 @@ def test_demo_writes_metrics_avatar_video_and_report(demo):
     assert "talking_head.mp4" in linked and len(linked) >= 4
     for path in linked:
         assert (demo / path).is_file() and (demo / path).stat().st_size > 0, path
+
+
+def test_stage_configs_name_the_workdir_absolutely(demo):
+    """A demo started with a relative --workdir resumes from any directory: its saved stage configs hold
+    absolute paths (a relative data.root broke the report stage of a resume from elsewhere)."""
+    for stage in ("prior", "audio", "encoder"):
+        config = json.loads((demo / stage / "config.json").read_text())
+        paths = [config["data"]["root"], config["data"]["cache_dir"]] if stage == "prior" else [config["prior_workdir"]]
+        for path in paths:
+            assert Path(path).is_absolute() and Path(path).resolve().is_relative_to(demo.resolve()), (stage, path)
 
 
 def test_demo_run_again_skips_every_stage(demo, capsys):

@@ -78,7 +78,8 @@ class Demo:
     """The stages in order, sharing one workdir and config."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
-        self.config, self.workdir = config, Path(workdir)
+        # Absolute: every stage config saved under W names W's folders, so a resume from another directory works.
+        self.config, self.workdir = config, Path(workdir).absolute()
         self.data = self.workdir / "data"
         self.stages: list[tuple[str, Callable[[], dict]]] = [
             ("data", self.synthesise), ("prior", self.train_prior), ("audio", self.train_audio),

@@ -11,10 +11,10 @@ head_pose): audio cannot know where the head is, so every condition gets the cap
 
 Conditions, on the same frames and cameras, in one table:
 - `audio`: the speech model on the clip's own audio (what a user gets);
-- `zero_motion`: the avatar held at its neutral code, the rest face its speech model gives for silence
-  (`rest_code`). z = 0 is not the data's neutral (the audio stage's eval on the demo: LVE 130 mm² at z = 0 vs 12
-  at the mean code, true scans); on the demo's phone-built avatars, though, z = 0 scored 76/233 mm² against the
-  rest code's 82/263, so which static face is the harder baseline depends on the avatar;
+- `zero_motion`: the avatar held at its neutral code, the rest face its speech model shows in the clip's pauses
+  (`rest_code`: the mean code over the quietest frames). Not digital silence: the model normalises each utterance,
+  so an all-zero input is unlike anything it heard, and its face for it was unstable between retrainings (the
+  demo: 108.6, then 258.6 mm² LVE, against 114.5 for the pauses' face); not z = 0 either (162 mm² on the demo);
 - `shuffled_audio`: the speech model on another test sentence's audio (looped or cut to the clip's length);
 - `oracle_codes`: an upper bound, not a method: the prior's own codes from the clip's held-in multi-view images,
   the true neutral scan and (if the prior was trained with them) the tracked meshes, rendered by the same avatar.
@@ -445,12 +445,16 @@ class Oracle:
 Driver = Callable[[TestAvatar, np.ndarray, int], np.ndarray]
 
 
-def rest_code(avatar: TestAvatar, seconds: float = 1.0) -> np.ndarray:
-    """The avatar's neutral code [z]: its speech model's mean code over `seconds` of silence (what the avatar
-    shows when nobody speaks); also the neutral that FDD measures the prediction's motion from."""
-    frames = max(1, round(seconds * avatar.speech.config.fps))
-    silence = np.zeros(math.ceil(frames * SAMPLE_RATE / avatar.speech.config.fps), np.float32)
-    return speech_codes(avatar.speech, silence, frames).mean(0).astype(np.float32)
+def rest_code(avatar: TestAvatar, waveform: np.ndarray, num_frames: int, quiet_fraction: float = 0.2) -> np.ndarray:
+    """The avatar's neutral code [z] for a clip: its speech model's mean code over the clip's quietest
+    `quiet_fraction` of frames (lowest audio RMS: the pauses, what the avatar shows when nobody speaks); also the
+    neutral that FDD measures the prediction's motion from."""
+    codes = speech_codes(avatar.speech, waveform, num_frames)
+    hop = SAMPLE_RATE / avatar.speech.config.fps
+    padded = np.pad(np.asarray(waveform, np.float64), (0, max(0, math.ceil(num_frames * hop) - len(waveform))))
+    loudness = [np.mean(padded[round(i * hop) : round((i + 1) * hop)] ** 2) for i in range(num_frames)]
+    quiet = np.argsort(loudness, kind="stable")[: max(1, round(quiet_fraction * num_frames))]
+    return codes[quiet].mean(0).astype(np.float32)
 
 
 def audio_driver(avatar: TestAvatar, waveform: np.ndarray, num_frames: int) -> np.ndarray:
@@ -481,7 +485,7 @@ def run(root: Path, avatars: dict[str, TestAvatar], template: template_lib.Templ
         scorer = Scorer(clip, template, avatar.prior.layout, lpips_model, syncnet_model, max_lag)
         ids = {"lips": scorer.lip_ids, "upper": scorer.upper_ids}
         renderer = Renderer(avatar.prior, avatar.scan_maps, clip.cameras, batch_size, ids)
-        rest = rest_code(avatar)
+        rest = rest_code(avatar, clip.waveform, clip.num_frames)
         neutral = renderer.points(rest[None])
         halves = face_metrics.lip_halves(neutral["lips"][0])
         scan_vertices, _, _ = layout.read_neutral_scan(layout.subject_dir(root, clip.subject))
@@ -532,7 +536,8 @@ NOTES = (
     "sentences (never heard by the speech model), scored at held-out cameras. Each avatar is made from its "
     "identity's monocular clip alone (no scan, no multi-view frame, no tracked mesh) and driven by the sentence's "
     "audio through the speech model; only the rigid head pose comes from the capture (audio cannot know it). "
-    "zero_motion: the avatar held at its neutral code (the rest face its speech model gives for silence); "
+    "zero_motion: the avatar held at its neutral code (its speech model's mean code over the clip's quietest "
+    "fifth of frames: its face in the pauses); "
     "shuffled_audio: another test sentence's audio; "
     "oracle_codes: an UPPER BOUND, the prior's codes from the held-in multi-view images, the true scan and the "
     "tracked meshes, rendered by the same avatar. sync_offset_frames and sync_confidence are pooled over clips "

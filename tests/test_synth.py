@@ -404,6 +404,23 @@ def test_neutral_scan_is_a_noisy_holey_resampled_capture(rng):
     assert maps.shape == (32, 32, 6) and np.isfinite(maps).all()
 
 
+def test_registered_lips_land_on_the_identitys_lips(rng):
+    """The lips end where the identity's are, not part of the way from the template's: on four fresh identities,
+    the registered lips' centroid within 2.5 mm of the true one and their RMS error under 3 mm (60 draws: at most
+    1.6 and 2.2 mm; before the lips started at their colour's centroid, 3.3 mm and 3.7 mm on average)."""
+    config = synth.synth_config("tiny")
+    template = template_lib.procedural_head(config.template_resolution)
+    sampler = synth.SurfaceSampler.build(template, config.gaussian_uv_resolution)
+    lips = template.region_mask("lips")
+    for index in range(4):
+        identity = synth.make_identity(template, index, np.random.default_rng(rng.integers(2**31)), sampler,
+                                       synth.counts(config), synth.voices.draw_voice(rng))  # fmt: skip
+        raw = synth.scan_identity(template, identity, sampler, config.scan_resolution, rng)
+        error = (synth.scanner.register(template, raw)[0] - identity.template.vertices)[lips]
+        assert np.linalg.norm(error.mean(0)) < 2.5e-3, error.mean(0)
+        assert np.sqrt(np.mean(np.sum(error**2, -1))) < 3e-3
+
+
 def test_registration_puts_the_lips_where_the_scans_lip_colour_is():
     """Nearest points fix the surface, not where the lips land on it: matching the template's lips to the scan's
     lip-coloured points brings them nearer the identity's true lips than geometry alone, on each of four. The

@@ -12,6 +12,8 @@
 #   train-pipeline issue 19: synth (reduced base), `uhap bench train --real-data` (step alone, loader alone, end
 #                  to end), a held-out-PSNR curve, the batch search (scripts/train_pipeline.sh: TASKS, BUDGET_S,
 #                  SYNTH_ARGS, BENCH_ARGS, CURVE_ARGS, EVERY, SEARCH)
+#   demo-gpu       issues 17, 18: `uhap demo --config configs/demo.py:gpu` (512², base models), resumed by the next
+#                  call while the machine is warm (scripts/demo_gpu.sh: BUDGET_S, WORK, DEMO_ARGS)
 # On a CPU machine the tasks run too (slowly), which is how the script itself is checked.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -88,7 +90,11 @@ train-pipeline() {
   OUT=$OUT bash scripts/train_pipeline.sh
 }
 
-[ $# -gt 0 ] || { sed -n '2,15p' "$0"; exit 2; }
+demo-gpu() {
+  OUT=$OUT bash scripts/demo_gpu.sh
+}
+
+[ $# -gt 0 ] || { sed -n '2,17p' "$0"; exit 2; }
 for task in "$@"; do
   declare -F "$task" >/dev/null || { echo "error: unknown task '$task' (see the list at the top of scripts/device.sh)"; exit 2; }
   echo "=== $task ($((SECONDS - START)) s into the call)"

@@ -17,6 +17,7 @@ from helpers.layouts import PRIOR_OVERRIDES, SPEECH_OVERRIDES  # UV 32²: the 24
 from uhap_jax import cli
 from uhap_jax import demo as demo_lib
 from uhap_jax.artifacts.avatars import load_avatar
+from uhap_jax.config_utils import load_config
 
 SYNTH = ("num_identities=4", "num_held_out_identities=2", "sentences_per_identity=2", "max_seconds=0.8",
          "num_cameras=4", "held_out_cameras=(1,)", "image_size=32", "template_resolution=24",
@@ -121,3 +122,23 @@ def test_compilation_cache_stores_programs_then_restores_the_setting(tmp_path):
     assert jax.config.jax_compilation_cache_dir == before
     with demo_lib.compilation_cache(None):  # off: nothing changes
         assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_gpu_preset_builds_every_stage_at_512_with_the_base_models(tmp_path):
+    """configs/demo.py:gpu: each stage's config builds here (a wrong override key fails now, not on a GPU after
+    minutes of training), at the base sizes, with the tracked-mesh terms on and no LPIPS weights needed."""
+    demo = demo_lib.Demo(load_config("configs/demo.py:gpu", []), tmp_path)
+    data, prior = demo.synth_config(), demo.prior_config()
+    assert (data.image_size, data.num_identities, data.num_held_out_identities) == (512, 8, 2)
+    assert data.template_resolution == prior.model.template_resolution == 96
+    assert data.model_uv_resolution == prior.model.uv_resolution == 256
+    assert prior.data.root == str(tmp_path.absolute() / "data") and prior.train.steps == 4000
+    assert prior.loss.tracked_mesh > 0 and prior.loss.lpips == 0.0
+    audio = demo._stage_config(demo.config.audio_config, demo.config.audio_overrides)
+    assert audio.model.encoder_mode == "scratch" and audio.train.steps == 2000  # no wav2vec2 weights are shipped
+    encoder = demo._stage_config(demo.config.encoder_config, demo.config.encoder_overrides)
+    assert encoder.preset == "base" and encoder.train.steps == 2000
+    personal = demo.personalize_config()
+    assert personal.preset == "base" and not personal.use_scan and personal.train.steps == 600
+    with pytest.raises(ValueError, match="configs/demo.py: preset must be tiny"):
+        load_config("configs/demo.py:base", [])

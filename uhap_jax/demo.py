@@ -137,11 +137,14 @@ class Demo:
         return config
 
     # ---- the stages --------------------------------------------------------------------------------------
-    def synthesise(self) -> dict:
+    def synth_config(self) -> ml_collections.ConfigDict:
         config = synth.synth_config(self.config.synth_preset)
         for item in self.config.synth_overrides:
             apply_override(config, item, source="demo synth_overrides")
-        info = synth.generate(self.data, config)
+        return config
+
+    def synthesise(self) -> dict:
+        info = synth.generate(self.data, self.synth_config())
         return {"identities": info["identities"], "sequences": sum(len(s) for s in info["sequences"].values())}
 
     def _train(self, name: str, config: ml_collections.ConfigDict, train_fn) -> dict:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# `uhap demo --config configs/demo.py:gpu` on one GPU machine, over as many calls as it takes: each call runs (or
+# resumes) the demo in $WORK until BUDGET_S, stops it cleanly (SIGTERM: the training stage in flight checkpoints),
+# and returns what it has so far to $OUT: the log, metrics and stage records, the benchmark's tables, the report.
+# A warm machine keeps $WORK, so the next call resumes where this one stopped; a fresh one starts again.
+#   bash scripts/demo_gpu.sh   (BUDGET_S default 550, WORK default /tmp/uhap_demo_gpu)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+START=$SECONDS
+BUDGET_S=${BUDGET_S:-550}
+WORK=${WORK:-/tmp/uhap_demo_gpu}
+OUT=${OUT:-/tmp/uhap_demo_gpu_out}
+mkdir -p "$OUT"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD UHAP_CACHE=$WORK.cache
+if [ -d .whl ] && ! python3 -c "import grain, ml_collections" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    2>&1 | grep -v WARNING | tail -3
+fi
+[ -d /tmp/site ] && export PYTHONPATH=$PWD:/tmp/site
+(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU") | tee -a "$OUT/demo.log"
+echo "resuming: $(ls "$WORK/stages" 2>/dev/null | tr '\n' ' ')" | tee -a "$OUT/demo.log"
+F='^W0000\|^I0000\|^E0000\|slow_operation\|Constant folding\|This isn.t\|XLA has some\|If you.d like\|^ *$'
+timeout -s TERM -k 30 $((BUDGET_S - (SECONDS - START))) python3 -m uhap_jax.cli demo --config configs/demo.py:gpu \
+  --workdir "$WORK" ${DEMO_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v "$F" | grep -v "img/s\|it/s\]" >> "$OUT/demo.log"
+echo "demo exit ${PIPESTATUS[0]} after $((SECONDS - START)) s; stages done: $(ls "$WORK/stages" 2>/dev/null | tr '\n' ' ')" \
+  | tee -a "$OUT/demo.log"
+(cd "$WORK" && tar czf "$OUT/results.tgz" --exclude='*.mp4' stages metrics.json report.html report benchmark/*.json \
+  benchmark/*.csv prior/metrics.jsonl audio/metrics.jsonl encoder/metrics.jsonl personalize/metrics.jsonl 2>/dev/null)
+cp "$WORK/talking_head.mp4" "$OUT/" 2>/dev/null
+grep -i "error\|traceback\|finished in\|PASS\|FAIL" "$OUT/demo.log" | tail -40
+exit 0

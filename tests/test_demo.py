@@ -43,7 +43,9 @@ METRICS = ("benchmark/prior_train_ids_heldout_frames/psnr", "benchmark/prior_hel
            "benchmark/psnr", "benchmark/psnr_oracle_codes", "benchmark/sync_offset_frames", "benchmark/sync_confidence",
            "benchmark/sync_confidence_shuffled_audio", "benchmark/fdd_mm2", "oracle_inputs/prior_train_frames_psnr",
            "oracle_inputs/audio_lve_vs_prior_codes", "oracle_inputs/personalize/heldout_view_psnr",
-           "encoder/phone_clip_rotation_error_deg", "encoder/phone_clip_rotation_error_deg_zero_motion")  # fmt: skip
+           "encoder/phone_clip_rotation_error_deg", "encoder/phone_clip_rotation_error_deg_zero_motion",
+           "encoder/phone_clip_translation_error_mm",
+           "encoder/phone_clip_translation_error_mm_zero_motion")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -135,28 +135,37 @@ def test_encoder_beats_the_mean_code_baseline_on_held_out_sentences(pipeline):
 
 
 def test_encoder_eval_scores_the_pose_on_every_phone_clip(pipeline):
-    """The phone-clip rows are the encoder's rotation error on the frames personalisation reads (8 per identity,
-    spread over its monocular sequence), against the true head pose in meta.json, recomputed here independently."""
+    """The phone-clip rows are the encoder's rotation and translation errors on the frames personalisation reads (8
+    per identity, spread over its monocular sequence), against the true head pose in meta.json, recomputed here
+    independently."""
     rows = [r for r in _rows(pipeline["encoder"] / "metrics.jsonl") if "eval/code_mse" in r]
     prior, _, _, _ = load_prior(pipeline["prior"])
     encoder = restore_encoder_model(pipeline["encoder"], prior)[0].encoder
     info = layout.read_dataset_info(pipeline["root"])["identities"]
     for split, subjects in (("train", info["train"]), ("held_out_identity", info["held_out"])):
-        errors, baseline = [], []
+        errors, baseline, shifts, still = [], [], [], []
         for subject in subjects:
             video = monocular.read_monocular(layout.subject_dir(pipeline["root"], subject), "", (), 8)
             assert len(video.images) == 8
-            _, predicted, _ = encode_video(encoder, video, 8)
-            true = np.asarray([layout.read_sequence_meta(layout.sequence_dir(pipeline["root"], subject, name))
-                               ["head_pose"]["rotation_vector"][frame] for name, frame in video.frames])  # fmt: skip
+            _, predicted, moved = encode_video(encoder, video, 8)
+            poses = [layout.read_sequence_meta(layout.sequence_dir(pipeline["root"], subject, name))["head_pose"]
+                     for name, _ in video.frames]  # fmt: skip
+            true = np.asarray([p["rotation_vector"][frame] for p, (_, frame) in zip(poses, video.frames)])
+            place = np.asarray([p["translation"][frame] for p, (_, frame) in zip(poses, video.frames)])
             relative = np.einsum("fji,fjk->fik", _matrices(predicted), _matrices(true))
             errors.append(np.degrees(np.arccos(np.clip((np.trace(relative, axis1=1, axis2=2) - 1) / 2, -1, 1))))
             baseline.append(np.degrees(np.linalg.norm(true, axis=-1)))
+            shifts.append(1000.0 * np.linalg.norm(np.asarray(moved, np.float64) - place, axis=-1))
+            still.append(1000.0 * np.linalg.norm(place, axis=-1))
         errors, baseline = np.concatenate(errors), np.concatenate(baseline)
+        shifts, still = np.concatenate(shifts), np.concatenate(still)
         assert baseline.max() > 10.0  # the clip's head turns
         suffix = f"_phone_clip_{split}"
         assert rows[-1][f"eval/rotation_error_deg{suffix}"] == pytest.approx(errors.mean(), abs=0.05)
         assert rows[-1][f"eval/rotation_error_deg_zero_motion{suffix}"] == pytest.approx(baseline.mean(), rel=1e-5)
+        assert rows[-1][f"eval/translation_error_mm{suffix}"] == pytest.approx(shifts.mean(), rel=1e-3, abs=0.01)
+        assert rows[-1][f"eval/translation_error_mm_zero_motion{suffix}"] == pytest.approx(still.mean(), rel=1e-5)
+        assert still.min() > 0.0  # the clips' heads move: the baseline is not the trivial zero
         # Before training the encoder predicts a frontal view: another number than the trained one.
         assert rows[0][f"eval/rotation_error_deg{suffix}"] != pytest.approx(errors.mean(), abs=0.05)
 

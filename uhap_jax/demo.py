@@ -270,6 +270,10 @@ class Demo:
             "encoder/phone_clip_rotation_error_deg_zero_motion": encoder.get(
                 f"eval/rotation_error_deg_zero_motion{phone}", math.nan
             ),
+            "encoder/phone_clip_translation_error_mm": encoder.get(f"eval/translation_error_mm{phone}", math.nan),
+            "encoder/phone_clip_translation_error_mm_zero_motion": encoder.get(
+                f"eval/translation_error_mm_zero_motion{phone}", math.nan
+            ),
             "animate/frames_per_second": self.done("animate")["metrics"]["frames_per_second"],
         }
         minutes = sum(self.done(s)["seconds"] for s, _ in self.stages if s != "report" and self.done(s)) / 60

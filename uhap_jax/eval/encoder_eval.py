@@ -193,20 +193,22 @@ class Evaluator:
         return metrics | self._phone_clip_pose(model)
 
     def _phone_clip_pose(self, model: EncoderWithPrior) -> dict[str, float]:
-        """The rotation error on the phone clips of each split, pooled over their frames."""
+        """The rotation and translation errors on the phone clips of each split, pooled over their frames, beside
+        the zero-motion baseline. A monocular clip confounds a head's size with its distance, so a new identity's
+        translation can be far off where its rotation is not (docs/benchmarks.md, issue 17, session 25)."""
         errors = {}
         for clip in self.clips:
-            _, rotation, _ = encode_video(model.encoder, clip.video, self.batch_size)
-            errors.setdefault(clip.split, []).append((np.asarray(rotation_error_deg(rotation, clip.rotation)),
-                                                      _DEG * np.linalg.norm(clip.rotation, axis=-1)))  # fmt: skip
-        metrics = {}
-        for split, pairs in errors.items():
-            suffix = f"_phone_clip_{split}"
-            metrics[f"eval/rotation_error_deg{suffix}"] = float(np.mean(np.concatenate([e for e, _ in pairs])))
-            metrics[f"eval/rotation_error_deg_zero_motion{suffix}"] = float(
-                np.mean(np.concatenate([b for _, b in pairs]))
-            )
-        return metrics
+            _, rotation, translation = encode_video(model.encoder, clip.video, self.batch_size)
+            errors.setdefault(clip.split, []).append({
+                "rotation_error_deg": np.asarray(rotation_error_deg(rotation, clip.rotation)),
+                "rotation_error_deg_zero_motion": _DEG * np.linalg.norm(clip.rotation, axis=-1),
+                "translation_error_mm": _MM * np.linalg.norm(np.asarray(translation) - clip.translation, axis=-1),
+                "translation_error_mm_zero_motion": _MM * np.linalg.norm(clip.translation, axis=-1),
+            })  # fmt: skip
+        return {
+            f"eval/{name}_phone_clip_{split}": float(np.mean(np.concatenate([clip[name] for clip in clips])))
+            for split, clips in errors.items() for name in clips[0]
+        }  # fmt: skip
 
 
 def make_evaluator(records: loaders.FrameRecords, sequences: list[dataset_lib.Sequence], held_in: list[str],

@@ -21,7 +21,8 @@ fi
 echo "resuming: $(ls "$WORK/stages" 2>/dev/null | tr '\n' ' ')" | tee -a "$OUT/demo.log"
 F='^W0000\|^I0000\|^E0000\|slow_operation\|Constant folding\|This isn.t\|XLA has some\|If you.d like\|^ *$'
 timeout -s TERM -k 30 $((BUDGET_S - (SECONDS - START))) python3 -m uhap_jax.cli demo --config configs/demo.py:gpu \
-  --workdir "$WORK" ${DEMO_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v "$F" | grep -v "img/s\|it/s\]" >> "$OUT/demo.log"
+  --workdir "$WORK" ${DEMO_ARGS:-} 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "$F" | grep --line-buffered -v "img/s\|it/s\]" \
+  | while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done >> "$OUT/demo.log"  # when each line came
 echo "demo exit ${PIPESTATUS[0]} after $((SECONDS - START)) s; stages done: $(ls "$WORK/stages" 2>/dev/null | tr '\n' ' ')" \
   | tee -a "$OUT/demo.log"
 (cd "$WORK" && tar czf "$OUT/results.tgz" --exclude='*.mp4' stages metrics.json report.html report benchmark/*.json \

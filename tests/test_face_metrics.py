@@ -48,6 +48,35 @@ def test_gain_fitted_removes_a_camera_gain_but_not_a_geometry_error(rng):
     assert np.all(np.asarray(after) < 20.0) and np.all(np.asarray(after) - np.asarray(before) < 3.0)
 
 
+def _ssim_float64(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Wang et al.'s SSIM with the 2D 11x11 Gaussian window at every valid position, in float64, averaged over
+    channels, then over the window centres weighted by `mask`: images [B, H, W, 3] -> [B]."""
+    w = np.outer(*(2 * [image_metrics.gaussian_window()]))
+    windows = lambda x: np.lib.stride_tricks.sliding_window_view(x, (11, 11), axis=(1, 2))  # noqa: E731
+    blur = lambda x: np.einsum("bhwcij,ij->bhwc", windows(x), w)  # noqa: E731
+    mx, my = blur(pred), blur(target)
+    vx, vy, cov = blur(pred**2) - mx**2, blur(target**2) - my**2, blur(pred * target) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    values = (((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean(-1)
+    centres = mask[:, 5:-5, 5:-5]
+    return np.sum(centres * values, axis=(1, 2)) / np.sum(centres, axis=(1, 2))
+
+
+def test_masked_ssim_matches_a_float64_reference_on_fresh_images(rng):
+    """Every image of an odd count (the last chunk padded), a soft random mask, three chunk sizes."""
+    target = rng.uniform(size=(5, 40, 33, 3))
+    pred = np.clip(target + rng.normal(0, 0.15, target.shape), 0, 1)
+    mask = rng.uniform(size=target.shape[:-1]) * (rng.uniform(size=target.shape[:-1]) > 0.3)
+    expected = _ssim_float64(pred, target, mask)
+    assert np.ptp(expected) > 1e-3  # the images differ, so a mixed-up order would show
+    for chunk in (1, 2, 8):
+        got = face_metrics.masked_ssim(pred, target, mask, chunk=chunk)
+        assert got.shape == (5,) and np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, expected, atol=2e-6)
+    np.testing.assert_allclose(face_metrics.masked_ssim(pred[None], target[None], mask[None]), expected[None],
+                               atol=2e-6)  # fmt: skip
+
+
 def test_masked_ssim_is_ssim_under_a_full_mask_and_local_otherwise(rng):
     target = rng.uniform(size=(2, 24, 24, 3))
     pred = np.clip(target + rng.normal(0, 0.1, target.shape), 0, 1)

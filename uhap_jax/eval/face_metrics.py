@@ -21,6 +21,7 @@ error and upper-face dynamics against ground-truth tracked meshes, and lip sync.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -56,37 +57,29 @@ def masked_psnr(pred, target, mask, max_value: float = 1.0) -> np.ndarray:
     return 10.0 * np.log10(max_value**2 / np.maximum(mse, 1e-12))
 
 
-def ssim_map(pred, target, max_value: float = 1.0) -> np.ndarray:
-    """SSIM at every "valid" 11x11 window position, averaged over channels: [..., H - 10, W - 10]."""
-    pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
-    size = image_metrics.SSIM_WINDOW
-    if pred.shape != target.shape or pred.shape[-3] < size or pred.shape[-2] < size:
-        raise ValueError(f"ssim_map: two images of one shape, at least {size}x{size}, got {pred.shape}, "
-                         f"{target.shape}")  # fmt: skip
-    window = image_metrics.gaussian_window()
+def masked_ssim(pred, target, mask, max_value: float = 1.0, chunk: int = 8) -> np.ndarray:
+    """SSIM per image [...], its map averaged over window centres where `mask` is set (weighted by it).
 
-    def blur(x: np.ndarray) -> np.ndarray:
-        height, width = x.shape[-3] - size + 1, x.shape[-2] - size + 1
-        rows = sum(window[k] * x[..., k : k + height, :, :] for k in range(size))
-        return sum(window[k] * rows[..., :, k : k + width, :] for k in range(size))
-
-    mu_x, mu_y = blur(pred), blur(target)
-    var_x, var_y = blur(pred * pred) - mu_x**2, blur(target * target) - mu_y**2
-    cov = blur(pred * target) - mu_x * mu_y
-    c1, c2 = (image_metrics.SSIM_K1 * max_value) ** 2, (image_metrics.SSIM_K2 * max_value) ** 2
-    values = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return values.mean(-1)
-
-
-def masked_ssim(pred, target, mask, max_value: float = 1.0) -> np.ndarray:
-    """SSIM per image [...], its map averaged over window centres where `mask` is set (weighted by it)."""
+    Computed by XLA in float32 on the default device, `chunk` images per call: numpy in float64 took ~0.8 s per
+    512² image on a 2-core CPU, most of the GPU demo's benchmark stage (docs/benchmarks.md, session 25)."""
     pred, target, mask = _images(pred, target, mask)
     half = image_metrics.SSIM_WINDOW // 2
     centres = mask[..., half : mask.shape[-2] - half, half : mask.shape[-1] - half]
-    weight = np.sum(centres, axis=(-2, -1))
-    if np.any(weight <= 0):
+    if np.any(np.sum(centres, axis=(-2, -1)) <= 0):
         raise ValueError("masked_ssim: a mask covers no window centre")
-    return np.sum(centres * ssim_map(pred, target, max_value), axis=(-2, -1)) / weight
+    lead = pred.shape[:-3]
+    flat = [x.reshape(-1, *x.shape[len(lead) :]).astype(np.float32) for x in (pred, target, centres)]
+    count, values = len(flat[0]), []
+    for start in range(0, count, chunk):
+        index = np.minimum(np.arange(start, start + chunk), count - 1)  # pad with the last image: one program
+        values.append(np.asarray(_masked_ssim(*(x[index] for x in flat), max_value))[: count - start])
+    return np.concatenate(values).astype(np.float64).reshape(lead)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _masked_ssim(pred: jax.Array, target: jax.Array, centres: jax.Array, max_value: float) -> jax.Array:
+    values = image_metrics.ssim_map(pred, target, max_value)
+    return jnp.sum(centres * values, axis=(-2, -1)) / jnp.sum(centres, axis=(-2, -1))
 
 
 # ------------------------------------------------------------------------------------- the mouth crop

@@ -50,11 +50,12 @@ def _blur(images: jax.Array, window: jax.Array) -> jax.Array:
     return sum(window[k] * rows[:, :, k : k + out_w] for k in range(size))
 
 
-def ssim(pred: jax.Array, target: jax.Array, max_value: float = 1.0) -> jax.Array:
-    """Structural similarity per image: [..., H, W, C] -> [...]; images must be at least 11x11."""
+def _ssim_per_channel(pred: jax.Array, target: jax.Array, max_value: float) -> jax.Array:
+    """[..., H, W, C] -> SSIM at each valid window position and channel, [B, H - 10, W - 10, C] (leading axes
+    flattened)."""
     _check_images(pred, target)
     pred, target = jnp.asarray(pred), jnp.asarray(target)
-    lead, (height, width, channels) = pred.shape[:-3], pred.shape[-3:]
+    height, width, channels = pred.shape[-3:]
     if height < SSIM_WINDOW or width < SSIM_WINDOW:
         raise ValueError(f"ssim: images must be at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {height}x{width}")
     dtype = jnp.result_type(pred.dtype, jnp.float32)
@@ -66,8 +67,18 @@ def ssim(pred: jax.Array, target: jax.Array, max_value: float = 1.0) -> jax.Arra
     var_y = _blur(y * y, window) - mu_y**2
     cov = _blur(x * y, window) - mu_x * mu_y
     c1, c2 = (SSIM_K1 * max_value) ** 2, (SSIM_K2 * max_value) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return jnp.mean(ssim_map, axis=(1, 2, 3)).reshape(lead)
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+
+
+def ssim(pred: jax.Array, target: jax.Array, max_value: float = 1.0) -> jax.Array:
+    """Structural similarity per image: [..., H, W, C] -> [...]; images must be at least 11x11."""
+    return jnp.mean(_ssim_per_channel(pred, target, max_value), axis=(1, 2, 3)).reshape(jnp.shape(pred)[:-3])
+
+
+def ssim_map(pred: jax.Array, target: jax.Array, max_value: float = 1.0) -> jax.Array:
+    """SSIM at every valid window position, averaged over channels: [..., H, W, C] -> [..., H - 10, W - 10]."""
+    values = jnp.mean(_ssim_per_channel(pred, target, max_value), axis=-1)
+    return values.reshape(*jnp.shape(pred)[:-3], *values.shape[1:])
 
 
 def _check_images(pred, target) -> None:

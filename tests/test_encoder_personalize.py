@@ -168,6 +168,7 @@ def test_encoder_eval_scores_the_pose_on_every_phone_clip(pipeline):
         assert still.min() > 0.0  # the clips' heads move: the baseline is not the trivial zero
         # Before training the encoder predicts a frontal view: another number than the trained one.
         assert rows[0][f"eval/rotation_error_deg{suffix}"] != pytest.approx(errors.mean(), abs=0.05)
+        assert rows[0][f"eval/translation_error_mm{suffix}"] != pytest.approx(shifts.mean(), rel=1e-3, abs=0.01)
 
 
 def test_phone_pool_holds_every_training_identity_phone_frame_and_its_true_pose(pipeline, tmp_path):

@@ -61,7 +61,8 @@ def masked_ssim(pred, target, mask, max_value: float = 1.0, chunk: int = 8) -> n
     """SSIM per image [...], its map averaged over window centres where `mask` is set (weighted by it).
 
     Computed by XLA in float32 on the default device, `chunk` images per call: numpy in float64 took ~0.8 s per
-    512² image on a 2-core CPU, most of the GPU demo's benchmark stage (docs/benchmarks.md, session 25)."""
+    512² image on a 2-core CPU, ~10 minutes of host time for the GPU demo's benchmark (docs/benchmarks.md,
+    session 25)."""
     pred, target, mask = _images(pred, target, mask)
     half = image_metrics.SSIM_WINDOW // 2
     centres = mask[..., half : mask.shape[-2] - half, half : mask.shape[-1] - half]

@@ -3,7 +3,7 @@
 # resumes) the demo in $WORK until BUDGET_S, stops it cleanly (SIGTERM: the training stage in flight checkpoints),
 # and returns what it has so far to $OUT: the log, metrics and stage records, the benchmark's tables, the report.
 # A warm machine keeps $WORK, so the next call resumes where this one stopped; a fresh one starts again.
-#   bash scripts/demo_gpu.sh   (BUDGET_S default 550, WORK default /tmp/uhap_demo_gpu)
+#   bash scripts/demo_gpu.sh   (BUDGET_S default 550, WORK default /tmp/uhap_demo_gpu, DEMO_ARGS, VARIANT_ARGS)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS
@@ -25,8 +25,19 @@ timeout -s TERM -k 30 $((BUDGET_S - (SECONDS - START))) python3 -m uhap_jax.cli 
   | while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done >> "$OUT/demo.log"  # when each line came
 echo "demo exit ${PIPESTATUS[0]} after $((SECONDS - START)) s; stages done: $(ls "$WORK/stages" 2>/dev/null | tr '\n' ' ')" \
   | tee -a "$OUT/demo.log"
+# Then, once the demo is done, `uhap benchmark` again with another personalisation (VARIANT_ARGS: its --config
+# overrides) on the same models and data, into $WORK/benchmark_variant: a comparison within one run.
+LEFT=$((BUDGET_S - (SECONDS - START) - 30))
+if [ -n "${VARIANT_ARGS:-}" ] && [ -f "$WORK/stages/report.json" ] && [ ! -f "$WORK/benchmark_variant/benchmark.json" ] \
+  && [ "$LEFT" -gt 60 ]; then
+  echo "variant: uhap benchmark --config configs/personalize.py:base $VARIANT_ARGS" | tee -a "$OUT/demo.log"
+  timeout -s TERM -k 20 "$LEFT" python3 -m uhap_jax.cli benchmark --prior "$WORK/prior" --encoder "$WORK/encoder" \
+    --audio-model "$WORK/audio" --data "$WORK/data" --out "$WORK/benchmark_variant" \
+    --config configs/personalize.py:base $VARIANT_ARGS 2>&1 | grep -v "$F" | grep -v "img/s\|it/s\]" \
+    | while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done >> "$OUT/demo.log"
+fi
 (cd "$WORK" && tar czf "$OUT/results.tgz" --exclude='*.mp4' stages metrics.json report.html report benchmark/*.json \
-  benchmark/*.csv prior/metrics.jsonl audio/metrics.jsonl encoder/metrics.jsonl personalize/metrics.jsonl 2>/dev/null)
+  benchmark/*.csv benchmark_variant/*.json benchmark_variant/*.csv prior/metrics.jsonl audio/metrics.jsonl encoder/metrics.jsonl personalize/metrics.jsonl 2>/dev/null)
 cp "$WORK/talking_head.mp4" "$OUT/" 2>/dev/null
 grep -i "error\|traceback\|finished in\|PASS\|FAIL" "$OUT/demo.log" | tail -40
 exit 0

@@ -13,7 +13,7 @@
 #                  to end), a held-out-PSNR curve, the batch search (scripts/train_pipeline.sh: TASKS, BUDGET_S,
 #                  SYNTH_ARGS, BENCH_ARGS, CURVE_ARGS, EVERY, SEARCH)
 #   demo-gpu       issues 17, 18: `uhap demo --config configs/demo.py:gpu` (512², base models), resumed by the next
-#                  call while the machine is warm (scripts/demo_gpu.sh: BUDGET_S, WORK, DEMO_ARGS)
+#                  call while the machine is warm (scripts/demo_gpu.sh: BUDGET_S, WORK, DEMO_ARGS, VARIANT_ARGS)
 # On a CPU machine the tasks run too (slowly), which is how the script itself is checked.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -169,6 +169,45 @@ def test_a_one_frame_audio_shift_moves_the_sync_offset_by_one_frame(setup):
     assert offsets == {0: 0.0, 1: -1.0, -1: 1.0}
 
 
+def test_the_true_scan_diagnostic_isolates_the_identitys_lip_placement(setup):
+    """The diagnostic decodes the same codes on the universal prior given the true scan. Here the avatars are just
+    that, so it scores what the table scores; an avatar whose face sits 5 mm off raises the table's LVE and leaves
+    the diagnostic where it was."""
+    result = setup["result"]
+    table_rows = {(r["subject"], r["condition"]): r for r in result["rows"]}
+    diagnostic = result["true_scan_identity"]
+    assert {(r["subject"], r["condition"]) for r in diagnostic["rows"]} == {
+        (c.subject, d) for c in setup["clips"] for d in benchmark.TRUE_SCAN_DRIVERS
+    }
+    for row in diagnostic["rows"]:
+        for name in benchmark.TRUE_SCAN_METRICS:
+            assert row[name] == pytest.approx(table_rows[row["subject"], row["condition"]][name], rel=1e-4), name
+
+    def moved(avatar):
+        maps = np.array(avatar.scan_maps)
+        maps[..., 0] += 0.005  # the geometry offset channels: 5 mm along x
+        return benchmark.TestAvatar(avatar.prior, maps, avatar.speech)
+
+    off = benchmark.run(
+        setup["root"],
+        {s: moved(a) for s, a in setup["avatars"].items()},
+        setup["template"],
+        benchmark.Oracle(setup["prior"], True),
+        max_lag=3,
+        clips=setup["clips"],
+        images=False,
+    )
+    for driver in benchmark.TRUE_SCAN_DRIVERS:
+        assert off["means"][driver]["lve_mm2"] > result["means"][driver]["lve_mm2"] + 10.0, driver
+        for name in benchmark.TRUE_SCAN_METRICS:
+            assert off["true_scan_identity"]["means"][driver][name] == pytest.approx(
+                diagnostic["means"][driver][name], rel=1e-6
+            )
+    flat = benchmark.flat_metrics(off)
+    assert flat["benchmark/true_scan_identity/lve_mm2_zero_motion"] == diagnostic["means"]["zero_motion"]["lve_mm2"]
+    assert flat["benchmark/lve_mm2"] == off["means"]["audio"]["lve_mm2"]
+
+
 def test_outputs_hold_every_row_the_means_and_na_for_missing_weights(setup, tmp_path):
     result = setup["result"]
     paths = benchmark.write(result, tmp_path)

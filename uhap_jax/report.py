@@ -199,4 +199,22 @@ def benchmark_section(result: dict) -> str:
 <h3>The prior alone, by split (codes from its encoder on held-in views; scored at held-out cameras)</h3>
 <p>prior_train_ids_heldout_frames: training identities, held-out sentences (frames it never trained on), their
 scans; prior_heldout_ids_scan: held-out identities given their neutral scan.</p>
-<table>{prior}</table>"""
+<table>{prior}</table>{true_scan_section(result)}"""
+
+
+def true_scan_section(result: dict) -> str:
+    """The benchmark's diagnostic, when it ran: the LVE of the same drivers given the true scan's identity."""
+    diagnostic = result.get("true_scan_identity")
+    if not diagnostic:
+        return ""
+    drivers = list(diagnostic["means"])
+    body = "".join(
+        f"<tr><td>{html.escape(name)}</td>"
+        + "".join(f"<td>{_format(diagnostic['means'][d][name])}</td>" for d in drivers) + "</tr>"
+        for name in next(iter(diagnostic["means"].values()))
+    )  # fmt: skip
+    header = "".join(f"<th>{html.escape(d)}</th>" for d in drivers)
+    return f"""
+<h3>Diagnostic: the same codes on the true scan's identity</h3>
+<p>{html.escape(diagnostic["note"])}</p>
+<table><tr><th>metric</th>{header}</tr>{body}</table>"""

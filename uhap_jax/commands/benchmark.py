@@ -60,5 +60,9 @@ def run(args: argparse.Namespace) -> int:
     for name, value in result["prior_reconstruction"].items():
         print(f"{name}  {value:.4f}")
     print(benchmark.NOTES)
+    if "true_scan_identity" in result:
+        for driver, values in result["true_scan_identity"]["means"].items():
+            print(f"true_scan_identity {driver}  " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+        print(result["true_scan_identity"]["note"])
     print(json.dumps({**benchmark.flat_metrics(result), **result["prior_reconstruction"]}))
     return 0

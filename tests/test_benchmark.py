@@ -230,9 +230,24 @@ def test_outputs_hold_every_row_the_means_and_na_for_missing_weights(setup, tmp_
 
 def test_the_prior_is_scored_by_split(setup):
     metrics = benchmark.prior_reconstruction(setup["root"], setup["prior"], setup["template"], True, frames=2)
-    assert set(metrics) == {"prior_train_ids_heldout_frames/psnr", "prior_train_ids_heldout_frames/ssim",
-                            "prior_heldout_ids_scan/psnr", "prior_heldout_ids_scan/ssim"}  # fmt: skip
+    assert set(metrics) == {
+        f"{split}/{metric}{baseline}"
+        for split in ("prior_train_ids_heldout_frames", "prior_heldout_ids_scan")
+        for metric in ("psnr", "ssim")
+        for baseline in ("", "_mean_code")
+    }
     assert all(np.isfinite(v) for v in metrics.values())
+    assert metrics["prior_heldout_ids_scan/psnr"] != metrics["prior_heldout_ids_scan/psnr_mean_code"]
+
+
+def test_a_prior_told_nothing_scores_exactly_its_mean_code_baseline(setup, monkeypatch):
+    """Codes that ignore the images (the mean code, whatever the frame) score the baseline to the last digit, so
+    the bar "above the mean code" fails for them."""
+    monkeypatch.setattr(benchmark, "encode_clip", lambda prior, clip, *args: np.zeros((clip.num_frames, prior.z_dim)))
+    metrics = benchmark.prior_reconstruction(setup["root"], setup["prior"], setup["template"], True, frames=2)
+    for split in ("prior_train_ids_heldout_frames", "prior_heldout_ids_scan"):
+        for metric in ("psnr", "ssim"):
+            assert metrics[f"{split}/{metric}"] == metrics[f"{split}/{metric}_mean_code"]
 
 
 def test_the_official_nvs_submission_layout():

@@ -38,6 +38,7 @@ OVERRIDES = [
     "--config.video_size=32", "--config.report_frames=2",
 ]  # fmt: skip
 METRICS = ("benchmark/prior_train_ids_heldout_frames/psnr", "benchmark/prior_heldout_ids_scan/psnr",
+           "benchmark/prior_train_ids_heldout_frames/psnr_mean_code",
            "benchmark/lve_mm2", "benchmark/lve_mm2_zero_motion", "benchmark/lve_mm2_shuffled_audio",
            "benchmark/lve_mm2_oracle_codes", "benchmark/mouth_psnr", "benchmark/mouth_psnr_shuffled_audio",
            "benchmark/psnr", "benchmark/psnr_oracle_codes", "benchmark/sync_offset_frames", "benchmark/sync_confidence",
@@ -92,6 +93,7 @@ def test_demo_writes_metrics_avatar_video_and_report(demo):
         "oracle_codes (upper bound)",
         "n/a (no weights: --lpips-weights)",
         "Diagnostic: the same codes on the true scan's identity",
+        "prior PSNR, same frames, vs the prior&#x27;s mean code",
     ):
         assert name in page
     linked = re.findall(r"(?:src)='([^']+)'", page)

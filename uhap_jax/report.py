@@ -198,7 +198,8 @@ def benchmark_section(result: dict) -> str:
 <table><tr>{header}<th>what (split, inputs)</th></tr>{body}</table>
 <h3>The prior alone, by split (codes from its encoder on held-in views; scored at held-out cameras)</h3>
 <p>prior_train_ids_heldout_frames: training identities, held-out sentences (frames it never trained on), their
-scans; prior_heldout_ids_scan: held-out identities given their neutral scan.</p>
+scans; prior_heldout_ids_scan: held-out identities given their neutral scan. The baseline on the same frames,
+..._mean_code: the prior's mean code (z = 0) in place of its encoder's.</p>
 <table>{prior}</table>{true_scan_section(result)}"""
 
 

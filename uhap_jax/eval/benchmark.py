@@ -574,7 +574,9 @@ def prior_reconstruction(root: Path, prior: UHAP, template: template_lib.Templat
                          frames: int = 8, batch_size: int = 8) -> dict[str, float]:  # fmt: skip
     """The prior alone at held-out cameras, codes from its encoder on the held-in views (and tracked meshes):
     `prior_train_ids_heldout_frames/psnr|ssim` on the held-out-sentence sequences of training identities (frames
-    it never trained on), `prior_heldout_ids_scan/psnr|ssim` on held-out identities given their neutral scan."""
+    it never trained on), `prior_heldout_ids_scan/psnr|ssim` on held-out identities given their neutral scan; and
+    the baseline on the same frames, `.../psnr_mean_code|ssim_mean_code`: the prior's mean code (z = 0, the centre
+    of its latent prior) in place of the encoder's, the face the prior shows when it is told nothing."""
     root = Path(root)
     split = read_split(root)
     info = layout.read_dataset_info(root)
@@ -593,7 +595,7 @@ def prior_reconstruction(root: Path, prior: UHAP, template: template_lib.Templat
         if not sequences:
             logger.warning("prior reconstruction: no sequence for %s in %s", name, root)
             continue
-        psnr, ssim = [], []
+        scores = {key: {"psnr": [], "ssim": []} for key in ("", "_mean_code")}
         for subject, sequence in sequences:
             count = layout.read_sequence_meta(layout.sequence_dir(root, subject, sequence))["num_frames"]
             chosen = np.linspace(0, count - 1, min(frames, count)).round().astype(int)
@@ -601,13 +603,16 @@ def prior_reconstruction(root: Path, prior: UHAP, template: template_lib.Templat
             vertices, _, colours = layout.read_neutral_scan(layout.subject_dir(root, subject))
             scan_maps = scan_uv_maps(prior.layout, template, vertices, colours, clip.key)
             codes = encode_clip(prior, clip, scan_maps, template, tracked_mesh, batch_size)
-            rendered, _ = Renderer(prior, scan_maps, clip.cameras, batch_size)(codes, clip.head_pose)
+            renderer = Renderer(prior, scan_maps, clip.cameras, batch_size)
             target = clip.images / 255.0 * (clip.masks[..., None] / 255.0)
             mask = (clip.masks > 127).astype(np.float64)
-            psnr.append(face_metrics.masked_psnr(rendered, target, mask).ravel())
-            ssim.append(face_metrics.masked_ssim(rendered, target, mask).ravel())
-        metrics[f"{name}/psnr"] = float(np.mean(np.concatenate(psnr)))
-        metrics[f"{name}/ssim"] = float(np.mean(np.concatenate(ssim)))
+            for key, z in (("", codes), ("_mean_code", np.zeros_like(codes))):
+                rendered, _ = renderer(z, clip.head_pose)
+                scores[key]["psnr"].append(face_metrics.masked_psnr(rendered, target, mask).ravel())
+                scores[key]["ssim"].append(face_metrics.masked_ssim(rendered, target, mask).ravel())
+        for key, values in scores.items():
+            for metric, parts in values.items():
+                metrics[f"{name}/{metric}{key}"] = float(np.mean(np.concatenate(parts)))
     return metrics
 
 

@@ -25,19 +25,23 @@ timeout -s TERM -k 30 $((BUDGET_S - (SECONDS - START))) python3 -m uhap_jax.cli 
   | while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done >> "$OUT/demo.log"  # when each line came
 echo "demo exit ${PIPESTATUS[0]} after $((SECONDS - START)) s; stages done: $(ls "$WORK/stages" 2>/dev/null | tr '\n' ' ')" \
   | tee -a "$OUT/demo.log"
-# Then, once the demo is done, `uhap benchmark` again with another personalisation (VARIANT_ARGS: its --config
-# overrides) on the same models and data, into $WORK/benchmark_variant: a comparison within one run.
+# Then, once the demo is done, `uhap benchmark` again with another personalisation on the same models and data,
+# into $WORK/benchmark_variant: a comparison within one run. VARIANT_ARGS are --config overrides on
+# configs/personalize.py:base, not on the demo's personalisation: repeat the demo's own (its train.steps) there.
 LEFT=$((BUDGET_S - (SECONDS - START) - 30))
-if [ -n "${VARIANT_ARGS:-}" ] && [ -f "$WORK/stages/report.json" ] && [ ! -f "$WORK/benchmark_variant/benchmark.json" ] \
+VARIANT=$WORK/benchmark_variant
+if [ -n "${VARIANT_ARGS:-}" ] && [ -f "$WORK/stages/report.json" ] && [ ! -f "$VARIANT/benchmark.json" ] \
   && [ "$LEFT" -gt 60 ]; then
   echo "variant: uhap benchmark --config configs/personalize.py:base $VARIANT_ARGS" | tee -a "$OUT/demo.log"
   timeout -s TERM -k 20 "$LEFT" python3 -m uhap_jax.cli benchmark --prior "$WORK/prior" --encoder "$WORK/encoder" \
-    --audio-model "$WORK/audio" --data "$WORK/data" --out "$WORK/benchmark_variant" \
+    --audio-model "$WORK/audio" --data "$WORK/data" --out "$VARIANT" \
     --config configs/personalize.py:base $VARIANT_ARGS 2>&1 | grep -v "$F" | grep -v "img/s\|it/s\]" \
-    | while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done >> "$OUT/demo.log"
+    | while IFS= read -r line; do printf '%s variant: %s\n' "$(date +%T)" "$line"; done >> "$OUT/demo.log"
+  [ -f "$VARIANT/benchmark.json" ] || echo "variant: not finished within BUDGET_S" | tee -a "$OUT/demo.log"
 fi
 (cd "$WORK" && tar czf "$OUT/results.tgz" --exclude='*.mp4' stages metrics.json report.html report benchmark/*.json \
-  benchmark/*.csv benchmark_variant/*.json benchmark_variant/*.csv prior/metrics.jsonl audio/metrics.jsonl encoder/metrics.jsonl personalize/metrics.jsonl 2>/dev/null)
+  benchmark/*.csv benchmark_variant/*.json benchmark_variant/*.csv prior/metrics.jsonl audio/metrics.jsonl \
+  encoder/metrics.jsonl personalize/metrics.jsonl 2>/dev/null)
 cp "$WORK/talking_head.mp4" "$OUT/" 2>/dev/null
 grep -i "error\|traceback\|finished in\|PASS\|FAIL" "$OUT/demo.log" | tail -40
 exit 0

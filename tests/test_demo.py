@@ -46,9 +46,9 @@ METRICS = ("benchmark/prior_train_ids_heldout_frames/psnr", "benchmark/prior_hel
            "oracle_inputs/audio_lve_vs_prior_codes", "oracle_inputs/personalize/heldout_view_psnr",
            "encoder/phone_clip_rotation_error_deg", "encoder/phone_clip_rotation_error_deg_zero_motion",
            "encoder/phone_clip_translation_error_mm",
-           "encoder/phone_clip_translation_error_mm_zero_motion", "benchmark/true_scan_identity/lve_mm2",
-           "benchmark/true_scan_identity/lve_mm2_zero_motion",
-           "benchmark/true_scan_identity/lve_mm2_shuffled_audio")  # fmt: skip
+           "encoder/phone_clip_translation_error_mm_zero_motion", "oracle_inputs/true_scan_identity/lve_mm2",
+           "oracle_inputs/true_scan_identity/lve_mm2_zero_motion",
+           "oracle_inputs/true_scan_identity/lve_mm2_shuffled_audio")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_demo_writes_metrics_avatar_video_and_report(demo):
         "oracle_codes (upper bound)",
         "n/a (no weights: --lpips-weights)",
         "Diagnostic: the same codes on the true scan's identity",
-        "prior PSNR, same frames, vs the prior&#x27;s mean code",
+        "prior PSNR, same frames, vs the clip&#x27;s mean code held still",
     ):
         assert name in page
     linked = re.findall(r"(?:src)='([^']+)'", page)

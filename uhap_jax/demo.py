@@ -246,9 +246,11 @@ class Demo:
 
     # ---- metrics and bars --------------------------------------------------------------------------------
     def collect_metrics(self) -> dict[str, float]:
-        """`benchmark/...`: the paper's protocol (what a user gets). `oracle_inputs/...`: the stages' own evals,
-        which use what a user does not have (the prior's codes from multi-view images and tracked meshes, true
-        scans; training frames for the prior), kept under names that say so."""
+        """`benchmark/...`: the paper's protocol (what a user gets; its baselines `_oracle_codes` and the prior's
+        `prior_heldout_ids_scan` read true scans, as their names say). `oracle_inputs/...`: the stages' own evals
+        and the benchmark's true-scan diagnostic, which use what a user does not have (the prior's codes from
+        multi-view images and tracked meshes, true scans; training frames for the prior), kept under names that
+        say so."""
         prior, audio = self.done("prior")["metrics"], self.done("audio")["metrics"]
         personal = self.done("personalize")["metrics"]
         encoder, phone = self.done("encoder")["metrics"], "_phone_clip_held_out_identity"
@@ -289,7 +291,8 @@ class Demo:
         return [
             report.Bar("prior PSNR, held-out cameras, held-out frames of training identities (dB)", prior, ">=",
                        threshold=b.prior_psnr),
-            report.Bar("prior PSNR, same frames, vs the prior's mean code (dB)", prior, ">", f"{prior}_mean_code"),
+            report.Bar("prior PSNR, same frames, vs the clip's mean code held still (dB)", prior, ">",
+                       f"{prior}_mean_code"),
             report.Bar("LVE (GT meshes) vs zero motion", f"{m}lve_mm2", "<=", f"{m}lve_mm2_zero_motion", factor=below),
             report.Bar("LVE (GT meshes) vs shuffled audio", f"{m}lve_mm2", "<=", f"{m}lve_mm2_shuffled_audio",
                        factor=below),

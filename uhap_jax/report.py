@@ -178,7 +178,7 @@ named <code>oracle_inputs/...</code> are the stages' own evaluations, which use 
 
 def benchmark_section(result: dict) -> str:
     """The headline: `uhap benchmark`'s mean table (one column per condition), what each metric is, the split
-    and inputs, and the prior's reconstruction by split."""
+    and inputs, the prior's reconstruction by split, and the true-scan diagnostic when it ran."""
     from uhap_jax.eval import benchmark as benchmark_lib
 
     rows = benchmark_lib.table(result)
@@ -199,7 +199,7 @@ def benchmark_section(result: dict) -> str:
 <h3>The prior alone, by split (codes from its encoder on held-in views; scored at held-out cameras)</h3>
 <p>prior_train_ids_heldout_frames: training identities, held-out sentences (frames it never trained on), their
 scans; prior_heldout_ids_scan: held-out identities given their neutral scan. The baseline on the same frames,
-..._mean_code: the prior's mean code (z = 0) in place of its encoder's.</p>
+..._mean_code: its encoder's codes averaged over each clip and held still.</p>
 <table>{prior}</table>{true_scan_section(result)}"""
 
 

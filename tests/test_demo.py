@@ -120,6 +120,18 @@ def test_demo_run_again_skips_every_stage(demo, capsys):
     assert (demo / "metrics.json").read_text() == before
 
 
+def test_a_stage_run_again_writes_the_report_again(demo, capsys):
+    """A stage whose record is deleted runs again, and the report (its summary: metrics.json, the bars, the page)
+    follows it instead of showing the numbers of before; the other stages stay skipped."""
+    (demo / "stages" / "animate.json").unlink()
+    before = json.loads((demo / "stages" / "report.json").read_text())
+    assert cli.main(["demo", "--workdir", str(demo), *OVERRIDES]) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"done earlier", out)) == 6
+    assert "animate finished in" in out and "report finished in" in out
+    assert json.loads((demo / "stages" / "report.json").read_text())["seconds"] != before["seconds"]
+
+
 def test_compilation_cache_stores_programs_then_restores_the_setting(tmp_path):
     before = jax.config.jax_compilation_cache_dir
     with demo_lib.compilation_cache(tmp_path / "cache", min_compile_seconds=0.0):

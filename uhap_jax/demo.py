@@ -42,6 +42,7 @@ STAGE_MINUTES = {
     "data": 2.3, "prior": 4.3, "audio": 0.9, "encoder": 1.6, "personalize": 3.1, "animate": 0.1, "benchmark": 3.5,
     "report": 0.2,
 }  # fmt: skip
+SUMMARY_STAGE = "report"  # written again whenever a stage before it ran
 
 
 DEMO_CONFIG = "demo_config.json"  # what marks a folder as a demo workdir that `uhap demo` may resume
@@ -103,18 +104,21 @@ class Demo:
             return self._run_stages()
 
     def _run_stages(self) -> dict[str, float]:
-        started, spent, planned = time.perf_counter(), 0.0, 0.0
+        """Each stage once; a finished one is skipped, but the report (a summary of the others: metrics.json, the
+        bars, the page) is written again whenever a stage before it ran, so it never shows stale numbers."""
+        started, spent, planned, ran = time.perf_counter(), 0.0, 0.0, False
         for index, (stage, fn) in enumerate(self.stages, 1):
             record = self.done(stage)
-            if record is not None:
+            if record is not None and not (stage == SUMMARY_STAGE and ran):
                 logger.info("[%d/%d] %s: done earlier (%.1f min), skipped", index, len(self.stages), stage,
                             record["seconds"] / 60)  # fmt: skip
                 continue
-            remaining = sum(STAGE_MINUTES[s] for s, _ in self.stages[index - 1 :] if self.done(s) is None)
+            ahead = [s for s, _ in self.stages[index:] if self.done(s) is None or s == SUMMARY_STAGE]
+            remaining = STAGE_MINUTES[stage] + sum(STAGE_MINUTES[s] for s in ahead)
             pace = spent / planned if planned else 1.0
             logger.info("[%d/%d] %s (demo ETA %.0f min)", index, len(self.stages), stage, remaining * pace)
             stage_start = time.perf_counter()
-            metrics = fn()
+            metrics, ran = fn(), True
             seconds = time.perf_counter() - stage_start
             spent, planned = spent + seconds / 60, planned + STAGE_MINUTES[stage]
             self._record(stage).parent.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # -0.25 dB in two runs, and +0.8 dB given the true head pose (the encoder's is ~4 degrees off).
     config.tune.shape = False
     config.tune.shape_grid = 4  # control points per axis of that grid (0: the scale only)
+    # Where the person's mouth sits on their face: one shift of the Gaussians about the lips (30 mm rigid, 15 mm
+    # falloff), across the camera's line of sight. The average identity that the fit starts from puts the lips
+    # 5-8 mm from a new person's, which is the whole of the demo's LVE gap (docs/benchmarks.md, issue 17).
+    config.tune.mouth = False
     config.tune.decoder_layers = 0  # 1: the output layer and the colour MLP; k: and the last k - 1 UpBlocks
     # Not identity (not stored): a correction of the encoder's head pose, "video" (one for all frames), "frame"
     # (per frame) or "none". On the demo's 64² phone clips the encoder's pose is off by 12-13 degrees rms on the
@@ -86,6 +90,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.loss.bias_anchor = 1e-3  # x mean squared residual of the bias maps
     config.loss.albedo_anchor = 1e-2  # x mean squared change of the albedo
     config.loss.shape_anchor = 1e-3  # x mean squared grid displacement (units of offset_scale) and log-scale
+    config.loss.mouth_anchor = 1e-3  # x mean squared mouth shift (units of 1 cm)
     config.loss.pose_anchor = 1e-3  # x mean squared pose correction (units of 0.1 rad and 1 cm)
     config.loss.offset = 1e3  # x metres^2 of decoded offset, as in the prior
     config.loss.scale = 1e2

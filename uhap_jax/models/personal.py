@@ -123,14 +123,25 @@ class ShapeField(nnx.Module):
         return across(scaled + self.offset_scale * moved)
 
 
+def mouth_weights(points: np.ndarray, lips: np.ndarray, rigid_m: float = 0.03, falloff_m: float = 0.015) -> np.ndarray:
+    """Each Gaussian's share [N] of a mouth shift: 1 within `rigid_m` of the lips' centre (lips, teeth, tongue,
+    the mouth's inside and the skin around it move as one), a Gaussian falloff of `falloff_m` beyond. A mouth
+    moved by the true offset this way takes the demo's LVE 44% / 49% under its baselines (docs/benchmarks.md,
+    issue 17, session 19); a 15 mm falloff about the centre alone (no rigid core) leaves the corners behind."""
+    points = np.asarray(points, np.float64)
+    beyond = np.maximum(np.linalg.norm(points - points[lips].mean(0), axis=-1) - rigid_m, 0.0)
+    return np.exp(-(beyond**2) / (2 * falloff_m**2)).astype(np.float32)
+
+
 class PersonalModel(nnx.Module):
     """The prior, frozen but for its identity conditioning (bias maps; optionally the shape, the albedo map and
-    the last decoder layers: `tune`), with a correction of the encoder's head pose beside it."""
+    the last decoder layers, a shift of the mouth: `tune`), with a correction of the encoder's head pose beside it."""
 
     ROTATION_UNIT, TRANSLATION_UNIT = 0.1, 0.01  # radians and metres per unit of the pose correction
+    MOUTH_UNIT = 0.01  # metres per unit of the mouth shift
 
     def __init__(self, prior: UHAP, scan_maps: np.ndarray, tune: ml_collections.ConfigDict, num_frames: int,
-                 view_axis: np.ndarray | None = None):  # fmt: skip
+                 view_axis: np.ndarray | None = None, lips: np.ndarray | None = None):  # fmt: skip
         if tune.pose not in POSE_MODES:
             raise ValueError(f"tune.pose must be one of {POSE_MODES}, got {tune.pose!r}")
         scan_maps = jnp.asarray(scan_maps, jnp.float32)
@@ -144,6 +155,13 @@ class PersonalModel(nnx.Module):
         points = prior.template_points[...] + prior.layout.gather(scan_maps)[:, :3]
         self.shape = ShapeField(np.asarray(points), tune.shape_grid, prior.offset_scale, tune.shape, view_axis)
         self.albedo = (nnx.Param if tune.albedo else FrozenParam)(scan_maps[..., 3:])
+        # Where this person's mouth sits on their face: one 3D shift of the Gaussians about the lips (`lips`: a
+        # [N] mask of the lips' Gaussians), across the camera's line of sight like the shape field's.
+        if tune.mouth and lips is None:
+            raise ValueError("tune.mouth needs the lips' Gaussians (lips=...)")
+        weights = mouth_weights(np.asarray(points), lips) if lips is not None else np.zeros(len(points), np.float32)
+        self.mouth_weights = FrozenParam(jnp.asarray(weights))
+        self.mouth = (nnx.Param if tune.mouth else FrozenParam)(jnp.zeros(3, jnp.float32))
         # Not identity, and not stored in the avatar: a correction of the encoder's head pose, for the whole video
         # or per frame, so that the shape need not absorb the encoder's pose errors.
         self.per_frame_pose = tune.pose == "frame"
@@ -157,9 +175,13 @@ class PersonalModel(nnx.Module):
                 translation + self.TRANSLATION_UNIT * correction[:, 3:])  # fmt: skip
 
     def scan_maps(self) -> jax.Array:
-        """The identity's UV maps [R, R, 6]: the start's offsets moved by the shape field, and the albedo."""
+        """The identity's UV maps [R, R, 6]: the start's offsets moved by the shape field and the mouth shift, and
+        the albedo."""
         rows, cols = self.prior.layout.texel_yx[:, 0], self.prior.layout.texel_yx[:, 1]
-        offsets = self.start_maps[...][..., :3].at[rows, cols].add(self.shape())
+        axis = jnp.asarray(self.shape.view_axis, jnp.float32)
+        mouth = self.MOUTH_UNIT * self.mouth[...]
+        mouth = self.mouth_weights[...][:, None] * (mouth - (mouth @ axis) * axis)
+        offsets = self.start_maps[...][..., :3].at[rows, cols].add(self.shape() + mouth)
         return jnp.concatenate([offsets, self.albedo[...]], -1)
 
     def bias_maps(self) -> list[jax.Array]:

@@ -48,6 +48,7 @@ from uhap_jax.artifacts.priors import load_population, load_prior, restore_encod
 from uhap_jax.config_utils import UsageError
 from uhap_jax.eval import personalize_eval
 from uhap_jax.geometry import template as template_lib
+from uhap_jax.geometry.texels import lip_gaussian_ids
 from uhap_jax.models import head_localiser, image_metrics, losses
 from uhap_jax.models.identity_start import encode_video, identity_maps, video_albedo
 from uhap_jax.models.mono_encoder import MonoEncoder
@@ -119,6 +120,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
             "bias_anchor": sum(jnp.mean(r[...] ** 2) for r in residuals) / len(residuals),
             "albedo_anchor": jnp.mean((model.albedo[...] - model.start_maps[...][..., 3:]) ** 2),
             "shape_anchor": jnp.mean(model.shape.grid[...] ** 2) + jnp.mean(model.shape.log_scale[...] ** 2),
+            "mouth_anchor": jnp.mean(model.mouth[...] ** 2),
             "pose_anchor": jnp.mean(model.pose_correction[...] ** 2),
             "offset": losses.offset_regularizer(posed.offsets),
             "scale": losses.scale_regularizer(posed.scales, weights.max_scale),
@@ -153,8 +155,10 @@ def fit_identity(prior: UHAP, prior_cfg: ml_collections.ConfigDict, template: te
     `population` the prior's (`load_population`), for the albedo when there is no scan.
     """
     tune = config.tune
-    if not (tune.bias_maps or tune.albedo or tune.shape or tune.decoder_layers):
-        raise ValueError("personalize: tune.bias_maps, tune.albedo, tune.shape and tune.decoder_layers are all off")
+    if not (tune.bias_maps or tune.albedo or tune.shape or tune.mouth or tune.decoder_layers):
+        raise ValueError(
+            "personalize: tune.bias_maps, tune.albedo, tune.shape, tune.mouth and tune.decoder_layers are all off"
+        )
     mesh = make_mesh(config.train.mesh.data, config.train.mesh.fsdp)
     codes, rotation, translation = encode_video(encoder, video, config.data.encode_batch_size)
     maps = identity_maps(prior, template, scan, population)
@@ -170,7 +174,11 @@ def fit_identity(prior: UHAP, prior_cfg: ml_collections.ConfigDict, template: te
         np.broadcast_to(video.camera.intrinsics.astype(np.float32), (len(probe), 1, 3, 3)),
         width=video.images.shape[2], height=video.images.shape[1], headroom=config.render.capacity_headroom,
     )  # fmt: skip
-    model = PersonalModel(nnx.clone(prior), maps, tune, len(video.images), video.camera.world_to_cam[2, :3])
+    lips = None
+    if tune.mouth:
+        lips = np.zeros(prior.layout.num_gaussians, bool)
+        lips[lip_gaussian_ids(prior.layout, template)] = True
+    model = PersonalModel(nnx.clone(prior), maps, tune, len(video.images), video.camera.world_to_cam[2, :3], lips)
     options = dataset_lib.loader_options(config)
     data = frame_loader(video, codes, rotation, translation, mesh, options)
     logger.info("personalising %s from %d frames of camera %s (%s)", video.subject, len(video.images),
@@ -182,6 +190,9 @@ def fit_identity(prior: UHAP, prior_cfg: ml_collections.ConfigDict, template: te
         trained = trainer.eval_model
     finally:
         trainer.close()
+    if tune.mouth:
+        shift = 1e3 * trained.MOUTH_UNIT * np.asarray(trained.mouth[...])
+        logger.info("%s: mouth shifted (%+.1f, %+.1f, %+.1f) mm (head x, y, z)", video.subject, *shift)
     tuned = jax.device_get(nnx.to_pure_dict(nnx.state(trained.prior, nnx.Param)))
     tuned.pop("identity_encoder", None)
     identity = PersonalIdentity(

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one entry for GPU-machine calls: `bash scripts/device.sh TASK [TASK ...]`, from the repo root there.
-# It installs the carried Python 3.12 wheels (`.whl/*.whl`: grain, ml-collections, tensorflow-datasets, ... and
-# gsplat 1.5.3 for the rasterizer comparison) once, names the card, then runs each task; logs go to $OUT.
+# It installs the carried Python 3.12 wheels (`.whl/*.whl`, fetched here by `bash scripts/fetch_wheels.sh`:
+# grain, ml-collections, tensorflow-datasets and its imports, ...; GSPLAT=1 adds gsplat 1.5.3 for the rasterizer
+# comparison) once, names the card, then runs each task; logs go to $OUT.
 # Tasks make the tables of docs/benchmarks.md:
 #   rasterizer     kernels.check on the GPU backends, then ours beside gsplat on every scene (BACKENDS, SCENES,
 #                  REPEATS, CHECK_SEEDS, GSPLAT=0, PROFILE_SCENES)

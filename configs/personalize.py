@@ -68,8 +68,11 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.tune.shape_grid = 4  # control points per axis of that grid (0: the scale only)
     # Where the person's mouth sits on their face: one shift of the Gaussians about the lips (30 mm rigid, 15 mm
     # falloff), across the camera's line of sight. The average identity that the fit starts from puts the lips
-    # 5-8 mm from a new person's, which is the whole of the demo's LVE gap (docs/benchmarks.md, issue 17).
-    config.tune.mouth = False
+    # 5-8 mm from a new person's, which is the whole of the demo's LVE gap. It needs the encoder's head pose: on
+    # the 64² demo with the colour-jittered encoder (5.2 degrees off on the phone clips) LVE 87.2 -> 65.8 mm²
+    # (one test person's lips 117.8 -> 56.0, the other's, mostly off in depth, 56.6 -> 75.6); with the encoder
+    # before it (7.5 degrees) only 88.2 -> 84.6 (docs/benchmarks.md, issue 17, session 27). Untried at 512².
+    config.tune.mouth = True
     config.tune.decoder_layers = 0  # 1: the output layer and the colour MLP; k: and the last k - 1 UpBlocks
     # Not identity (not stored): a correction of the encoder's head pose, "video" (one for all frames), "frame"
     # (per frame) or "none". On the demo's 64² phone clips the encoder's pose is off by 12-13 degrees rms on the

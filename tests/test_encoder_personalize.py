@@ -511,6 +511,32 @@ def test_turn_heads_adds_bounded_yaw_and_pitch():
     np.testing.assert_allclose(relative[:, 0, 1], 0.0, atol=1e-5)  # no roll: yaw first, then pitch
 
 
+def test_colour_jitter_scales_channels_and_contrast_per_image_and_is_off_at_zero(rng):
+    """Each image gets its own gain per channel and contrast; the result stays in [0, 1]; zero strengths are the
+    identity."""
+    images = jnp.asarray(rng.uniform(0.2, 0.4, (64, 8, 8, 3)), jnp.float32)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    assert encoder_stage.colour_jitter(key, images, 0.0, 0.0) is images
+    gained = np.asarray(encoder_stage.colour_jitter(key, images, 0.2, 0.0))
+    ratio = gained / np.asarray(images)
+    unclipped = (gained > 0) & (gained < 1)
+    per_channel = ratio[:, :1, :1]  # one gain per image and channel: every unclipped pixel shares it
+    np.testing.assert_allclose(np.where(unclipped, ratio, per_channel), np.broadcast_to(per_channel, ratio.shape),
+                               rtol=1e-5)  # fmt: skip
+    log_gains = np.log(per_channel.reshape(-1))
+    assert 0.12 < log_gains.std() < 0.3 and abs(log_gains.mean()) < 0.1  # drawn at the asked strength
+    assert np.ptp(per_channel[:, 0, 0], axis=0).min() > 0.1  # images differ from one another
+    contrasted = np.asarray(encoder_stage.colour_jitter(key, images, 0.0, 0.3))
+    mean = np.asarray(images).mean(axis=(1, 2, 3), keepdims=True)
+    away = np.abs(np.asarray(images) - mean) > 0.02  # where the division below is well conditioned
+    scale = (contrasted - mean) / np.where(away, np.asarray(images) - mean, 1.0)
+    expected = np.broadcast_to(np.median(scale, axis=(1, 2, 3), keepdims=True), scale.shape)
+    np.testing.assert_allclose(scale[away], expected[away], rtol=1e-3)
+    assert np.log(expected[:, 0, 0, 0]).std() > 0.15  # one contrast per image, drawn at the asked strength
+    strong = np.asarray(encoder_stage.colour_jitter(key, images * 3.0, 1.0, 1.0))
+    assert strong.min() >= 0.0 and strong.max() <= 1.0
+
+
 def _rig_frames(root: Path, subjects: list[str], serials=None):
     """Images, masks [F, H, W] (0..1), and the head centre's pixel and crop side [F, 3] of the subjects' frames."""
     images, masks, heads = [], [], []

@@ -26,6 +26,7 @@ fixed frames of each split, beside their baselines, into `<workdir>/metrics.json
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -185,6 +186,19 @@ def turn_heads(rng: jax.Array, rotation: jax.Array, max_yaw_deg: float, max_pitc
     return rotations.matrix_to_axis_angle(pitch @ yaw @ rotations.axis_angle_to_matrix(rotation))
 
 
+def colour_jitter(rng: jax.Array, images: jax.Array, gain: float, contrast: float) -> jax.Array:
+    """Images [B, H, W, 3] in [0, 1] with a random gain per image and channel (log-normal, `gain` its std: white
+    balance, exposure, skin and hair tone) and a random contrast about each image's mean (`contrast`, the same),
+    clipped to [0, 1]. The code and the head pose do not depend on them; identity cues in colour do."""
+    if gain <= 0 and contrast <= 0:
+        return images
+    gain_rng, contrast_rng = jax.random.split(rng)
+    gains = jnp.exp(gain * jax.random.normal(gain_rng, (images.shape[0], 1, 1, 3)))
+    scale = jnp.exp(contrast * jax.random.normal(contrast_rng, (images.shape[0], 1, 1, 1)))
+    mean = jnp.mean(images, axis=(1, 2, 3), keepdims=True)
+    return jnp.clip((images * gains - mean) * scale + mean, 0.0, 1.0)
+
+
 def _pseudo_huber(squared: jax.Array, delta: float) -> jax.Array:
     """`squared` errors below delta**2 as they are, larger ones growing linearly in the error (2 delta |e|)."""
     return 2.0 * delta**2 * (jnp.sqrt(1.0 + squared / delta**2) - 1.0)
@@ -207,15 +221,18 @@ def make_loss_fn(config: ml_collections.ConfigDict, code_variance: float, capaci
         }, (z, predicted, shift)
 
     def loss_fn(model: EncoderWithPrior, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        images = batch["images"].astype(jnp.float32) / 255.0
+        photo_rng, turn_rng, localiser_rng = jax.random.split(rng, 3)
+        jitter_rngs = jax.random.split(jax.random.fold_in(rng, 1), 3)
+        jitter = functools.partial(colour_jitter, gain=config.augment.gain, contrast=config.augment.contrast)
+        images = jitter(jitter_rngs[0], batch["images"].astype(jnp.float32) / 255.0)
         terms, (z, rotation, translation) = pose_and_code(
             model, images, batch, batch["codes"], batch["head_rotation"], batch["head_translation"]
         )
-        photo_rng, turn_rng, localiser_rng = jax.random.split(rng, 3)
         aux = {}
+        phone_images = None
         if "phone_images" in batch:  # pose only: a phone clip has no multi-view frame to give a code target
-            _, phone_rotation, phone_translation = model.encoder(batch["phone_images"].astype(jnp.float32) / 255.0,
-                                                                 batch["phone_world_to_cam"],
+            phone_images = jitter(jitter_rngs[1], batch["phone_images"].astype(jnp.float32) / 255.0)
+            _, phone_rotation, phone_translation = model.encoder(phone_images, batch["phone_world_to_cam"],
                                                                  batch["phone_intrinsics"])  # fmt: skip
             error = jnp.sum((_DEG * (phone_rotation - batch["phone_rotation"])) ** 2, -1)
             shift = jnp.sum((_MM * (phone_translation - batch["phone_translation"])) ** 2, -1)
@@ -228,7 +245,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, code_variance: float, capaci
             rendered = render_views(model.prior, head["codes"], head["scan_maps"], turned_rotation,
                                     head["head_translation"], head["world_to_cam"], head["intrinsics"],
                                     width=images.shape[2], height=images.shape[1], capacity=capacity.value)  # fmt: skip
-            seen = jax.lax.stop_gradient(jnp.clip(rendered.rgb, 0.0, 1.0))
+            seen = jitter(jitter_rngs[2], jax.lax.stop_gradient(jnp.clip(rendered.rgb, 0.0, 1.0)))
             turned, _ = pose_and_code(model, seen, head, head["codes"], turned_rotation, head["head_translation"])
             terms["turned"] = sum(getattr(weights, name) * value for name, value in turned.items())
             aux = {"raster_overflow": jnp.any(rendered.stats.overflow).astype(jnp.float32),
@@ -261,9 +278,9 @@ def make_loss_fn(config: ml_collections.ConfigDict, code_variance: float, capaci
             # video file's are): each frame in `repeats` windows, augmented differently.
             fields = ("masks", "world_to_cam", "intrinsics")
             sources = [(images, *(batch[name] for name in fields), batch["head_translation"])]
-            if "phone_images" in batch:
-                sources.append((batch["phone_images"].astype(jnp.float32) / 255.0,
-                                *(batch[f"phone_{name}"] for name in fields), batch["phone_translation"]))  # fmt: skip
+            if phone_images is not None:
+                sources.append((phone_images, *(batch[f"phone_{name}"] for name in fields),
+                                batch["phone_translation"]))  # fmt: skip
             repeats, terms_of, weights_of = config.localiser.repeats, [], []
             for (seen, masks, world_to_cam, intrinsics, translation), rng_of in zip(
                 sources, jax.random.split(localiser_rng, len(sources))

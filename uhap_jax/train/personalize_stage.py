@@ -48,7 +48,7 @@ from uhap_jax.artifacts.priors import load_population, load_prior, restore_encod
 from uhap_jax.config_utils import UsageError
 from uhap_jax.eval import personalize_eval
 from uhap_jax.geometry import template as template_lib
-from uhap_jax.geometry.texels import lip_gaussian_ids
+from uhap_jax.geometry.texels import region_gaussian_ids
 from uhap_jax.models import head_localiser, image_metrics, losses
 from uhap_jax.models.identity_start import encode_video, identity_maps, video_albedo
 from uhap_jax.models.mono_encoder import MonoEncoder
@@ -174,11 +174,18 @@ def fit_identity(prior: UHAP, prior_cfg: ml_collections.ConfigDict, template: te
         np.broadcast_to(video.camera.intrinsics.astype(np.float32), (len(probe), 1, 3, 3)),
         width=video.images.shape[2], height=video.images.shape[1], headroom=config.render.capacity_headroom,
     )  # fmt: skip
-    lips = None
-    if tune.mouth:
-        lips = np.zeros(prior.layout.num_gaussians, bool)
-        lips[lip_gaussian_ids(prior.layout, template)] = True
-    model = PersonalModel(nnx.clone(prior), maps, tune, len(video.images), video.camera.world_to_cam[2, :3], lips)
+    lips = np.zeros(prior.layout.num_gaussians, bool)
+    lips[region_gaussian_ids(prior.layout, template, "lips")] = True
+    if tune.mouth and not lips.any():
+        logger.warning(
+            "personalize: tune.mouth is on, but no Gaussian of the prior's %d² UV layout lies on a "
+            "'lips' region of its template; the mouth's place is not fitted",
+            prior.layout.resolution,
+        )
+        tune = ml_collections.ConfigDict({**tune.to_dict(), "mouth": False})
+    model = PersonalModel(
+        nnx.clone(prior), maps, tune, len(video.images), video.camera.world_to_cam[2, :3], lips if tune.mouth else None
+    )
     options = dataset_lib.loader_options(config)
     data = frame_loader(video, codes, rotation, translation, mesh, options)
     logger.info("personalising %s from %d frames of camera %s (%s)", video.subject, len(video.images),

@@ -14,6 +14,6 @@ PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 "${PLATFORMS[@]}" -d .whl \
   grain ml-collections tensorflow-datasets tensorflow-metadata array-record etils portpicker cloudpickle \
   imageio-ffmpeg==0.7.0 espeakng-loader toml immutabledict simple-parsing docstring-parser termcolor dm-tree \
-  tensorboardX ${GSPLAT:+gsplat==1.5.3}
+  tensorboardX $([ "${GSPLAT:-0}" = 1 ] && echo gsplat==1.5.3)
 python3 -m pip wheel -q --no-deps promise -w .whl
 du -sh .whl

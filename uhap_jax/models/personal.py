@@ -156,12 +156,13 @@ class PersonalModel(nnx.Module):
         self.shape = ShapeField(np.asarray(points), tune.shape_grid, prior.offset_scale, tune.shape, view_axis)
         self.albedo = (nnx.Param if tune.albedo else FrozenParam)(scan_maps[..., 3:])
         # Where this person's mouth sits on their face: one 3D shift of the Gaussians about the lips (`lips`: a
-        # [N] mask of the lips' Gaussians), across the camera's line of sight like the shape field's.
-        if tune.mouth and lips is None:
-            raise ValueError("tune.mouth needs the lips' Gaussians (lips=...)")
-        weights = mouth_weights(np.asarray(points), lips) if lips is not None else np.zeros(len(points), np.float32)
-        self.mouth_weights = FrozenParam(jnp.asarray(weights))
-        self.mouth = (nnx.Param if tune.mouth else FrozenParam)(jnp.zeros(3, jnp.float32))
+        # [N] mask of the lips' Gaussians), across the camera's line of sight like the shape field's. Only with
+        # tune.mouth, so that a fine-tune without it keeps the checkpoint layout of one written before it.
+        if tune.mouth and (lips is None or not np.any(lips)):
+            raise ValueError("tune.mouth needs the lips' Gaussians (lips=..., a mask with at least one)")
+        weights = mouth_weights(np.asarray(points), lips) if tune.mouth else None
+        self.mouth_weights = FrozenParam(jnp.asarray(weights)) if tune.mouth else None
+        self.mouth = nnx.Param(jnp.zeros(3, jnp.float32)) if tune.mouth else None
         # Not identity, and not stored in the avatar: a correction of the encoder's head pose, for the whole video
         # or per frame, so that the shape need not absorb the encoder's pose errors.
         self.per_frame_pose = tune.pose == "frame"
@@ -178,11 +179,18 @@ class PersonalModel(nnx.Module):
         """The identity's UV maps [R, R, 6]: the start's offsets moved by the shape field and the mouth shift, and
         the albedo."""
         rows, cols = self.prior.layout.texel_yx[:, 0], self.prior.layout.texel_yx[:, 1]
-        axis = jnp.asarray(self.shape.view_axis, jnp.float32)
-        mouth = self.MOUTH_UNIT * self.mouth[...]
-        mouth = self.mouth_weights[...][:, None] * (mouth - (mouth @ axis) * axis)
-        offsets = self.start_maps[...][..., :3].at[rows, cols].add(self.shape() + mouth)
+        moved = self.shape()
+        if self.mouth is not None:
+            moved = moved + self.mouth_weights[...][:, None] * self.mouth_shift()
+        offsets = self.start_maps[...][..., :3].at[rows, cols].add(moved)
         return jnp.concatenate([offsets, self.albedo[...]], -1)
+
+    def mouth_shift(self) -> jax.Array:
+        """The mouth's shift [3] (metres, head space) as applied: the parameter without its part along the line of
+        sight (Adam moves the raw parameter there too, where no gradient reaches it)."""
+        axis = jnp.asarray(self.shape.view_axis, jnp.float32)
+        shift = self.MOUTH_UNIT * self.mouth[...]
+        return shift - (shift @ axis) * axis
 
     def bias_maps(self) -> list[jax.Array]:
         """The decoder's bias maps [r, r, c] for the current identity, coarse to fine."""

@@ -120,7 +120,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, capacity: kernels.AdaptiveCa
             "bias_anchor": sum(jnp.mean(r[...] ** 2) for r in residuals) / len(residuals),
             "albedo_anchor": jnp.mean((model.albedo[...] - model.start_maps[...][..., 3:]) ** 2),
             "shape_anchor": jnp.mean(model.shape.grid[...] ** 2) + jnp.mean(model.shape.log_scale[...] ** 2),
-            "mouth_anchor": jnp.mean(model.mouth[...] ** 2),
+            "mouth_anchor": jnp.mean(model.mouth[...] ** 2) if model.mouth is not None else jnp.zeros(()),
             "pose_anchor": jnp.mean(model.pose_correction[...] ** 2),
             "offset": losses.offset_regularizer(posed.offsets),
             "scale": losses.scale_regularizer(posed.scales, weights.max_scale),
@@ -198,7 +198,7 @@ def fit_identity(prior: UHAP, prior_cfg: ml_collections.ConfigDict, template: te
     finally:
         trainer.close()
     if tune.mouth:
-        shift = 1e3 * trained.MOUTH_UNIT * np.asarray(trained.mouth[...])
+        shift = 1e3 * np.asarray(trained.mouth_shift())
         logger.info("%s: mouth shifted (%+.1f, %+.1f, %+.1f) mm (head x, y, z)", video.subject, *shift)
     tuned = jax.device_get(nnx.to_pure_dict(nnx.state(trained.prior, nnx.Param)))
     tuned.pop("identity_encoder", None)

@@ -282,8 +282,8 @@ def _reference_of(views: np.ndarray) -> np.ndarray:
 
 
 def _claim_workdir(workdir: Path, inputs: dict) -> None:
-    """A workdir resumes only the run it was started for (the same video, camera, prior, encoder and scan), and a
-    new run starts only in a missing or empty folder."""
+    """A workdir resumes only the run it was started for (the same video, camera, prior, encoder, scan and what is
+    tuned: the parameters a checkpoint holds), and a new run starts only in a missing or empty folder."""
     run_file = workdir / RUN_FILE
     if run_file.is_file():
         before = json.loads(run_file.read_text())
@@ -348,7 +348,8 @@ def personalize(prior: str | Path, encoder_workdir: str | Path, video_dir: str |
                "speech": str(Path(audio_workdir).absolute()), "video": str(Path(video_dir).absolute())}  # fmt: skip
     _claim_workdir(workdir, {**sources, "camera": video.camera.serial, "frames": [list(f) for f in video.frames],
                              "scan": scan[3] if scan is not None else None, "prior_step": prior_step,
-                             "encoder_step": encoder_step, "intrinsics": intrinsics_source})  # fmt: skip
+                             "encoder_step": encoder_step, "intrinsics": intrinsics_source,
+                             "tune": config.tune.to_dict()})  # fmt: skip
     identity, result = fit_identity(base, prior_cfg, template, encoder, video, config, workdir, scan,
                                     load_population(prior))  # fmt: skip
     if result.preempted:

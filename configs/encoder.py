@@ -58,9 +58,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
 
     # Colour jitter of every image the encoder (and its localiser) sees in training: a gain per channel and a
     # contrast, log-normal with these stds (`encoder_stage.colour_jitter`; 0: none). Six training identities
-    # otherwise teach it cues of who it looks at: on the demo's held-out identities' phone clips the head rotation
-    # error falls from 7.47 to 5.23 degrees, on their rig views from 12.8 to 8.9 (docs/benchmarks.md, issue 17,
-    # session 27; one run).
+    # otherwise teach it cues of who it looks at. On the demo's held-out identities' phone clips the head rotation
+    # error went 7.47 -> 5.23 degrees with one training seed and 6.22 -> 7.24 with another (mean 6.85 -> 6.24; on
+    # their rig views 12.8 -> 8.9 and 7.3 -> 8.4): within seed noise, not a proven gain (docs/benchmarks.md, issue
+    # 17, session 27).
     config.augment = ml_collections.ConfigDict()
     config.augment.gain = 0.2
     config.augment.contrast = 0.2

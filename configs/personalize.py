@@ -69,7 +69,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # Where the person's mouth sits on their face: one shift of the Gaussians about the lips (30 mm rigid, 15 mm
     # falloff), across the camera's line of sight. The average identity that the fit starts from puts the lips
     # 5-8 mm from a new person's, which is the whole of the demo's LVE gap. It needs the encoder's head pose: on
-    # the 64² demo with the colour-jittered encoder (5.2 degrees off on the phone clips) LVE 87.2 -> 65.8 mm²
+    # the 64² demo with its encoder at 5.2 degrees off on the phone clips, LVE 87.2 -> 65.8 mm²
     # (one test person's lips 117.8 -> 56.0, the other's, mostly off in depth, 56.6 -> 75.6); with the encoder
     # before it (7.5 degrees) only 88.2 -> 84.6 (docs/benchmarks.md, issue 17, session 27). Untried at 512².
     config.tune.mouth = True

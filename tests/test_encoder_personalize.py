@@ -408,18 +408,21 @@ def test_personalize_workdir_takes_only_its_own_run_and_keeps_other_files(pipeli
     mine.mkdir()
     (mine / "metrics.jsonl").write_bytes(np.random.default_rng().bytes(128))
 
-    def args(video, workdir):
+    def args(video, workdir, *extra):
         return ["personalize", "--prior", str(pipeline["prior"]), "--encoder", str(pipeline["encoder"]),
                 "--audio-model", str(pipeline["audio"]), "--video", str(video), "--out", str(tmp_path / "avatar"),
                 "--workdir", str(workdir), "--config", "configs/personalize.py:tiny", *PERSONALIZE_OVERRIDES,
-                "--config.train.steps=1"]  # fmt: skip
+                "--config.train.steps=1", *extra]  # fmt: skip
 
     assert cli.main(args(videos[0], other)) == 0  # a fine-tune of one video, then asked for another
     capsys.readouterr()
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    for workdir, video, status, words in ((mine, videos[0], 2, "no `uhap personalize` run"),
-                                          (other, videos[1], 1, "other inputs")):  # fmt: skip
-        assert cli.main(args(video, workdir)) == status
+    for workdir, video, extra, status, words in (
+        (mine, videos[0], (), 2, "no `uhap personalize` run"),
+        (other, videos[1], (), 1, "other inputs"),
+        (other, videos[0], ("--config.tune.shape=True",), 1, "['tune']"),  # its checkpoint holds other parameters
+    ):  # fmt: skip
+        assert cli.main(args(video, workdir, *extra)) == status
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and str(workdir) in lines[0] and words in lines[0], lines
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
